@@ -1,0 +1,1 @@
+"""Draft heads (Medusa, EAGLE) and their checkpoint loaders; installed as `specdec.heads`."""

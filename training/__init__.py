@@ -1,0 +1,1 @@
+"""Head trainers, data generation and the reference-model recipe; installed as `specdec.training`."""

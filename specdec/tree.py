@@ -101,10 +101,9 @@ class DraftTree:
     def is_leaf(self) -> torch.Tensor:
         """[B, N] bool: valid nodes without valid children."""
         valid = self.valid()
-        has_child = torch.zeros_like(valid)
         parent = torch.where(valid, self.parents, -1)
-        has_child.scatter_(1, parent.clamp(min=0), parent >= 0)
-        return valid & ~has_child
+        num_children = torch.zeros_like(parent).scatter_add_(1, parent.clamp(min=0), (parent >= 0).long())
+        return valid & (num_children == 0)
 
     def leaf_paths(self) -> torch.Tensor:
         """[B, L, D + 1] long: node indices from root to each leaf, by depth; -1 pads.
@@ -222,6 +221,49 @@ class DraftTree:
             raise ValueError(f"row {b}, node {i}: {what} {int(values[b, i])} {rule}")
 
     # ----------------------------------------------------------------------------- builders
+
+    @classmethod
+    def from_parents(
+        cls,
+        tokens: Sequence[Sequence[int]],
+        parents: Sequence[Sequence[int]],
+        law: Law = Law.POINT,
+        device: torch.device | str | None = None,
+    ) -> DraftTree:
+        """Trees from per-row lists (node 0 = root with parent -1), padded to the longest row.
+
+        Examples
+        --------
+        >>> t = DraftTree.from_parents([[9, 1, 2, 3]], [[-1, 0, 0, 1]])
+        >>> t.depth.tolist()
+        [[0, 1, 1, 2]]
+        """
+        if len(tokens) != len(parents) or len(tokens) == 0:
+            raise ValueError(f"need one token list and one parent list per row; got {len(tokens)} and {len(parents)}")
+        N = max(len(row) for row in tokens)
+        B = len(tokens)
+        tok = torch.zeros(B, N, dtype=torch.long)
+        par = torch.full((B, N), -1, dtype=torch.long)
+        dep = torch.zeros(B, N, dtype=torch.long)
+        lw = torch.zeros(B, N, dtype=torch.int8)
+        for b, (ts, ps) in enumerate(zip(tokens, parents, strict=True)):
+            if len(ts) != len(ps) or len(ts) == 0:
+                raise ValueError(f"row {b}: {len(ts)} tokens but {len(ps)} parents (need equal, >= 1)")
+            for i, (t, pa) in enumerate(zip(ts, ps, strict=True)):
+                if (i == 0 and pa != -1) or (i > 0 and not 0 <= pa < i):
+                    raise ValueError(f"row {b}, node {i}: parent {pa} must be -1 for the root, else in [0, {i})")
+                tok[b, i], par[b, i] = t, pa
+                dep[b, i] = 0 if i == 0 else dep[b, pa] + 1
+                lw[b, i] = 0 if i == 0 else int(law)
+        num = torch.tensor([len(ts) for ts in tokens], dtype=torch.long)
+        return cls(tok, par, dep, num, lw).to(device) if device is not None else cls(tok, par, dep, num, lw)
+
+    def to(self, device: torch.device | str) -> DraftTree:
+        probs = None if self.draft_probs is None else self.draft_probs.to(device)
+        return DraftTree(
+            self.tokens.to(device), self.parents.to(device), self.depth.to(device),
+            self.num_nodes.to(device), self.law.to(device), probs,
+        )
 
     @classmethod
     def chain(

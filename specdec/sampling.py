@@ -21,8 +21,7 @@ def _per_row(value, batch_size: int, name: str, dtype: torch.dtype, device) -> t
         t = t.expand(batch_size).clone()
     if t.shape != (batch_size,):
         raise ValueError(
-            f"{name} must be a scalar or have one value per row (batch size {batch_size}); "
-            f"got shape {tuple(t.shape)}"
+            f"{name} must be a scalar or have one value per row (batch size {batch_size}); got shape {tuple(t.shape)}"
         )
     return t
 
@@ -109,9 +108,7 @@ def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
-def apply_repetition_penalty(
-    logits: torch.Tensor, presence: torch.Tensor, penalty: torch.Tensor
-) -> torch.Tensor:
+def apply_repetition_penalty(logits: torch.Tensor, presence: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
     """transformers' rule on every token present in the history: x < 0 -> x * pen, else x / pen.
 
     logits   [B, ..., V]
@@ -186,9 +183,7 @@ def process_logits(
     [[1.0, 0.0, 0.0]]
     """
     if logits.shape[0] != params.batch_size:
-        raise ValueError(
-            f"logits have batch {logits.shape[0]} but sampling params have {params.batch_size} rows"
-        )
+        raise ValueError(f"logits have batch {logits.shape[0]} but sampling params have {params.batch_size} rows")
     scores = logits.to(_compute_dtype(logits))
     if presence is not None:
         scores = apply_repetition_penalty(scores, presence, params.repetition_penalty)

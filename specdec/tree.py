@@ -132,9 +132,7 @@ class DraftTree:
         """The same trees padded to `width` nodes per row (a node bucket)."""
         if width < self.width:
             if bool((self.num_nodes > width).any()):
-                raise ValueError(
-                    f"cannot pad a tree of {int(self.num_nodes.max())} nodes to width {width}"
-                )
+                raise ValueError(f"cannot pad a tree of {int(self.num_nodes.max())} nodes to width {width}")
             return self._slice(width)
         extra = width - self.width
         if extra == 0:
@@ -261,8 +259,12 @@ class DraftTree:
     def to(self, device: torch.device | str) -> DraftTree:
         probs = None if self.draft_probs is None else self.draft_probs.to(device)
         return DraftTree(
-            self.tokens.to(device), self.parents.to(device), self.depth.to(device),
-            self.num_nodes.to(device), self.law.to(device), probs,
+            self.tokens.to(device),
+            self.parents.to(device),
+            self.depth.to(device),
+            self.num_nodes.to(device),
+            self.law.to(device),
+            probs,
         )
 
     @classmethod

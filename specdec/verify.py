@@ -97,9 +97,7 @@ def acceptance_probability(r_x: torch.Tensor, q_x: torch.Tensor, law: torch.Tens
     return torch.where(law == Law.POINT, r_x, ratio)
 
 
-def residual_after_rejection(
-    r: torch.Tensor, x: torch.Tensor, q: torch.Tensor, law: torch.Tensor
-) -> torch.Tensor:
+def residual_after_rejection(r: torch.Tensor, x: torch.Tensor, q: torch.Tensor, law: torch.Tensor) -> torch.Tensor:
     """The residual for the next sibling once child x was rejected.
 
     POINT: r with x removed, renormalised. IID / WOR: norm(max(0, r - q)).
@@ -213,9 +211,7 @@ def _verify_typical(
     return _finish_deterministic(tree, best, sample_from_probs(truncated, final_u), K, lossy=True)
 
 
-def _verify_exact(
-    tree: DraftTree, p: torch.Tensor, K: int, coins: torch.Tensor, final_u: torch.Tensor
-) -> VerifyResult:
+def _verify_exact(tree: DraftTree, p: torch.Tensor, K: int, coins: torch.Tensor, final_u: torch.Tensor) -> VerifyResult:
     """Walk the tree in node order: a node is tested only while its parent is the current node."""
     B, N, V = p.shape
     dev = p.device
@@ -300,9 +296,7 @@ def verify(
     mode = VerifyMode.parse(mode)
     B, N = tree.tokens.shape
     if target_logits.dim() != 3 or target_logits.shape[:2] != (B, N):
-        raise ValueError(
-            f"target_logits must be [B, N, V] with B, N = {B}, {N}; got {tuple(target_logits.shape)}"
-        )
+        raise ValueError(f"target_logits must be [B, N, V] with B, N = {B}, {N}; got {tuple(target_logits.shape)}")
     if tree.draft_probs is not None and tree.draft_probs.shape[2] != target_logits.shape[2]:
         raise ValueError(
             f"draft_probs vocabulary {tree.draft_probs.shape[2]} != target vocabulary {target_logits.shape[2]}"

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import torch
@@ -135,12 +135,10 @@ def _joint_draws(spec: Spec, world: World, path: tuple[int, ...]):
         raise ValueError(spec.scheme)
 
 
-def verified_law(
-    world: World, spec: Spec | None, length: int, bug: str | None = None
-) -> np.ndarray:
+def verified_law(world: World, spec: Spec | None, length: int, bug: str | None = None) -> np.ndarray:
     """[V] * length: the law of the next `length` tokens when the tree `spec` is verified at the root."""
 
-    @lru_cache(maxsize=None)
+    @cache
     def law_at(node_spec: Spec | None, path: tuple[int, ...], rem: int) -> np.ndarray:
         if rem == 0:
             return np.ones(())
@@ -185,8 +183,9 @@ def tv(a: np.ndarray, b: np.ndarray) -> float:
     return 0.5 * float(np.abs(a - b).sum())
 
 
-def random_spec(rng: np.random.Generator, depth: int, max_children: int, scheme: str | None = None,
-                law: Law | None = None) -> Spec | None:
+def random_spec(
+    rng: np.random.Generator, depth: int, max_children: int, scheme: str | None = None, law: Law | None = None
+) -> Spec | None:
     """A random tree shape of at most `depth` levels; each node picks a scheme and its correct law."""
     if depth == 0:
         return None

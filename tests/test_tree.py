@@ -57,8 +57,9 @@ def test_padding_keeps_every_real_node(batch, extra):
     wide = tree.pad_to(tree.width + extra).validate()
     assert wide.width == tree.width + extra
     N = tree.width
-    assert torch.equal(wide.ancestor_mask()[:, :N, :N] & tree.valid()[:, :, None], tree.ancestor_mask()
-                       & tree.valid()[:, :, None])
+    assert torch.equal(
+        wide.ancestor_mask()[:, :N, :N] & tree.valid()[:, :, None], tree.ancestor_mask() & tree.valid()[:, :, None]
+    )
     assert not wide.valid()[:, N:].any()
     assert torch.equal(wide.leaf_paths(), tree.leaf_paths())
 
@@ -71,8 +72,9 @@ def test_node_bucket():
 
 def test_chain_builder_with_ragged_lengths_and_iid_probs():
     q = torch.full((2, 3, 5), 0.2)
-    tree = DraftTree.chain(torch.tensor([4, 4]), torch.tensor([[1, 2, 3], [0, 1, 2]]), Law.IID, q,
-                           num_drafts=torch.tensor([3, 1])).validate()
+    tree = DraftTree.chain(
+        torch.tensor([4, 4]), torch.tensor([[1, 2, 3], [0, 1, 2]]), Law.IID, q, num_drafts=torch.tensor([3, 1])
+    ).validate()
     assert tree.num_nodes.tolist() == [4, 2]
     assert tree.parents.tolist() == [[-1, 0, 1, 2], [-1, 0, -1, -1]]
     assert tree.law.tolist() == [[0, 1, 1, 1], [0, 1, 0, 0]]
@@ -101,7 +103,7 @@ def test_from_choices_places_each_rank_at_its_path(spec):
     for i in range(1, tree.width):
         d = int(tree.depth[0, i])
         parent = int(tree.parents[0, i])
-        path = (index[parent] if parent > 0 else ()) + (int(((tree.tokens[0, i] - 100) % k)),)
+        path = (index[parent] if parent > 0 else ()) + (int((tree.tokens[0, i] - 100) % k),)
         index[i] = path
         assert len(path) == d
         assert tree.tokens[1, i] == cand[1, d - 1, path[-1]]
@@ -111,8 +113,12 @@ def test_from_choices_places_each_rank_at_its_path(spec):
 
 @pytest.mark.parametrize(
     "choices, fragment",
-    [([(0, 0)], "prefix"), ([(0,), (3,)], "rank"), ([(0,), (0, 0), (0, 0, 0), (0, 0, 0, 0)], "depth 4"),
-     ([(0,), (0,)], "duplicates")],
+    [
+        ([(0, 0)], "prefix"),
+        ([(0,), (3,)], "rank"),
+        ([(0,), (0, 0), (0, 0, 0), (0, 0, 0, 0)], "depth 4"),
+        ([(0,), (0,)], "duplicates"),
+    ],
 )
 def test_from_choices_rejects_bad_choices(choices, fragment):
     with pytest.raises(ValueError, match=fragment):
@@ -157,18 +163,25 @@ def test_topk_expansion_matches_a_plain_python_reference(depth, top_k, seed, dat
     tree = DraftTree.from_topk_expansion(torch.tensor([0, 0]), root_lp, expand, depth, top_k, total).validate()
     assert tree.width == total + 1
     for b in range(B):
-        want = _reference_expansion(root_lp[b], [None] + [tables[d, b] for d in range(1, depth)], depth, top_k,
-                                    total)
-        got = {tuple(tree.tokens[b, j].item() for j in list(reversed(_chain_of(tree.parents[b].tolist(), i)))[1:])
-               for i in range(1, tree.width)}
+        want = _reference_expansion(root_lp[b], [None] + [tables[d, b] for d in range(1, depth)], depth, top_k, total)
+        got = {
+            tuple(tree.tokens[b, j].item() for j in list(reversed(_chain_of(tree.parents[b].tolist(), i)))[1:])
+            for i in range(1, tree.width)
+        }
         assert got == want
 
 
 def test_topk_expansion_rejects_logits_instead_of_logprobs():
     root = torch.tensor([[0.0, -1.0, -2.0]])
     with pytest.raises(ValueError, match="log-probabilities"):
-        DraftTree.from_topk_expansion(torch.tensor([0]), root, lambda t, p: torch.full((1, 2, 3), 5.0) +
-                                      torch.arange(3.0), depth=2, top_k=2, total_tokens=4)
+        DraftTree.from_topk_expansion(
+            torch.tensor([0]),
+            root,
+            lambda t, p: torch.full((1, 2, 3), 5.0) + torch.arange(3.0),
+            depth=2,
+            top_k=2,
+            total_tokens=4,
+        )
 
 
 def _tree(**over):

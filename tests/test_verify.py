@@ -215,11 +215,16 @@ def test_row_seeds_give_the_same_result_whatever_else_is_in_the_batch():
     seeds = RowSeeds(torch.arange(6) + 100, torch.full((6,), 9))
     full = verify(tree, logits, params, rng=seeds)
     pick = torch.tensor([4, 1])
-    sub = DraftTree(*(x[pick] for x in (tree.tokens, tree.parents, tree.depth, tree.num_nodes, tree.law,
-                                        tree.draft_probs))).pad_to(16)
+    sub = DraftTree(
+        *(x[pick] for x in (tree.tokens, tree.parents, tree.depth, tree.num_nodes, tree.law, tree.draft_probs))
+    ).pad_to(16)
     sub_logits = torch.cat([logits[pick], torch.zeros(2, 16 - tree.width, V, dtype=logits.dtype)], 1)
-    part = verify(sub, sub_logits, SamplingParams.make(2, temperature=[1.0, 0.5]),
-                  rng=RowSeeds(seeds.seeds[pick], seeds.step[pick]))
+    part = verify(
+        sub,
+        sub_logits,
+        SamplingParams.make(2, temperature=[1.0, 0.5]),
+        rng=RowSeeds(seeds.seeds[pick], seeds.step[pick]),
+    )
     assert torch.equal(part.emitted_tokens(sub), full.emitted_tokens(tree)[pick])
     again = verify(tree, logits, params, rng=seeds)
     assert torch.equal(again.emitted_tokens(tree), full.emitted_tokens(tree))
@@ -234,8 +239,12 @@ def test_typical_acceptance_is_labelled_lossy_and_uses_medusa_threshold():
         tree = DraftTree.chain(torch.tensor([0]), torch.tensor([draft]))
         res = verify(tree, logits, SamplingParams.make(1), mode="typical", rng=torch.Generator().manual_seed(0))
         assert res.lossy and res.num_accepted.item() == accepted
-    many = verify(DraftTree.chain(torch.zeros(5000, dtype=torch.long), torch.full((5000, 1), 4)),
-                  logits[:, :2].expand(5000, 2, V), SamplingParams.make(5000), mode="typical")
+    many = verify(
+        DraftTree.chain(torch.zeros(5000, dtype=torch.long), torch.full((5000, 1), 4)),
+        logits[:, :2].expand(5000, 2, V),
+        SamplingParams.make(5000),
+        mode="typical",
+    )
     assert set(many.next_tokens.tolist()) == {0, 1, 2}  # truncated below the threshold
     assert not verify(tree, logits, SamplingParams.make(1), mode="exact").lossy
 

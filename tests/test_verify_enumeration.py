@@ -20,8 +20,9 @@ def test_every_law_is_exact_on_random_trees(family, scheme):
     rng = np.random.default_rng(SCHEMES.index(scheme) * 17 + FAMILIES.index(family))
     for case in range(3):
         V = int(rng.integers(4, 7))
-        spec = random_spec(rng, depth=int(rng.integers(1, 4)), max_children=3 if scheme != "iid_sorted" else 2,
-                           scheme=scheme)
+        spec = random_spec(
+            rng, depth=int(rng.integers(1, 4)), max_children=3 if scheme != "iid_sorted" else 2, scheme=scheme
+        )
         world = World(V=V, family=family, seed=case)
         L = spec.depth() + 1
         got = verified_law(world, spec, L)
@@ -56,6 +57,7 @@ def test_first_token_marginal_is_the_target():
 
 
 # --- negative controls: each mistake must move the law far beyond the tolerance -----------------
+
 
 def _worst_tv(spec: Spec, families=("random",), seeds=range(4), V=5, bug=None) -> float:
     worst = 0.0

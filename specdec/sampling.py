@@ -103,6 +103,11 @@ class SamplingParams:
     def to(self, device: torch.device | str) -> SamplingParams:
         return SamplingParams(*(getattr(self, f).to(device) for f in self.__slots__))
 
+    def select(self, rows: torch.Tensor | list[int]) -> SamplingParams:
+        """The parameters of the given rows, in that order."""
+        idx = torch.as_tensor(rows, dtype=torch.long, device=self.temperature.device)
+        return SamplingParams(*(getattr(self, f)[idx] for f in self.__slots__))
+
 
 def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
@@ -160,6 +165,7 @@ def process_logits(
     logits: torch.Tensor,
     params: SamplingParams,
     presence: torch.Tensor | None = None,
+    suppress: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Logits -> the processed sampling distribution, in transformers' processor order.
 
@@ -171,6 +177,7 @@ def process_logits(
     logits : [B, ..., V] any float dtype; computed in fp32 (fp64 stays fp64).
     params : SamplingParams with B rows.
     presence : [B, ..., V] bool or None; tokens in each row's history, for the repetition penalty.
+    suppress : [B, ..., V] bool or None; tokens that may not be produced (EOS before min_new_tokens).
 
     Returns
     -------
@@ -185,6 +192,8 @@ def process_logits(
     if logits.shape[0] != params.batch_size:
         raise ValueError(f"logits have batch {logits.shape[0]} but sampling params have {params.batch_size} rows")
     scores = logits.to(_compute_dtype(logits))
+    if suppress is not None:
+        scores = scores.masked_fill(suppress, float("-inf"))
     if presence is not None:
         scores = apply_repetition_penalty(scores, presence, params.repetition_penalty)
     greedy = _view_rows(params.greedy, scores)
@@ -270,7 +279,8 @@ def uniform(rng: Rng, batch_size: int, num: int, stream: int, device=None) -> to
         h = _hash32(seeds[:, None] ^ _hash32(step[:, None] * 0x9E3779B1 + stream))
         h = _hash32(h ^ (((seeds[:, None] >> 32) & _MASK32) + index * 0x85EBCA77))
         h = _hash32(h + 0x27D4EB2F)
-        return (h >> 8).to(torch.float64) * 2.0**-24
+        out = (h >> 8).to(torch.float64) * 2.0**-24
+        return out.to(device) if device is not None else out
     if rng is not None and not isinstance(rng, torch.Generator):
         raise TypeError(f"rng must be a torch.Generator, a RowSeeds or None, got {type(rng).__name__}")
     gen_device = rng.device if rng is not None else device

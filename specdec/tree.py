@@ -272,7 +272,7 @@ class DraftTree:
         cls,
         root_tokens: torch.Tensor,
         draft_tokens: torch.Tensor,
-        law: Law = Law.POINT,
+        law: Law | torch.Tensor = Law.POINT,
         draft_probs: torch.Tensor | None = None,
         num_drafts: torch.Tensor | None = None,
     ) -> DraftTree:
@@ -282,7 +282,7 @@ class DraftTree:
         ----------
         root_tokens : [B] long, the last committed token of each row.
         draft_tokens : [B, K] long.
-        law : Law.POINT for argmax / lookup drafts, Law.IID for a chain sampled from q.
+        law : Law.POINT for argmax / lookup drafts, Law.IID for a chain sampled from q; or [B] per row.
         draft_probs : [B, K, V], the q each draft was sampled from (IID).
         num_drafts : [B] long or None; rows may use fewer than K drafts (the rest is padding).
 
@@ -302,6 +302,7 @@ class DraftTree:
         ar = torch.arange(K + 1, device=dev)
         n = torch.full((B,), K, dtype=torch.long, device=dev) if num_drafts is None else num_drafts.long()
         valid = ar[None, :] <= n[:, None]
+        row_law = torch.as_tensor(int(law) if isinstance(law, Law) else law, dtype=torch.long, device=dev).expand(B)
         probs = None
         if draft_probs is not None:
             if draft_probs.shape[:2] != (B, K):
@@ -312,7 +313,7 @@ class DraftTree:
             parents=torch.where(valid, ar - 1, -1).expand(B, K + 1).clone(),
             depth=torch.where(valid, ar, 0).expand(B, K + 1).clone(),
             num_nodes=n + 1,
-            law=torch.where(valid & (ar > 0), int(law), int(Law.POINT)).to(torch.int8).expand(B, K + 1).clone(),
+            law=torch.where(valid & (ar > 0), row_law[:, None], int(Law.POINT)).to(torch.int8),
             draft_probs=probs,
         )
         return tree

@@ -124,11 +124,13 @@ def process_tree_logits(
     target_logits: torch.Tensor,
     params: SamplingParams,
     presence: torch.Tensor | None = None,
+    suppress: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Processed target distributions p at every node: [B, N, V].
 
     The history of node u is the committed sequence (presence [B, V] bool, root included) plus the
-    draft tokens on the path to u; it matters only for the repetition penalty.
+    draft tokens on the path to u; it matters only for the repetition penalty. suppress [B, N, V]
+    bool bans tokens per node (EOS before min_new_tokens).
     """
     node_presence = None
     if presence is not None and bool((params.repetition_penalty != 1).any()):
@@ -136,7 +138,7 @@ def process_tree_logits(
         path = tree.ancestor_mask().to(torch.float32)  # [B, N, N]
         one_hot = torch.nn.functional.one_hot(tree.tokens, V).to(torch.float32)  # [B, N, V]
         node_presence = presence[:, None, :] | (path @ one_hot > 0)
-    return process_logits(target_logits, params, node_presence)
+    return process_logits(target_logits, params, node_presence, suppress)
 
 
 # ------------------------------------------------------------------------------------------
@@ -265,6 +267,7 @@ def verify(
     presence: torch.Tensor | None = None,
     rng: Rng = None,
     typical: TypicalParams | None = None,
+    suppress: torch.Tensor | None = None,
 ) -> VerifyResult:
     """Verify a batch of draft trees against the target's logits at every node.
 
@@ -280,6 +283,7 @@ def verify(
     rng : torch.Generator, RowSeeds (per-row seeds: same seed, same draws whatever the batch) or
         None (torch's global generator).
     typical : TypicalParams for mode="typical".
+    suppress : [B, N, V] bool or None, tokens banned at each node (EOS before min_new_tokens).
 
     Returns
     -------
@@ -304,8 +308,8 @@ def verify(
     K = max(tree.max_depth(), 1)
     if mode is VerifyMode.GREEDY:
         greedy = replace(params, temperature=torch.zeros_like(params.temperature))
-        return _verify_greedy(tree, process_tree_logits(tree, target_logits, greedy, presence), K)
-    p = process_tree_logits(tree, target_logits, params, presence)
+        return _verify_greedy(tree, process_tree_logits(tree, target_logits, greedy, presence, suppress), K)
+    p = process_tree_logits(tree, target_logits, params, presence, suppress)
     final_u = uniform(rng, B, 1, STREAM_FINAL, device=p.device)[:, 0]
     if mode is VerifyMode.TYPICAL:
         return _verify_typical(tree, p, K, typical or TypicalParams(), final_u)

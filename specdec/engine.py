@@ -1,0 +1,318 @@
+"""The decoding loop: propose -> score the tree -> verify -> commit -> update, for ragged batches.
+
+Rows are admitted while the block pool can hold their worst case (prompt + max_new_tokens + the
+proposer's widest tree), so a running row never runs out of blocks; the others wait. Every block
+goes back to the pool when a row finishes.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .cache.block_manager import BlockManager, OutOfBlocksError
+from .cache.paged_kv import PagedKVCache
+from .metrics import SpecStats, sync_time
+from .proposers.base import ProposeContext, Proposer, resolve_proposer
+from .runtime.hf import HFModel
+from .runtime.metadata import prefill_metadata, tree_metadata
+from .sampling import RowSeeds, SamplingParams
+from .tree import DraftTree, node_bucket
+from .verify import TypicalParams, VerifyMode, VerifyResult, verify
+
+
+@dataclass(slots=True)
+class GenerationParams:
+    """Resolved per-call settings (api.generate builds them from the user's arguments).
+
+    sampling  SamplingParams [B]; seeds [B] long; stop(row, generated ids) -> bool for stop strings.
+    """
+
+    max_new_tokens: int
+    sampling: SamplingParams
+    seeds: torch.Tensor
+    min_new_tokens: int = 0
+    eos_token_ids: tuple[int, ...] = ()
+    mode: VerifyMode = VerifyMode.EXACT
+    typical: TypicalParams | None = None
+    stop: Callable[[int, list[int]], bool] | None = None
+
+
+@dataclass(slots=True)
+class _Row:
+    index: int
+    seq_id: int
+    prompt: torch.Tensor  # [P] long, CPU
+    tokens: list[int] = field(default_factory=list)  # prompt + generated; the last is the root
+    generated: list[int] = field(default_factory=list)
+    presence: torch.Tensor | None = None  # [V] bool, for the repetition penalty
+    step: int = 0
+    budget: int = 0  # blocks reserved for the worst case
+    done: bool = False
+    t_first: float = 0.0
+    t_last: float = 0.0
+
+
+def max_tree_nodes(proposer: Proposer | None) -> int:
+    """The widest tree (root included, after bucketing) a proposer may draft."""
+    if proposer is None:
+        return 1
+    return node_bucket(int(getattr(proposer, "max_nodes", 0) or _guess_width(proposer)))
+
+
+def _guess_width(proposer: Proposer) -> int:
+    width = getattr(proposer, "max_tokens", None) if getattr(proposer, "adaptive", False) else None
+    width = width or getattr(proposer, "num_tokens", None)
+    if width is None:
+        raise ValueError(f"proposer {proposer.name!r} must declare max_nodes (its widest tree, root included)")
+    return int(width) + 1
+
+
+class Engine:
+    """Speculative generation for one target model, with a paged KV pool that lives across calls.
+
+    Parameters
+    ----------
+    model : a transformers causal LM (see runtime.hf.check_supported).
+    proposer : None (plain decoding through the same engine), a Proposer or a registered name.
+    block_size : KV page size in tokens.
+    num_blocks : pool size; None sizes it per call to hold every row at once.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        proposer: Proposer | str | None = None,
+        *,
+        block_size: int = 16,
+        num_blocks: int | None = None,
+    ):
+        self.target = HFModel(model)
+        self.proposer = resolve_proposer(proposer)
+        self.block_size = block_size
+        self.fixed_blocks = num_blocks
+        self.bm: BlockManager | None = None
+        self.cache: PagedKVCache | None = None
+        self._next_seq = 0
+        self._proposer_rows: set[int] = set()
+
+    # ----------------------------------------------------------------------------- pool
+
+    def _row_need(self, prompt_len: int, max_new: int) -> int:
+        width = max_tree_nodes(self.proposer)
+        return -(-(prompt_len + max_new + width) // self.block_size) + 1  # +1: copy-on-write
+
+    def _ensure_pool(self, needs: list[int]) -> None:
+        if self.fixed_blocks is not None:
+            total = self.fixed_blocks
+            worst = max(needs)
+            if worst > total:
+                raise OutOfBlocksError(
+                    f"one sequence needs up to {worst} blocks of {self.block_size} tokens but the pool has only "
+                    f"{total}; raise num_blocks or lower max_new_tokens / the prompt length"
+                )
+        else:
+            total = sum(needs)
+        if self.bm is None or self.bm.num_blocks < total:
+            self.bm = BlockManager(total, self.block_size)
+            self.cache = self.target.new_cache(total, self.block_size)
+
+    # ----------------------------------------------------------------------------- main loop
+
+    def run(
+        self, prompts: list[torch.Tensor], gp: GenerationParams, streamer=None
+    ) -> tuple[list[list[int]], SpecStats]:
+        """Generate for every prompt [P_b] (CPU long tensors); returns the new tokens per row and the stats."""
+        dev = self.target.device
+        stats = SpecStats(
+            proposer=self.proposer.name if self.proposer else "none",
+            lossy=gp.mode is VerifyMode.TYPICAL,
+            num_sequences=len(prompts),
+        )
+        rows = []
+        for b, p in enumerate(prompts):
+            rows.append(_Row(index=b, seq_id=self._next_seq, prompt=p, tokens=p.tolist()))
+            self._next_seq += 1
+        needs = [self._row_need(len(p), gp.max_new_tokens) for p in prompts]
+        self._ensure_pool(needs)
+        if self.proposer is not None:
+            self.proposer.start(self.target, block_size=self.block_size, num_blocks=self.bm.num_blocks)
+        use_presence = bool((gp.sampling.repetition_penalty != 1).any())
+        if use_presence:
+            for r in rows:
+                r.presence = torch.zeros(self.target.vocab_size, dtype=torch.bool, device=dev)
+                r.presence[r.prompt.to(dev)] = True
+        t_start = sync_time(dev)
+        waiting, active, used = deque(zip(rows, needs, strict=True)), [], 0
+        try:
+            while waiting or active:
+                new = []
+                while waiting and used + waiting[0][1] <= self.bm.num_blocks:
+                    row, need = waiting.popleft()
+                    row.budget, used = need, used + need
+                    new.append(row)
+                if new:
+                    self._prefill(new, gp, stats, t_start, streamer)
+                    active += new
+                if active:
+                    live = [r for r in active if not r.done]
+                    if live:
+                        self._step(live, gp, stats, streamer)
+                    for r in active:
+                        if r.done:
+                            self._finish(r)
+                            used -= r.budget
+                    active = [r for r in active if not r.done]
+        finally:
+            for r in rows:  # normally a no-op; after an error nothing stays allocated
+                self._finish(r)
+            if self.proposer is not None:
+                self.proposer.finish()
+        stats.total_time_s = sync_time(dev) - t_start
+        stats.generated_tokens = sum(len(r.generated) for r in rows)
+        stats.ttft_s = [r.t_first - t_start for r in rows]
+        stats.tpot_s = [(r.t_last - r.t_first) / (len(r.generated) - 1) for r in rows if len(r.generated) > 1]
+        if streamer is not None:
+            streamer.end()
+        return [r.generated for r in rows], stats
+
+    def _finish(self, r: _Row) -> None:
+        if r.seq_id in self.bm:
+            self.bm.free(r.seq_id)
+        if r.seq_id in self._proposer_rows:
+            self._proposer_rows.discard(r.seq_id)
+            self.proposer.release([r.seq_id])
+        r.done = True
+
+    # ----------------------------------------------------------------------------- prefill
+
+    def _prefill(self, rows: list[_Row], gp: GenerationParams, stats: SpecStats, t_start: float, streamer) -> None:
+        dev = self.target.device
+        t0 = sync_time(dev)
+        ids = [r.seq_id for r in rows]
+        cached = [self.bm.allocate(r.seq_id, r.tokens) for r in rows]
+        prompts = [r.prompt for r in rows]
+        input_ids, pos, meta = prefill_metadata(self.cache, self.bm, ids, prompts, cached, dev)
+        logits = self.target.forward(input_ids, pos, meta, logits_to_keep=1).logits  # [B, 1, V]
+        for r, c in zip(rows, cached, strict=True):
+            self.bm.commit(r.seq_id, r.tokens[c:])
+        stats.target_forwards += 1
+        stats.prompt_tokens += sum(len(p) for p in prompts)
+        stats.cached_prompt_tokens += sum(cached)
+        # the first token: verify a root-only tree whose root is the last prompt token
+        roots = torch.tensor([r.tokens[-1] for r in rows], device=dev)
+        tree = DraftTree.chain(roots, torch.zeros(len(rows), 0, dtype=torch.long, device=dev))
+        res = self._verify(rows, tree, logits, gp)
+        if streamer is not None and len(rows) == 1:
+            streamer.put(rows[0].prompt[None])
+        t1 = sync_time(dev)
+        stats.prefill_time_s += t1 - t0
+        for b, r in enumerate(rows):
+            kept = self._emit(r, [int(res.next_tokens[b])], gp)
+            r.t_first = r.t_last = t1
+            if streamer is not None and len(rows) == 1 and kept:
+                streamer.put(torch.tensor(kept))
+        if self.proposer is not None:
+            live = [r for r in rows if not r.done]
+            if live:
+                self.proposer.prefill([r.seq_id for r in live], [r.prompt for r in live])
+                self._proposer_rows.update(r.seq_id for r in live)
+
+    # ----------------------------------------------------------------------------- one step
+
+    def _verify(self, rows: list[_Row], tree: DraftTree, logits: torch.Tensor, gp: GenerationParams) -> VerifyResult:
+        dev = logits.device
+        idx = torch.tensor([r.index for r in rows], device=gp.seeds.device)
+        params = gp.sampling.select(idx).to(dev)
+        rng = RowSeeds(gp.seeds[idx], torch.tensor([r.step for r in rows], device=gp.seeds.device))
+        presence = torch.stack([r.presence for r in rows]) if rows[0].presence is not None else None
+        suppress = None
+        if gp.min_new_tokens > 0 and gp.eos_token_ids:
+            made = torch.tensor([len(r.generated) for r in rows], device=dev)
+            # the token drawn at a node of depth d is generated token number made + d + 1
+            banned = (made[:, None] + tree.depth + 1) <= gp.min_new_tokens  # [B, N]
+            suppress = torch.zeros(logits.shape, dtype=torch.bool, device=dev)
+            suppress[:, :, list(gp.eos_token_ids)] = banned[:, :, None]
+        return verify(
+            tree, logits, params, mode=gp.mode, presence=presence, rng=rng, typical=gp.typical, suppress=suppress
+        )
+
+    def _step(self, rows: list[_Row], gp: GenerationParams, stats: SpecStats, streamer) -> None:
+        dev = self.target.device
+        B = len(rows)
+        t0 = sync_time(dev)
+        histories = [torch.tensor(r.tokens) for r in rows]
+        idx = torch.tensor([r.index for r in rows])
+        ctx = ProposeContext(
+            seq_ids=[r.seq_id for r in rows],
+            histories=histories,
+            params=gp.sampling.select(idx),
+            rng=RowSeeds(gp.seeds[idx], torch.tensor([r.step for r in rows])),
+            max_drafts=torch.tensor([gp.max_new_tokens - len(r.generated) - 1 for r in rows]).clamp(min=0),
+        )
+        roots = torch.tensor([r.tokens[-1] for r in rows], device=dev)
+        if self.proposer is None:
+            tree = DraftTree.chain(roots, torch.zeros(B, 0, dtype=torch.long, device=dev))
+        else:
+            tree = self.proposer.propose(ctx).to(dev)
+        tree = tree.pad_to(node_bucket(int(tree.num_nodes.max())))
+        N = tree.width
+        t1 = sync_time(dev)
+        stats.draft_time_s += t1 - t0
+        for r in rows:
+            _, copies = self.bm.reserve(r.seq_id, N)
+            self.cache.copy_blocks(copies)
+        positions, meta, node_slots = tree_metadata(self.cache, self.bm, ctx.seq_ids, tree, dev)
+        logits = self.target.forward(tree.tokens, positions, meta).logits  # [B, N, V]
+        res = self._verify(rows, tree, logits, gp)
+        stats.target_forwards += 1
+        # compaction: accepted node at depth d moves to logical position L + d
+        acc = res.accepted_indices[:, : N - 1]  # [B, K]; a root-only tree accepts nothing
+        K = acc.shape[1]
+        src = node_slots.gather(1, acc.clamp(min=0))
+        dst = node_slots[:, 1 : K + 1]
+        move = (acc >= 0) & (acc != torch.arange(1, K + 1, device=dev))
+        self.cache.copy_slots(src[move], dst[move])
+        t2 = sync_time(dev)
+        stats.verify_time_s += t2 - t1
+        emitted = res.emitted_tokens(tree).tolist()
+        num_acc = res.num_accepted.tolist()
+        valid = tree.valid()
+        drafted = [int(((tree.depth == d) & valid).sum()) for d in range(1, K + 1)] if tree.width > 1 else []
+        stats.record_step(
+            drafted, res.accepted_per_depth.sum(0).tolist() if drafted else [], B, sum(n + 1 for n in num_acc)
+        )
+        if self.proposer is not None:
+            self.proposer.update(ctx, tree, res)
+        for b, r in enumerate(rows):
+            n = num_acc[b]
+            new = emitted[b][: n + 1]
+            root = r.tokens[-1]
+            kept = self._emit(r, new, gp)
+            r.step += 1
+            r.t_last = t2
+            if not r.done:
+                self.bm.commit(r.seq_id, [root] + new[:n])
+            if streamer is not None and B == 1 and kept:
+                streamer.put(torch.tensor(kept))
+
+    def _emit(self, r: _Row, tokens: list[int], gp: GenerationParams) -> list[int]:
+        """Append tokens until a stop condition; returns the tokens kept."""
+        kept = []
+        for t in tokens:
+            kept.append(t)
+            r.generated.append(t)
+            r.tokens.append(t)
+            if r.presence is not None:
+                r.presence[t] = True
+            if (
+                len(r.generated) >= gp.max_new_tokens
+                or t in gp.eos_token_ids
+                or (gp.stop is not None and gp.stop(r.index, r.generated))
+            ):
+                r.done = True
+                break
+        return kept

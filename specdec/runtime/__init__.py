@@ -1,0 +1,6 @@
+"""The target / draft model behind one interface; hf.py adapts transformers models."""
+
+from .base import AttentionMetadata, ModelOutput, TargetModel
+from .hf import HFModel, check_supported
+
+__all__ = ["AttentionMetadata", "HFModel", "ModelOutput", "TargetModel", "check_supported"]

@@ -1,0 +1,134 @@
+"""Transformers adapter: any HF causal LM on the paged cache, through the attention-function seam.
+
+The model's own attention modules project, rotate and normalise as usual; the registered function
+`specdec` stores their K/V in the paged cache and attends over the slots named by the metadata.
+No modeling file is copied or changed; the model's attention setting is swapped only for the call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, PreTrainedModel
+
+from ..cache.paged_kv import PagedKVCache
+from .base import AttentionMetadata, ModelOutput
+
+ATTENTION_NAME = "specdec"
+
+
+def paged_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    specdec_meta: AttentionMetadata | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Reference paged attention: query [B, H, T, D], key/value [B, Hkv, T, D] -> [B, T, H, D]."""
+    meta = specdec_meta
+    if meta is None:
+        raise RuntimeError("specdec attention was called without specdec_meta (use specdec's runtime to run it)")
+    layer = module.layer_idx
+    meta.cache.write(layer, meta.write_slots, key, value)
+    k, v = meta.cache.gather(layer, meta.kv_slots)  # [B, Hkv, S, D]
+    mask = meta.mask
+    if sliding_window is not None:
+        mask = mask & ((meta.q_positions[:, :, None] - meta.kv_positions[:, None, :]) < sliding_window)
+    # a padding query that sees nothing looks at key 0, so that it stays finite (its output is unused)
+    first = torch.zeros_like(mask)
+    first[..., 0] = True
+    mask = torch.where(mask.any(-1, keepdim=True), mask, first)
+    H, Hkv = query.shape[1], k.shape[1]
+    if H != Hkv:
+        k = k.repeat_interleave(H // Hkv, dim=1)
+        v = v.repeat_interleave(H // Hkv, dim=1)
+    out = F.scaled_dot_product_attention(
+        query, k.to(query.dtype), v.to(query.dtype), attn_mask=mask[:, None], scale=scaling
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTENTION_NAME, paged_attention)
+
+
+def check_supported(model: torch.nn.Module) -> None:
+    """Raise ValueError for models this adapter cannot run."""
+    name = type(model).__name__
+    if not isinstance(model, PreTrainedModel):
+        raise ValueError(f"{name} is not a transformers PreTrainedModel; specdec runs Hugging Face causal LMs")
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise ValueError(f"{name} is an encoder-decoder model; specdec runs decoder-only causal LMs")
+    if not getattr(model, "_supports_attention_backend", False):
+        raise ValueError(
+            f"{name} does not route attention through transformers' AttentionInterface, so specdec cannot run "
+            "it on its paged cache (supported: Llama, Mistral, Qwen2, Qwen3, GPT-2 and other models whose "
+            "class sets _supports_attention_backend)"
+        )
+    if model.get_output_embeddings() is None:
+        raise ValueError(f"{name} has no language-model head; pass a *ForCausalLM model")
+
+
+class HFModel:
+    """A transformers causal LM behind the TargetModel interface.
+
+    Examples
+    --------
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> m = HFModel(LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+    ...     num_attention_heads=2, num_key_value_heads=1, vocab_size=50)))
+    >>> m.num_layers, m.vocab_size
+    (1, 50)
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        check_supported(model)
+        self.model = model
+        cfg = model.config
+        self.num_layers = int(cfg.num_hidden_layers)
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        self.max_positions = int(max_pos) if max_pos else None
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+
+    def new_cache(self, num_blocks: int, block_size: int) -> PagedKVCache:
+        return PagedKVCache(self.num_layers, num_blocks, block_size)
+
+    @contextlib.contextmanager
+    def _paged_attention(self):
+        cfg = self.model.config
+        previous = cfg._attn_implementation
+        cfg._attn_implementation = ATTENTION_NAME
+        try:
+            yield
+        finally:
+            cfg._attn_implementation = previous
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        logits_to_keep: int = 0,
+        output_hidden_states: bool = False,
+    ) -> ModelOutput:
+        """input_ids, positions [B, T] -> logits [B, T', V] (T' = logits_to_keep or T)."""
+        with self._paged_attention():
+            out = self.model(
+                input_ids=input_ids,
+                position_ids=positions,
+                use_cache=False,
+                logits_to_keep=logits_to_keep,
+                output_hidden_states=output_hidden_states,
+                specdec_meta=meta,
+            )
+        hidden = tuple(out.hidden_states) if output_hidden_states else None
+        return ModelOutput(logits=out.logits, hidden_states=hidden)

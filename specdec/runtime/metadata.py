@@ -1,0 +1,95 @@
+"""Build the AttentionMetadata of a prefill chunk or a tree step from block tables.
+
+Slot of position t in a row: table[t // bs] * bs + t % bs. Dims: B rows, T queries, S keys,
+N tree nodes, P prefix keys.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..cache.block_manager import BlockManager
+from ..cache.paged_kv import PagedKVCache
+from ..tree import DraftTree
+from .base import AttentionMetadata
+
+
+def slots_of(tables: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    """tables [B, M], positions [B, X] (< M * bs, or < 0 for padding) -> slots [B, X], -1 where pos < 0."""
+    pos = positions.clamp(min=0)
+    slots = tables.gather(1, pos // block_size) * block_size + pos % block_size
+    return torch.where(positions >= 0, slots, -1)
+
+
+def prefill_metadata(
+    cache: PagedKVCache,
+    bm: BlockManager,
+    seq_ids: list[int],
+    tokens: list[torch.Tensor],
+    num_cached: list[int],
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    """Left-padded prefill of tokens[b][num_cached[b]:] (each row's prompt, [T_b]).
+
+    Returns input_ids [B, T], positions [B, T] (padding: 0) and the metadata; the last column is
+    every row's last token.
+    """
+    B = len(seq_ids)
+    lengths = torch.tensor([len(t) for t in tokens], device=device)
+    cached = torch.tensor(num_cached, device=device)
+    T = int((lengths - cached).max())
+    S = int(lengths.max())
+    col = torch.arange(T, device=device)
+    q_pos = lengths[:, None] - T + col  # [B, T] right-aligned positions
+    q_valid = q_pos >= cached[:, None]
+    q_pos = torch.where(q_valid, q_pos, -1)
+    input_ids = torch.zeros(B, T, dtype=torch.long, device=device)
+    for b, t in enumerate(tokens):
+        n = len(t) - num_cached[b]
+        input_ids[b, T - n :] = t[num_cached[b] :].to(device)
+    tables = bm.block_tables(seq_ids, width=bm.blocks_needed(S), device=device)
+    kv_pos = torch.arange(S, device=device).expand(B, S)
+    kv_pos = torch.where(kv_pos < lengths[:, None], kv_pos, -1)
+    mask = (kv_pos[:, None, :] >= 0) & (kv_pos[:, None, :] <= q_pos[:, :, None]) & q_valid[:, :, None]
+    meta = AttentionMetadata(
+        cache=cache,
+        write_slots=slots_of(tables, q_pos, bm.block_size),
+        kv_slots=slots_of(tables, kv_pos, bm.block_size),
+        kv_positions=kv_pos.clamp(min=0),
+        q_positions=q_pos.clamp(min=0),
+        mask=mask,
+    )
+    return input_ids, q_pos.clamp(min=0), meta
+
+
+def tree_metadata(
+    cache: PagedKVCache,
+    bm: BlockManager,
+    seq_ids: list[int],
+    tree: DraftTree,
+    device: torch.device,
+) -> tuple[torch.Tensor, AttentionMetadata, torch.Tensor]:
+    """Metadata of one tree step; the rows' lookahead slots must already be reserved.
+
+    Node i of row b is stored at logical position L_b + i (L_b = committed length) and has position
+    id L_b + depth[b, i]. Returns positions [B, N], the metadata, and node_slots [B, N].
+    """
+    B, N = tree.tokens.shape
+    committed = torch.tensor([bm.num_tokens(s) for s in seq_ids], device=device)  # [B]
+    P = int(committed.max())
+    tables = bm.block_tables(seq_ids, width=bm.blocks_needed(P + N), device=device)
+    node_slots = slots_of(tables, committed[:, None] + torch.arange(N, device=device), bm.block_size)
+    prefix_pos = torch.arange(P, device=device).expand(B, P)
+    prefix_pos = torch.where(prefix_pos < committed[:, None], prefix_pos, -1)
+    positions = tree.positions(committed)  # [B, N]
+    anc = tree.ancestor_mask() & tree.valid()[:, None, :]  # [B, N, N]
+    prefix_mask = (prefix_pos >= 0)[:, None, :].expand(B, N, P)
+    meta = AttentionMetadata(
+        cache=cache,
+        write_slots=node_slots,
+        kv_slots=torch.cat([slots_of(tables, prefix_pos, bm.block_size), node_slots], 1),
+        kv_positions=torch.cat([prefix_pos.clamp(min=0), positions], 1),
+        q_positions=positions,
+        mask=torch.cat([prefix_mask, anc], 2),
+    )
+    return positions, meta, node_slots

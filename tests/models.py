@@ -39,7 +39,7 @@ def tiny(arch: str = "llama", vocab: int = 96, seed: int = 0, init: float = 0.1,
             "qwen3": (Qwen3Config, Qwen3ForCausalLM),
         }[arch]
         extra = dict(head_dim=16) if arch == "qwen3" else {}
-        cfg = cfg_cls(vocab_size=vocab, initializer_range=init, **COMMON, **extra, **over)
+        cfg = cfg_cls(vocab_size=vocab, initializer_range=init, **{**COMMON, **extra, **over})
     return cls(cfg).eval()
 
 

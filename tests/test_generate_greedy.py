@@ -1,0 +1,121 @@
+"""Greedy speculative generation equals model.generate token for token (fp32), for every proposer."""
+
+import pytest
+import torch
+from models import noisy_copy, tiny
+
+import specdec
+from specdec import DraftModel, Ngram
+
+V = 96
+
+
+def _proposers(model):
+    return {
+        "none": lambda: None,
+        "ngram": lambda: Ngram(num_tokens=4, max_ngram=3),
+        "draft": lambda: DraftModel(noisy_copy(model, 0.1), num_tokens=4),
+        "draft-auto": lambda: DraftModel(noisy_copy(model, 0.05), num_tokens="auto"),
+        "draft-exact": lambda: DraftModel(noisy_copy(model, 0.0), num_tokens=3),
+    }
+
+
+def _batch(B, seed, repetitive=False):
+    g = torch.Generator().manual_seed(seed)
+    lengths = [5, 11, 8, 14][:B] if B > 1 else [10]
+    T = max(lengths)
+    ids = torch.zeros(B, T, dtype=torch.long)
+    mask = torch.zeros(B, T, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        row = torch.randint(3, V, (n,), generator=g)
+        if repetitive:  # recurring n-grams for the lookup proposer
+            row = torch.randint(3, 12, (4,), generator=g).repeat(n // 4 + 1)[:n]
+        ids[b, T - n :] = row
+        mask[b, T - n :] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("proposer", ["none", "ngram", "draft", "draft-auto", "draft-exact"])
+@pytest.mark.parametrize("B", [1, 4])
+def test_greedy_equals_model_generate(arch, proposer, B):
+    model = tiny(arch, vocab=V)
+    for repetitive in (False, True):
+        ids, mask = _batch(B, seed=B + 10 * repetitive, repetitive=repetitive)
+        ref = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False)
+        out = specdec.generate(model, ids, mask, proposer=_proposers(model)[proposer](), max_new_tokens=24,
+                               do_sample=False, return_dict_in_generate=True)
+        assert torch.equal(out.sequences, ref), (arch, proposer, B, repetitive)
+        if proposer == "draft-exact":
+            assert out.stats.acceptance_rate == 1.0
+
+
+@pytest.mark.parametrize("proposer", ["ngram", "draft-exact"])
+def test_eos_inside_an_accepted_run(proposer):
+    model = tiny("llama", vocab=V)
+    ids, mask = _batch(4, seed=3, repetitive=proposer == "ngram")
+    free = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, eos_token_id=None,
+                          pad_token_id=0)
+    eos = int(free[0, ids.shape[1] + 6])  # a token row 0 produces mid-way
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, eos_token_id=eos,
+                         pad_token_id=1)
+    out = specdec.generate(model, ids, mask, proposer=_proposers(model)[proposer](), max_new_tokens=20,
+                           do_sample=False, eos_token_id=eos, pad_token_id=1, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, ref)
+    row0 = out.sequences[0, ids.shape[1]:].tolist()
+    assert eos in row0 and row0[row0.index(eos) + 1:] == [1] * (len(row0) - row0.index(eos) - 1)
+    if proposer == "draft-exact":
+        assert out.stats.tau > 2  # EOS arrived inside a run of accepted drafts
+
+
+def test_min_new_tokens_and_repetition_penalty_match_transformers():
+    model = tiny("llama", vocab=V)
+    ids, mask = _batch(2, seed=5)
+    free = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=None,
+                          pad_token_id=0)
+    eos = int(free[0, ids.shape[1] + 1])
+    kw = dict(max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=0, min_new_tokens=5,
+              repetition_penalty=1.3)
+    ref = model.generate(ids, attention_mask=mask, **kw)
+    for proposer in ("none", "draft"):
+        out = specdec.generate(model, ids, mask, proposer=_proposers(model)[proposer](), **kw)
+        assert torch.equal(out, ref), proposer
+
+
+def test_streamer_receives_the_prompt_then_every_token():
+    from transformers.generation.streamers import BaseStreamer
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.chunks, self.ended = [], False
+
+        def put(self, value):
+            self.chunks.append(value.flatten().tolist())
+
+        def end(self):
+            self.ended = True
+
+    model = tiny("llama", vocab=V)
+    ids, _ = _batch(1, seed=6)
+    s = Collect()
+    out = specdec.generate(model, ids, proposer=DraftModel(noisy_copy(model, 0.05)), max_new_tokens=15,
+                           do_sample=False, streamer=s)
+    assert s.ended and s.chunks[0] == ids[0].tolist()
+    assert sum(s.chunks[1:], []) == out[0, ids.shape[1]:].tolist()
+    assert any(len(c) > 1 for c in s.chunks[1:])  # several tokens per step
+
+
+def test_text_streamer_with_a_real_tokenizer(capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, TextStreamer
+
+    vocab = {f"w{i}": i for i in range(V)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0")
+    model = tiny("llama", vocab=V)
+    ids, _ = _batch(1, seed=7)
+    out = specdec.generate(model, ids, proposer=Ngram(), max_new_tokens=8, do_sample=False,
+                           streamer=TextStreamer(tokenizer, skip_prompt=True))
+    printed = capsys.readouterr().out.split()
+    assert printed == [f"w{t}" for t in out[0, ids.shape[1]:].tolist()]

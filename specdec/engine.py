@@ -212,6 +212,7 @@ class Engine:
         stats.prefill_time_s += t1 - t0
         for b, r in enumerate(rows):
             kept = self._emit(r, [int(res.next_tokens[b])], gp)
+            r.step = 1  # step 0's draws made the first token; every step draws fresh uniforms
             r.t_first = r.t_last = t1
             if streamer is not None and len(rows) == 1 and kept:
                 streamer.put(torch.tensor(kept))

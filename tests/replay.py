@@ -1,7 +1,5 @@
 """A test-only tree proposer whose accepted path is never the first branch (exercises KV compaction)."""
 
-import torch
-
 from specdec.proposers.base import ProposeContext, Proposer
 from specdec.tree import DraftTree
 

@@ -41,7 +41,7 @@ def test_fork_copies_a_shared_partial_block_on_write():
     bm.fork(0, 1)
     assert bm.block_table(1) == bm.block_table(0)
     slots, copies = bm.reserve(1, 1)
-    (src, dst), = copies
+    ((src, dst),) = copies
     assert src == bm.block_table(0)[1] and dst == bm.block_table(1)[1] and src != dst
     assert bm.block_table(1)[0] == bm.block_table(0)[0]  # the full block stays shared
     cache = PagedKVCache(1, 8, 4)
@@ -81,12 +81,21 @@ def test_tree_compaction_keeps_greedy_output_exact(bs):
     model = tiny("llama", vocab=V)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, V, (3, 7), generator=g)
-    ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
-                         eos_token_id=None, pad_token_id=0)
+    ref = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
     refs = {tuple(ids[b].tolist()): ref[b, 7:].tolist() for b in range(3)}
     engine = Engine(model, ReplayTree(refs, depth=3, vocab=V), block_size=bs)
-    out = specdec.generate(model, ids, max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0,
-                           engine=engine, return_dict_in_generate=True)
+    out = specdec.generate(
+        model,
+        ids,
+        max_new_tokens=16,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+        engine=engine,
+        return_dict_in_generate=True,
+    )
     assert torch.equal(out.sequences, ref)
     assert out.stats.tau > 3.5  # every right branch accepted: nodes 2, 4, 6 moved to positions 1, 2, 3
 
@@ -100,11 +109,12 @@ def test_shared_system_prompt_shares_blocks_and_changes_no_output():
     ids = torch.zeros(4, T, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for b, r in enumerate(rows):
-        ids[b, T - len(r):], mask[b, T - len(r):] = r, 1
+        ids[b, T - len(r) :], mask[b, T - len(r) :] = r, 1
     ref = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
     engine = Engine(model, DraftModel(noisy_copy(model, 0.1)), block_size=4)
-    out = specdec.generate(model, ids, mask, max_new_tokens=10, do_sample=False, engine=engine,
-                           return_dict_in_generate=True)
+    out = specdec.generate(
+        model, ids, mask, max_new_tokens=10, do_sample=False, engine=engine, return_dict_in_generate=True
+    )
     assert torch.equal(out.sequences, ref)
     assert out.stats.cached_prompt_tokens == 3 * 36  # rows 2-4 reuse row 1's 9 full blocks
     assert engine.bm.num_free_blocks == engine.bm.num_blocks
@@ -125,16 +135,27 @@ def test_rows_wait_for_blocks_and_finish_with_the_same_output():
 def test_no_block_leaks_over_200_mixed_calls():
     model = tiny("llama", vocab=V, num_hidden_layers=1)
     draft = noisy_copy(model, 0.2)
-    engines = [Engine(model, p, block_size=bs, num_blocks=n) for p, bs, n in
-               [(None, 4, 80), (Ngram(), 2, 200), (DraftModel(draft, num_tokens="auto"), 4, 80),
-                (DraftModel(draft, num_tokens=3), 1, 400)]]
+    engines = [
+        Engine(model, p, block_size=bs, num_blocks=n)
+        for p, bs, n in [
+            (None, 4, 80),
+            (Ngram(), 2, 200),
+            (DraftModel(draft, num_tokens="auto"), 4, 80),
+            (DraftModel(draft, num_tokens=3), 1, 400),
+        ]
+    ]
     rng = random.Random(0)
     for call in range(200):
         engine = engines[call % len(engines)]
         B = rng.randint(1, 4)
         ids = torch.randint(3, V, (B, rng.randint(1, 12)), generator=torch.Generator().manual_seed(call))
-        kw = dict(max_new_tokens=rng.randint(1, 8), do_sample=rng.random() < 0.5, seed=call,
-                  eos_token_id=rng.choice([None, 5, [5, 6]]), pad_token_id=0)
+        kw = dict(
+            max_new_tokens=rng.randint(1, 8),
+            do_sample=rng.random() < 0.5,
+            seed=call,
+            eos_token_id=rng.choice([None, 5, [5, 6]]),
+            pad_token_id=0,
+        )
         if rng.random() < 0.2:
             kw["repetition_penalty"] = 1.2
         out = specdec.generate(model, ids, engine=engine, **kw)

@@ -43,8 +43,15 @@ def test_greedy_equals_model_generate(arch, proposer, B):
     for repetitive in (False, True):
         ids, mask = _batch(B, seed=B + 10 * repetitive, repetitive=repetitive)
         ref = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False)
-        out = specdec.generate(model, ids, mask, proposer=_proposers(model)[proposer](), max_new_tokens=24,
-                               do_sample=False, return_dict_in_generate=True)
+        out = specdec.generate(
+            model,
+            ids,
+            mask,
+            proposer=_proposers(model)[proposer](),
+            max_new_tokens=24,
+            do_sample=False,
+            return_dict_in_generate=True,
+        )
         assert torch.equal(out.sequences, ref), (arch, proposer, B, repetitive)
         if proposer == "draft-exact":
             assert out.stats.acceptance_rate == 1.0
@@ -54,16 +61,25 @@ def test_greedy_equals_model_generate(arch, proposer, B):
 def test_eos_inside_an_accepted_run(proposer):
     model = tiny("llama", vocab=V)
     ids, mask = _batch(4, seed=3, repetitive=proposer == "ngram")
-    free = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, eos_token_id=None,
-                          pad_token_id=0)
+    free = model.generate(
+        ids, attention_mask=mask, max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
     eos = int(free[0, ids.shape[1] + 6])  # a token row 0 produces mid-way
-    ref = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, eos_token_id=eos,
-                         pad_token_id=1)
-    out = specdec.generate(model, ids, mask, proposer=_proposers(model)[proposer](), max_new_tokens=20,
-                           do_sample=False, eos_token_id=eos, pad_token_id=1, return_dict_in_generate=True)
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, eos_token_id=eos, pad_token_id=1)
+    out = specdec.generate(
+        model,
+        ids,
+        mask,
+        proposer=_proposers(model)[proposer](),
+        max_new_tokens=20,
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=1,
+        return_dict_in_generate=True,
+    )
     assert torch.equal(out.sequences, ref)
-    row0 = out.sequences[0, ids.shape[1]:].tolist()
-    assert eos in row0 and row0[row0.index(eos) + 1:] == [1] * (len(row0) - row0.index(eos) - 1)
+    row0 = out.sequences[0, ids.shape[1] :].tolist()
+    assert eos in row0 and row0[row0.index(eos) + 1 :] == [1] * (len(row0) - row0.index(eos) - 1)
     if proposer == "draft-exact":
         assert out.stats.tau > 2  # EOS arrived inside a run of accepted drafts
 
@@ -71,11 +87,13 @@ def test_eos_inside_an_accepted_run(proposer):
 def test_min_new_tokens_and_repetition_penalty_match_transformers():
     model = tiny("llama", vocab=V)
     ids, mask = _batch(2, seed=5)
-    free = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=None,
-                          pad_token_id=0)
+    free = model.generate(
+        ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
     eos = int(free[0, ids.shape[1] + 1])
-    kw = dict(max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=0, min_new_tokens=5,
-              repetition_penalty=1.3)
+    kw = dict(
+        max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=0, min_new_tokens=5, repetition_penalty=1.3
+    )
     ref = model.generate(ids, attention_mask=mask, **kw)
     for proposer in ("none", "draft"):
         out = specdec.generate(model, ids, mask, proposer=_proposers(model)[proposer](), **kw)
@@ -98,10 +116,11 @@ def test_streamer_receives_the_prompt_then_every_token():
     model = tiny("llama", vocab=V)
     ids, _ = _batch(1, seed=6)
     s = Collect()
-    out = specdec.generate(model, ids, proposer=DraftModel(noisy_copy(model, 0.05)), max_new_tokens=15,
-                           do_sample=False, streamer=s)
+    out = specdec.generate(
+        model, ids, proposer=DraftModel(noisy_copy(model, 0.05)), max_new_tokens=15, do_sample=False, streamer=s
+    )
     assert s.ended and s.chunks[0] == ids[0].tolist()
-    assert sum(s.chunks[1:], []) == out[0, ids.shape[1]:].tolist()
+    assert sum(s.chunks[1:], []) == out[0, ids.shape[1] :].tolist()
     assert any(len(c) > 1 for c in s.chunks[1:])  # several tokens per step
 
 
@@ -115,7 +134,13 @@ def test_text_streamer_with_a_real_tokenizer(capsys):
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0")
     model = tiny("llama", vocab=V)
     ids, _ = _batch(1, seed=7)
-    out = specdec.generate(model, ids, proposer=Ngram(), max_new_tokens=8, do_sample=False,
-                           streamer=TextStreamer(tokenizer, skip_prompt=True))
+    out = specdec.generate(
+        model,
+        ids,
+        proposer=Ngram(),
+        max_new_tokens=8,
+        do_sample=False,
+        streamer=TextStreamer(tokenizer, skip_prompt=True),
+    )
     printed = capsys.readouterr().out.split()
-    assert printed == [f"w{t}" for t in out[0, ids.shape[1]:].tolist()]
+    assert printed == [f"w{t}" for t in out[0, ids.shape[1] :].tolist()]

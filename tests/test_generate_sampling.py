@@ -1,0 +1,138 @@
+"""End-to-end sampling exactness: speculative output has the target's own law (vocab 8, fp32).
+
+Token 1 comes from the prefill; tokens 2 and 3 come from speculative steps. The joint laws of
+(token 1, token 2) and (token 2, token 3) over many seeded rows of one batch are compared with the
+exact autoregressive law by enumeration. Each comparison fails falsely with probability <= 1e-6
+(TV bound sqrt((K ln 2 + ln(1/delta)) / 2n), K = 64 categories, n rows).
+"""
+
+import math
+
+import pytest
+import torch
+from models import noisy_copy, tiny
+from replay import ReplayTree
+
+import specdec
+from specdec import DraftModel, Ngram, SamplingParams, process_logits
+from specdec.tree import Law
+
+V, N_RUNS, DELTA = 8, 30_000, 1e-6
+SETTINGS = {"t1": dict(temperature=1.0, top_p=1.0), "t07_p08": dict(temperature=0.7, top_p=0.8)}
+
+
+def tv_bound(k: int, n: int) -> float:
+    return math.sqrt((k * math.log(2) + math.log(1 / DELTA)) / (2 * n))
+
+
+def exact_law(model, prompt: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """[V, V, V] law of the first three generated tokens, by enumeration."""
+
+    def p(seq):
+        with torch.no_grad():
+            return process_logits(model(seq).logits[:, -1].double(), params)[0]
+
+    law = torch.zeros(V, V, V, dtype=torch.float64)
+    p1 = p(prompt)
+    for a in range(V):
+        s1 = torch.cat([prompt, torch.tensor([[a]])], 1)
+        p2 = p(s1)
+        for b in range(V):
+            law[a, b] = p1[a] * p2[b] * p(torch.cat([s1, torch.tensor([[b]])], 1))
+    return law
+
+
+def tvs(seqs: torch.Tensor, prompt: torch.Tensor, law: torch.Tensor) -> tuple[float, float]:
+    new = seqs[:, prompt.shape[1] :]
+
+    def emp(i, j):
+        return torch.bincount(new[:, i] * V + new[:, j], minlength=V * V).double().view(V, V) / len(new)
+
+    return (0.5 * (emp(0, 1) - law.sum(2)).abs().sum().item(), 0.5 * (emp(1, 2) - law.sum(0)).abs().sum().item())
+
+
+# A peaky target that continues a run of 7s (so that lookups get accepted), and a spread-out one.
+WORLDS = {
+    "peaky": dict(init=0.6, prompt=[[1, 2, 7, 7, 7, 7, 7, 7]]),
+    "spread": dict(init=0.2, prompt=[[4, 6, 4, 5, 7, 2, 7, 5]]),
+}
+
+
+@pytest.fixture(scope="module")
+def worlds():
+    out = {}
+    for name, w in WORLDS.items():
+        target = tiny("llama", vocab=V, init=w["init"], seed=3, eos_token_id=None)
+        out[name] = (target, noisy_copy(target, 0.3, seed=4), torch.tensor(w["prompt"]))
+    return out
+
+
+class RandomTree(ReplayTree):
+    """POINT trees of random tokens, two children per node, depth 2: exercises siblings and compaction."""
+
+    def __init__(self):
+        super().__init__({}, depth=2, vocab=V)
+
+    def propose(self, ctx):
+        g = torch.Generator().manual_seed(int(ctx.rng.step[0]) + 7)
+        B = ctx.batch_size
+        tokens = torch.randint(0, V, (B, 7), generator=g)
+        tokens[:, 0] = ctx.roots()
+        tree = specdec.DraftTree.from_parents(tokens.tolist(), [[-1, 0, 0, 1, 1, 2, 2]] * B)
+        keep = ctx.max_drafts.clamp(max=2)
+        tree.num_nodes = torch.where(keep >= 2, 7, torch.where(keep == 1, 3, 1))
+        return tree
+
+
+class ArgmaxLabelledIID(DraftModel):
+    """A deliberately wrong proposer: drafts the argmax of q but claims it sampled from q (IID)."""
+
+    def propose(self, ctx):
+        tree = super().propose(ctx)
+        if tree.draft_probs is not None:
+            tree.tokens = torch.where(tree.law == int(Law.IID), tree.draft_probs.argmax(-1), tree.tokens)
+        return tree
+
+
+def _run(model, prompt, proposer, setting, n=N_RUNS):
+    return specdec.generate(
+        model,
+        prompt.expand(n, -1),
+        proposer=proposer,
+        max_new_tokens=3,
+        do_sample=True,
+        top_k=0,
+        seed=12345,
+        return_dict_in_generate=True,
+        **SETTINGS[setting],
+    )
+
+
+CASES = [("ngram", "peaky"), ("draft", "peaky"), ("draft", "spread"), ("tree", "spread")]
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+@pytest.mark.parametrize("kind, world", CASES)
+def test_first_tokens_follow_the_target_law(worlds, kind, world, setting):
+    target, draft, prompt = worlds[world]
+    law = exact_law(target, prompt, SamplingParams.make(1, top_k=0, **SETTINGS[setting]))
+    proposer = {
+        "draft": lambda: DraftModel(draft, num_tokens=3),
+        "ngram": lambda: Ngram(num_tokens=3),
+        "tree": RandomTree,
+    }[kind]()
+    out = _run(target, prompt, proposer, setting)
+    bound = tv_bound(V * V, N_RUNS)
+    tv12, tv23 = tvs(out.sequences, prompt, law)
+    assert tv12 < bound and tv23 < bound, (tv12, tv23, bound)
+    assert out.stats.accepted > 0.05 * N_RUNS  # speculation really happened
+
+
+def test_the_sampling_test_catches_argmax_drafts_verified_as_iid(worlds):
+    target, _, prompt = worlds["spread"]
+    sharp = noisy_copy(target, 0.0)
+    with torch.no_grad():
+        sharp.lm_head.weight.mul_(2.0)  # q is sharper than p: the argmax has q(x) > p(x)
+    law = exact_law(target, prompt, SamplingParams.make(1, top_k=0, temperature=1.0))
+    out = _run(target, prompt, ArgmaxLabelledIID(sharp, num_tokens=3), "t1")
+    assert tvs(out.sequences, prompt, law)[1] > 3 * tv_bound(V * V, N_RUNS)

@@ -144,3 +144,36 @@ def test_text_streamer_with_a_real_tokenizer(capsys):
     )
     printed = capsys.readouterr().out.split()
     assert printed == [f"w{t}" for t in out[0, ids.shape[1] :].tolist()]
+
+
+def byte_bpe_tokenizer(vocab_size: int = 300):
+    """A small byte-level BPE tokenizer trained here (no hub): like GPT-2's, on a few lines of code."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<eos>"])
+    tok.train_from_iterator(["def f(x):\n    return x + 1\n", "for i in range(10): print(i)"] * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+def test_stop_strings_match_transformers():
+    tokenizer = byte_bpe_tokenizer()
+    vocab = len(tokenizer)
+    # with an EOS id transformers pads rows that stopped early (without one it lets them run on)
+    model = tiny("llama", vocab=vocab, eos_token_id=tokenizer.eos_token_id)
+    g = torch.Generator().manual_seed(8)
+    ids = torch.randint(3, vocab, (2, 9), generator=g)
+    free = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
+                          pad_token_id=0)
+    texts = [tokenizer.decode(free[0, 9 + i : 10 + i]) for i in range(16)]
+    at = next(i for i, t in enumerate(texts) if i > 0 and t.isascii() and t.strip())
+    stop = texts[at]  # a printable token that row 0 produces mid-way
+    kw = dict(max_new_tokens=16, do_sample=False, stop_strings=[stop], tokenizer=tokenizer, pad_token_id=1)
+    ref = model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+    out = specdec.generate(model, ids, proposer=DraftModel(noisy_copy(model, 0.0)), **kw)
+    assert torch.equal(out, ref)
+    assert (out[0, 9 + at + 1 :] == 1).all()  # row 0 stopped at the stop string

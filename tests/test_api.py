@@ -1,0 +1,109 @@
+"""generate(): defaults, return types, seeds, bad input with clear errors, stats."""
+
+import pytest
+import torch
+from models import noisy_copy, tiny
+
+import specdec
+from specdec import DraftModel, Ngram
+
+V = 96
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny("llama", vocab=V)
+
+
+def test_defaults_come_from_generation_config(model):
+    ids = torch.randint(3, V, (1, 6), generator=torch.Generator().manual_seed(0))
+    model.generation_config.max_new_tokens = 7
+    try:
+        out = specdec.generate(model, ids)  # greedy by default, 7 new tokens
+        assert torch.equal(out, model.generate(ids, attention_mask=torch.ones_like(ids)))
+        assert out.shape == (1, 13)
+    finally:
+        model.generation_config.max_new_tokens = None
+
+
+def test_return_dict_and_stats(model):
+    ids = torch.randint(3, V, (2, 6), generator=torch.Generator().manual_seed(1))
+    out = specdec.generate(model, ids, proposer=DraftModel(noisy_copy(model, 0.05)), max_new_tokens=10,
+                           return_dict_in_generate=True)
+    s = out.stats
+    assert out.sequences.shape == (2, 16) and s.generated_tokens == 20 and s.proposer == "draft"
+    assert s.tau == s.emitted / s.steps and 1 <= s.tau <= 5
+    assert s.accepted == sum(s.accepted_per_depth) and s.drafted == sum(s.drafted_per_depth)
+    assert len(s.ttft_s) == 2 and s.ttft_ms > 0 and s.tpot_ms > 0
+    text = str(s)
+    assert "tau" in text and "acceptance" in text and "bonus included" in text
+    d = s.as_dict()
+    assert {"tau", "acceptance_rate", "tpot_ms", "ttft_ms", "per_depth"} <= set(d)
+
+
+def test_a_rows_output_does_not_depend_on_the_batch(model):
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, V, (3, 6), generator=g)
+    kw = dict(do_sample=True, temperature=0.9, max_new_tokens=12, proposer=None)
+    alone = specdec.generate(model, ids[1:2], seed=[77], **kw)
+    together = specdec.generate(model, ids, seed=[5, 77, 9], **kw)
+    assert torch.equal(together[1], alone[0])
+    with_draft = specdec.generate(model, ids, seed=[5, 77, 9], **{**kw, "proposer": Ngram()})
+    again = specdec.generate(model, ids, seed=[5, 77, 9], **{**kw, "proposer": Ngram()})
+    assert torch.equal(with_draft, again)
+
+
+def test_proposer_by_name(model):
+    ids = torch.randint(3, V, (1, 6), generator=torch.Generator().manual_seed(3))
+    out = specdec.generate(model, ids, proposer="ngram", max_new_tokens=5)
+    assert torch.equal(out, model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5))
+    with pytest.raises(ValueError, match="unknown proposer 'medusa2'"):
+        specdec.generate(model, ids, proposer="medusa2", max_new_tokens=5)
+    with pytest.raises(ValueError, match="proposer 'draft' needs arguments"):
+        specdec.generate(model, ids, proposer="draft", max_new_tokens=5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        (dict(input_ids=torch.zeros(1, 0, dtype=torch.long)), "empty prompt"),
+        (dict(attention_mask=torch.tensor([[0, 0, 0]])), "empty prompt: row 0"),
+        (dict(input_ids=torch.zeros(1, 600, dtype=torch.long)), "prompt length 600 .* 512 positions"),
+        (dict(max_new_tokens=0), "max_new_tokens must be >= 1, got 0"),
+        (dict(do_sample=True, temperature=-0.5), "temperature=-0.5"),
+        (dict(do_sample=True, top_p=0.0), "top_p=0.0"),
+        (dict(do_sample=True, top_p=1.5), "top_p=1.5"),
+        (dict(seed=[1, 2]), "one value per row"),
+        (dict(stop_strings=["x"]), "stop_strings needs tokenizer"),
+        (dict(verify_mode="fast"), "'fast' is not one of"),
+        (dict(input_ids=torch.zeros(3, dtype=torch.long)), r"shape \[B, T\]"),
+    ],
+)
+def test_bad_input_is_a_value_error_naming_the_value(model, kwargs, fragment):
+    args = dict(input_ids=torch.tensor([[5, 6, 7]]), max_new_tokens=4)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=fragment):
+        specdec.generate(model, **args)
+
+
+def test_draft_vocabulary_mismatch_is_named(model):
+    other = tiny("llama", vocab=V + 4)
+    with pytest.raises(ValueError, match=f"draft vocabulary {V + 4} != target vocabulary {V}"):
+        specdec.generate(model, torch.tensor([[5, 6, 7]]), proposer=DraftModel(other), max_new_tokens=4)
+    eos_other = tiny("llama", vocab=V, eos_token_id=9)
+    with pytest.raises(ValueError, match="draft eos_token_id=9 but target eos_token_id=2"):
+        specdec.generate(model, torch.tensor([[5, 6, 7]]), proposer=DraftModel(eos_other), max_new_tokens=4)
+
+
+def test_bad_proposer_settings_are_named():
+    with pytest.raises(ValueError, match="num_tokens must be an int >= 1 or 'auto', got 0"):
+        DraftModel(tiny("llama"), num_tokens=0)
+    with pytest.raises(ValueError, match="num_tokens >= 1"):
+        Ngram(num_tokens=0)
+
+
+def test_typical_mode_is_marked_lossy(model):
+    ids = torch.randint(3, V, (1, 6), generator=torch.Generator().manual_seed(4))
+    out = specdec.generate(model, ids, proposer=Ngram(), max_new_tokens=6, do_sample=True, seed=1,
+                           verify_mode="typical", return_dict_in_generate=True)
+    assert out.stats.lossy and "LOSSY" in str(out.stats)

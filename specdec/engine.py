@@ -58,17 +58,7 @@ class _Row:
 
 def max_tree_nodes(proposer: Proposer | None) -> int:
     """The widest tree (root included, after bucketing) a proposer may draft."""
-    if proposer is None:
-        return 1
-    return node_bucket(int(getattr(proposer, "max_nodes", 0) or _guess_width(proposer)))
-
-
-def _guess_width(proposer: Proposer) -> int:
-    width = getattr(proposer, "max_tokens", None) if getattr(proposer, "adaptive", False) else None
-    width = width or getattr(proposer, "num_tokens", None)
-    if width is None:
-        raise ValueError(f"proposer {proposer.name!r} must declare max_nodes (its widest tree, root included)")
-    return int(width) + 1
+    return 1 if proposer is None else node_bucket(proposer.max_nodes)
 
 
 class Engine:

@@ -15,7 +15,10 @@ class ReplayTree(Proposer):
 
     def __init__(self, references: dict[tuple[int, ...], list[int]], depth: int = 3, vocab: int = 96):
         self.references, self.depth, self.vocab = references, depth, vocab
-        self.max_nodes = 1 + 2 * depth
+
+    @property
+    def max_nodes(self) -> int:
+        return 1 + 2 * self.depth
 
     def _continuation(self, history: list[int]) -> list[int]:
         for prompt, ref in self.references.items():

@@ -28,8 +28,9 @@ def test_defaults_come_from_generation_config(model):
 
 def test_return_dict_and_stats(model):
     ids = torch.randint(3, V, (2, 6), generator=torch.Generator().manual_seed(1))
-    out = specdec.generate(model, ids, proposer=DraftModel(noisy_copy(model, 0.05)), max_new_tokens=10,
-                           return_dict_in_generate=True)
+    out = specdec.generate(
+        model, ids, proposer=DraftModel(noisy_copy(model, 0.05)), max_new_tokens=10, return_dict_in_generate=True
+    )
     s = out.stats
     assert out.sequences.shape == (2, 16) and s.generated_tokens == 20 and s.proposer == "draft"
     assert s.tau == s.emitted / s.steps and 1 <= s.tau <= 5
@@ -104,6 +105,14 @@ def test_bad_proposer_settings_are_named():
 
 def test_typical_mode_is_marked_lossy(model):
     ids = torch.randint(3, V, (1, 6), generator=torch.Generator().manual_seed(4))
-    out = specdec.generate(model, ids, proposer=Ngram(), max_new_tokens=6, do_sample=True, seed=1,
-                           verify_mode="typical", return_dict_in_generate=True)
+    out = specdec.generate(
+        model,
+        ids,
+        proposer=Ngram(),
+        max_new_tokens=6,
+        do_sample=True,
+        seed=1,
+        verify_mode="typical",
+        return_dict_in_generate=True,
+    )
     assert out.stats.lossy and "LOSSY" in str(out.stats)

@@ -154,8 +154,9 @@ def byte_bpe_tokenizer(vocab_size: int = 300):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=["<eos>"])
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<eos>"]
+    )
     tok.train_from_iterator(["def f(x):\n    return x + 1\n", "for i in range(10): print(i)"] * 20, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
 
@@ -167,8 +168,7 @@ def test_stop_strings_match_transformers():
     model = tiny("llama", vocab=vocab, eos_token_id=tokenizer.eos_token_id)
     g = torch.Generator().manual_seed(8)
     ids = torch.randint(3, vocab, (2, 9), generator=g)
-    free = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
-                          pad_token_id=0)
+    free = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False, pad_token_id=0)
     texts = [tokenizer.decode(free[0, 9 + i : 10 + i]) for i in range(16)]
     at = next(i for i, t in enumerate(texts) if i > 0 and t.isascii() and t.strip())
     stop = texts[at]  # a printable token that row 0 produces mid-way

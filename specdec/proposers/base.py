@@ -53,6 +53,11 @@ class Proposer:
     name: ClassVar[str] = "base"
     needs: ClassVar[frozenset[str]] = frozenset()
 
+    @property
+    def max_nodes(self) -> int:
+        """The most nodes (root included) one proposed tree can have; sizes the KV budget."""
+        raise NotImplementedError(f"{type(self).__name__} must define max_nodes")
+
     def start(self, target: TargetModel, *, block_size: int, num_blocks: int) -> None:
         """Called when generation starts: check compatibility with the target, allocate state."""
 

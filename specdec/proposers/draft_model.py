@@ -43,6 +43,10 @@ class DraftModel(Proposer):
         self.bm: BlockManager | None = None
         self.cache: PagedKVCache | None = None
 
+    @property
+    def max_nodes(self) -> int:
+        return (self.max_tokens if self.adaptive else self.num_tokens) + 1
+
     def start(self, target: TargetModel, *, block_size: int, num_blocks: int) -> None:
         if self.runtime.vocab_size != target.vocab_size:
             raise ValueError(

@@ -39,6 +39,10 @@ class Ngram(Proposer):
             )
         self.num_tokens, self.max_ngram, self.min_ngram = num_tokens, max_ngram, min_ngram
 
+    @property
+    def max_nodes(self) -> int:
+        return self.num_tokens + 1
+
     def propose(self, ctx: ProposeContext) -> DraftTree:
         B, K = ctx.batch_size, self.num_tokens
         drafts = torch.zeros(B, K, dtype=torch.long)

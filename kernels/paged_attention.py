@@ -1,0 +1,214 @@
+"""Paged tree attention (Triton): split-KV over the committed prefix pages, a tree mask on the new keys.
+
+One kernel serves plain decode (T = 1), tree verification (T = nodes) and prefill chunks (a causal
+mask). GQA groups are folded into query rows: row r of a program is (query t = r // G, head g = r % G)
+of one KV head. Pass 1 writes per-split partial softmax states; pass 2 merges them.
+Dims: B rows, T new tokens, H query heads, Hkv KV heads, G = H / Hkv, D head size, S cache slots.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _split_kernel(
+    Q, K, V, Tables, PrefixLens, NewSlots, TreeMask, Acc, M, L,
+    sq_b, sq_t, sq_h,
+    sk_s, sk_h,
+    st_b, sn_b, sm_b, sm_q,
+    sa_b, sa_s, sa_r, sa_h,
+    sml_b, sml_s, sml_r, sml_h,
+    scale, T, keys_per_split,
+    G: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_T: tl.constexpr, D: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    rows = tl.arange(0, BLOCK_M)
+    t = rows // G
+    h = kvh * G + rows % G
+    row_ok = t < T
+    d = tl.arange(0, D)
+    q = tl.load(Q + b * sq_b + t[:, None] * sq_t + h[:, None] * sq_h + d[None, :], mask=row_ok[:, None], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    prefix = tl.load(PrefixLens + b)
+    lo = split * keys_per_split
+    hi = tl.minimum(lo + keys_per_split, prefix)
+    for start in range(lo, hi, BLOCK_N):
+        pos = start + tl.arange(0, BLOCK_N)
+        ok = pos < hi
+        page = tl.load(Tables + b * st_b + pos // PAGE, mask=ok, other=0)
+        slot = page.to(tl.int64) * PAGE + pos % PAGE
+        k = tl.load(K + slot[:, None] * sk_s + kvh * sk_h + d[None, :], mask=ok[:, None], other=0.0)
+        v = tl.load(V + slot[:, None] * sk_s + kvh * sk_h + d[None, :], mask=ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    if split == 0:  # the new keys (tree nodes / prefill chunk), visible through the mask
+        j = tl.arange(0, BLOCK_T)
+        j_ok = j < T
+        slot = tl.load(NewSlots + b * sn_b + j, mask=j_ok, other=0).to(tl.int64)
+        k = tl.load(K + slot[:, None] * sk_s + kvh * sk_h + d[None, :], mask=j_ok[:, None], other=0.0)
+        v = tl.load(V + slot[:, None] * sk_s + kvh * sk_h + d[None, :], mask=j_ok[:, None], other=0.0)
+        vis = tl.load(TreeMask + b * sm_b + t[:, None] * sm_q + j[None, :], mask=row_ok[:, None] & j_ok[None, :],
+                      other=0)
+        s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.where(vis != 0, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    base = b * sml_b + split * sml_s + t * sml_r + h * sml_h
+    tl.store(M + base, m_i, mask=row_ok)
+    tl.store(L + base, l_i, mask=row_ok)
+    a_ptr = Acc + b * sa_b + split * sa_s + t[:, None] * sa_r + h[:, None] * sa_h + d[None, :]
+    tl.store(a_ptr, acc, mask=row_ok[:, None])
+
+
+@triton.jit
+def _merge_kernel(
+    Acc, M, L, Out,
+    sa_b, sa_s, sa_r, sa_h,
+    sml_b, sml_s, sml_r, sml_h,
+    so_b, so_t, so_h,
+    num_splits, H,
+    BLOCK_S: tl.constexpr, D: tl.constexpr,
+):
+    b = tl.program_id(0)
+    t = tl.program_id(1)
+    h = tl.program_id(2)
+    s = tl.arange(0, BLOCK_S)
+    s_ok = s < num_splits
+    base = b * sml_b + s * sml_s + t * sml_r + h * sml_h
+    m = tl.load(M + base, mask=s_ok, other=float("-inf"))
+    l = tl.load(L + base, mask=s_ok, other=0.0)
+    m_max = tl.max(m, 0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.where(s_ok, tl.exp(m - m_max), 0.0)
+    denom = tl.sum(w * l, 0)
+    d = tl.arange(0, D)
+    acc = tl.load(Acc + b * sa_b + s[:, None] * sa_s + t * sa_r + h * sa_h + d[None, :], mask=s_ok[:, None],
+                  other=0.0)
+    out = tl.sum(acc * w[:, None], 0) / tl.where(denom > 0, denom, 1.0)
+    tl.store(Out + b * so_b + t * so_t + h * so_h + d, out.to(Out.dtype.element_ty))
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def paged_tree_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    new_slots: torch.Tensor,
+    tree_mask: torch.Tensor,
+    scale: float,
+    page_size: int,
+    max_prefix: int,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Attention of T new tokens per row over their committed prefix and each other.
+
+    Parameters
+    ----------
+    q : [B, T, H, D] queries (after RoPE).
+    k_cache, v_cache : [S, Hkv, D] one layer's pools; the new tokens' K/V are already stored.
+    block_tables : [B, max_blocks] int, page ids of each row.
+    prefix_lens : [B] int, committed keys per row (all visible to every new token).
+    new_slots : [B, T] int, slots of the new tokens' K/V.
+    tree_mask : [B, T, T] bool, new token t may see new token j (ancestors or causal).
+    scale : softmax scale.
+    page_size : tokens per page.
+    max_prefix : an upper bound of prefix_lens (sizes the split; a python int, no device sync).
+    num_splits : prefix splits (None: enough programs to fill the GPU).
+
+    Returns
+    -------
+    out : [B, T, H, D] in q's dtype.
+    """
+    B, T, H, D = q.shape
+    S, Hkv, Dk = k_cache.shape
+    assert Dk == D and H % Hkv == 0 and v_cache.shape == k_cache.shape, "cache layout must be [S, Hkv, D]"
+    assert D >= 16 and D & (D - 1) == 0, f"head size {D} must be a power of two >= 16"
+    assert block_tables.dim() == 2 and tree_mask.shape == (B, T, T) and new_slots.shape == (B, T)
+    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    G = H // Hkv
+    BLOCK_M = max(16, _next_pow2(T * G))
+    BLOCK_T = max(16, _next_pow2(T))
+    BLOCK_N = 64 if BLOCK_M <= 64 else 32
+    if num_splits is None:
+        target_programs = 132 * 2
+        num_splits = max(1, min(triton.cdiv(max(max_prefix, 1), BLOCK_N), target_programs // max(B * Hkv, 1)))
+    keys_per_split = triton.cdiv(max(max_prefix, 1), num_splits)
+    keys_per_split = triton.cdiv(keys_per_split, BLOCK_N) * BLOCK_N
+    acc = torch.empty(B, num_splits, T, H, D, dtype=torch.float32, device=q.device)
+    m = torch.empty(B, num_splits, T, H, dtype=torch.float32, device=q.device)
+    l = torch.empty_like(m)
+    mask = tree_mask.to(torch.int8)
+    _split_kernel[(B, Hkv, num_splits)](
+        q, k_cache, v_cache, block_tables, prefix_lens, new_slots, mask, acc, m, l,
+        q.stride(0), q.stride(1), q.stride(2),
+        k_cache.stride(0), k_cache.stride(1),
+        block_tables.stride(0), new_slots.stride(0), mask.stride(0), mask.stride(1),
+        acc.stride(0), acc.stride(1), acc.stride(2), acc.stride(3),
+        m.stride(0), m.stride(1), m.stride(2), m.stride(3),
+        scale, T, keys_per_split,
+        G=G, PAGE=page_size, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_T=BLOCK_T, D=D,
+    )
+    out = torch.empty(B, T, H, D, dtype=q.dtype, device=q.device)
+    _merge_kernel[(B, T, H)](
+        acc, m, l, out,
+        acc.stride(0), acc.stride(1), acc.stride(2), acc.stride(3),
+        m.stride(0), m.stride(1), m.stride(2), m.stride(3),
+        out.stride(0), out.stride(1), out.stride(2),
+        num_splits, H,
+        BLOCK_S=max(2, _next_pow2(num_splits)), D=D,
+    )
+    return out
+
+
+def paged_tree_attention_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    new_slots: torch.Tensor,
+    tree_mask: torch.Tensor,
+    scale: float,
+    page_size: int,
+) -> torch.Tensor:
+    """Plain-torch oracle of `paged_tree_attention` (gather pages, one masked softmax), fp32."""
+    B, T, H, D = q.shape
+    Hkv = k_cache.shape[1]
+    P = int(prefix_lens.max()) if B else 0
+    pos = torch.arange(P, device=q.device)
+    slots = block_tables.long().gather(1, (pos // page_size).expand(B, P)) * page_size + pos % page_size
+    keys = torch.cat([slots, new_slots.long()], 1)  # [B, P + T]
+    k = k_cache[keys].float()  # [B, P + T, Hkv, D]
+    v = v_cache[keys].float()
+    visible = torch.cat([(pos[None, :] < prefix_lens[:, None]).expand(B, P)[:, None, :].expand(B, T, P),
+                         tree_mask.bool()], 2)  # [B, T, P + T]
+    k = k.repeat_interleave(H // Hkv, dim=2)
+    v = v.repeat_interleave(H // Hkv, dim=2)
+    s = torch.einsum("bthd,bshd->bhts", q.float(), k) * scale
+    s = s.masked_fill(~visible[:, None], float("-inf"))
+    w = torch.nan_to_num(s.softmax(-1), nan=0.0)
+    return torch.einsum("bhts,bshd->bthd", w, v).to(q.dtype)

@@ -1,0 +1,93 @@
+"""Every Triton kernel against its plain-torch reference (interpreter on the CPU, small shapes)."""
+
+import pytest
+import torch
+
+from specdec.kernels import (
+    compact_kv,
+    compact_kv_reference,
+    paged_tree_attention,
+    paged_tree_attention_reference,
+    store_kv,
+    store_kv_reference,
+)
+from specdec.tree import DraftTree
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _layout(B, prefix, T, page, num_pages, g):
+    """Random page tables and the slots of the T new tokens after each row's prefix."""
+    tables = torch.stack([torch.randperm(num_pages, generator=g)[: num_pages // B] for _ in range(B)]).int()
+    pos = prefix[:, None] + torch.arange(T)
+    new_slots = (tables.long().gather(1, pos // page) * page + pos % page).int()
+    return tables, new_slots
+
+
+@pytest.mark.parametrize(
+    "B, T, H, Hkv, D, page, prefixes, splits",
+    [
+        (1, 1, 4, 4, 16, 16, [37], 1),  # plain decode, MHA
+        (2, 1, 8, 2, 32, 4, [0, 21], 3),  # GQA, an empty prefix, several splits
+        (2, 7, 4, 2, 16, 2, [9, 30], 2),  # a tree step
+        (3, 16, 2, 1, 16, 1, [5, 0, 12], None),  # page size 1, a 16-node tree
+    ],
+)
+def test_paged_tree_attention_matches_reference(B, T, H, Hkv, D, page, prefixes, splits):
+    g = torch.Generator().manual_seed(T * 31 + D)
+    num_pages = B * 64
+    k = torch.randn(num_pages * page, Hkv, D, generator=g).to(DEV)
+    v = torch.randn(num_pages * page, Hkv, D, generator=g).to(DEV)
+    prefix = torch.tensor(prefixes)
+    tables, new_slots = _layout(B, prefix, T, page, num_pages, g)
+    parents = [[-1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, T)] for _ in range(B)]
+    mask = DraftTree.from_parents([[0] * T] * B, parents).ancestor_mask()
+    q = torch.randn(B, T, H, D, generator=g).to(DEV)
+    args = (q, k, v, tables.to(DEV), prefix.int().to(DEV), new_slots.to(DEV), mask.to(DEV), D**-0.5, page)
+    out = paged_tree_attention(*args, max_prefix=max(prefixes), num_splits=splits)
+    ref = paged_tree_attention_reference(*args)
+    assert out.shape == (B, T, H, D)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_paged_tree_attention_causal_prefill_chunk():
+    g = torch.Generator().manual_seed(5)
+    B, T, H, D, page = 2, 6, 2, 16, 4
+    k = torch.randn(256, H, D, generator=g).to(DEV)
+    v = torch.randn(256, H, D, generator=g).to(DEV)
+    prefix = torch.tensor([8, 0])  # row 0 had 8 tokens cached, row 1 none
+    tables, new_slots = _layout(B, prefix, T, page, 64, g)
+    causal = torch.tril(torch.ones(T, T, dtype=torch.bool)).expand(B, T, T).clone()
+    causal[1, :, :2] = False  # row 1 is left-padded by 2: nobody attends to the padding
+    q = torch.randn(B, T, H, D, generator=g).to(DEV)
+    args = (q, k, v, tables.to(DEV), prefix.int().to(DEV), new_slots.to(DEV), causal.to(DEV), 0.3, page)
+    out = paged_tree_attention(*args, max_prefix=8, num_splits=2)
+    torch.testing.assert_close(out[:, :], paged_tree_attention_reference(*args), atol=2e-5, rtol=1e-4)
+
+
+def test_store_kv_matches_reference():
+    g = torch.Generator().manual_seed(1)
+    B, T, Hkv, D = 2, 5, 2, 16
+    k_new = torch.randn(B, Hkv, T, D, generator=g).transpose(1, 2).to(DEV)  # HF's [B, H, T, D] transposed
+    v_new = torch.randn(B, Hkv, T, D, generator=g).transpose(1, 2).to(DEV)
+    slots = torch.tensor([[3, 9, -1, 12, 0], [40, 41, 42, -1, 7]], dtype=torch.int32, device=DEV)
+    caches = [torch.randn(64, Hkv, D, generator=g).to(DEV) for _ in range(2)]
+    ref = [c.clone() for c in caches]
+    store_kv(k_new, v_new, caches[0], caches[1], slots)
+    store_kv_reference(k_new, v_new, ref[0], ref[1], slots)
+    assert torch.equal(caches[0], ref[0]) and torch.equal(caches[1], ref[1])
+
+
+def test_compaction_across_all_layers_in_place():
+    g = torch.Generator().manual_seed(2)
+    L, S, Hkv, D = 3, 64, 2, 16
+    k = torch.randn(L, S, Hkv, D, generator=g).to(DEV)
+    v = torch.randn(L, S, Hkv, D, generator=g).to(DEV)
+    # row 0 accepted nodes 2, 3, 5 after root slot 10 -> positions 11, 12, 13 (overlapping moves)
+    src = torch.tensor([[12, 13, 15], [30, -1, -1]], dtype=torch.int32, device=DEV)
+    dst = torch.tensor([[11, 12, 13], [30, 31, 32]], dtype=torch.int32, device=DEV)
+    rk, rv = k.clone(), v.clone()
+    compact_kv(k, v, src, dst)
+    compact_kv_reference(rk, rv, src, dst)
+    assert torch.equal(k, rk) and torch.equal(v, rv)
+    assert torch.equal(k[:, 11], rk[:, 11])

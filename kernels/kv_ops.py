@@ -11,7 +11,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _store_kernel(Kn, Vn, Kc, Vc, Slots, T, sn_b, sn_t, sn_h, sc_s, sc_h, D: tl.constexpr):
+def _store_kernel(Kn, Vn, Kc, Vc, Slots, T, sn_b, sn_t, sn_h, sv_b, sv_t, sv_h, sc_s, sc_h, D: tl.constexpr):
     i = tl.program_id(0)
     h = tl.program_id(1)
     b = i // T
@@ -19,24 +19,38 @@ def _store_kernel(Kn, Vn, Kc, Vc, Slots, T, sn_b, sn_t, sn_h, sc_s, sc_h, D: tl.
     slot = tl.load(Slots + i).to(tl.int64)
     d = tl.arange(0, D)
     ok = d < tl.where(slot >= 0, D, 0)
-    src = b * sn_b + t * sn_t + h * sn_h + d
     dst = slot * sc_s + h * sc_h + d
-    tl.store(Kc + dst, tl.load(Kn + src, mask=ok), mask=ok)
-    tl.store(Vc + dst, tl.load(Vn + src, mask=ok), mask=ok)
+    tl.store(Kc + dst, tl.load(Kn + b * sn_b + t * sn_t + h * sn_h + d, mask=ok), mask=ok)
+    tl.store(Vc + dst, tl.load(Vn + b * sv_b + t * sv_t + h * sv_h + d, mask=ok), mask=ok)
 
 
-def store_kv(k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slots: torch.Tensor) -> None:
+def store_kv(
+    k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor
+) -> None:
     """Write k_new, v_new [B, T, Hkv, D] (any strides, last dim contiguous) to the layer pools
     k_cache, v_cache [S, Hkv, D] at slots [B, T] (contiguous int); slots < 0 are skipped."""
     B, T, Hkv, D = k_new.shape
     assert k_cache.shape[1:] == (Hkv, D) and k_cache.stride(-1) == 1 and k_new.stride(-1) == 1
-    assert v_new.stride() == k_new.stride() and v_cache.stride() == k_cache.stride() and slots.is_contiguous()
+    assert v_new.shape == k_new.shape and v_new.stride(-1) == 1
+    assert v_cache.stride() == k_cache.stride() and slots.is_contiguous()
     assert k_new.dtype == k_cache.dtype, f"K/V dtype {k_new.dtype} != cache dtype {k_cache.dtype}"
     assert D & (D - 1) == 0, f"head size {D} must be a power of two"
     _store_kernel[(B * T, Hkv)](
-        k_new, v_new, k_cache, v_cache, slots, T,
-        k_new.stride(0), k_new.stride(1), k_new.stride(2), k_cache.stride(0), k_cache.stride(1), D=D,
+        k_new,
+        v_new,
+        k_cache,
+        v_cache,
+        slots,
+        T,
+        k_new.stride(0),
+        k_new.stride(1),
+        k_new.stride(2),
+        v_new.stride(0),
+        v_new.stride(1),
+        v_new.stride(2),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        D=D,
     )
 
 
@@ -74,8 +88,16 @@ def compact_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, src: torch.Tensor, 
     if B == 0 or K == 0:
         return
     _compact_kernel[(L, Hkv, B)](
-        k_cache, v_cache, src, dst, K, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        BLOCK_D=triton.next_power_of_2(D), D=D,
+        k_cache,
+        v_cache,
+        src,
+        dst,
+        K,
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        BLOCK_D=triton.next_power_of_2(D),
+        D=D,
     )
 
 

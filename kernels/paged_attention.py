@@ -15,15 +15,42 @@ import triton.language as tl
 
 @triton.jit
 def _split_kernel(
-    Q, K, V, Tables, PrefixLens, NewSlots, TreeMask, Acc, M, L,
-    sq_b, sq_t, sq_h,
-    sk_s, sk_h,
-    st_b, sn_b, sm_b, sm_q,
-    sa_b, sa_s, sa_r, sa_h,
-    sml_b, sml_s, sml_r, sml_h,
-    scale, T, keys_per_split,
-    G: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_T: tl.constexpr, D: tl.constexpr,
+    Q,
+    K,
+    V,
+    Tables,
+    PrefixLens,
+    NewSlots,
+    TreeMask,
+    Acc,
+    M,
+    L,
+    sq_b,
+    sq_t,
+    sq_h,
+    sk_s,
+    sk_h,
+    st_b,
+    sn_b,
+    sm_b,
+    sm_q,
+    sa_b,
+    sa_s,
+    sa_r,
+    sa_h,
+    sml_b,
+    sml_s,
+    sml_r,
+    sml_h,
+    scale,
+    T,
+    keys_per_split,
+    G: tl.constexpr,
+    PAGE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    D: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -61,8 +88,9 @@ def _split_kernel(
         slot = tl.load(NewSlots + b * sn_b + j, mask=j_ok, other=0).to(tl.int64)
         k = tl.load(K + slot[:, None] * sk_s + kvh * sk_h + d[None, :], mask=j_ok[:, None], other=0.0)
         v = tl.load(V + slot[:, None] * sk_s + kvh * sk_h + d[None, :], mask=j_ok[:, None], other=0.0)
-        vis = tl.load(TreeMask + b * sm_b + t[:, None] * sm_q + j[None, :], mask=row_ok[:, None] & j_ok[None, :],
-                      other=0)
+        vis = tl.load(
+            TreeMask + b * sm_b + t[:, None] * sm_q + j[None, :], mask=row_ok[:, None] & j_ok[None, :], other=0
+        )
         s = tl.dot(q, tl.trans(k)) * scale
         s = tl.where(vis != 0, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -81,12 +109,25 @@ def _split_kernel(
 
 @triton.jit
 def _merge_kernel(
-    Acc, M, L, Out,
-    sa_b, sa_s, sa_r, sa_h,
-    sml_b, sml_s, sml_r, sml_h,
-    so_b, so_t, so_h,
-    num_splits, H,
-    BLOCK_S: tl.constexpr, D: tl.constexpr,
+    Acc,
+    M,
+    L,
+    Out,
+    sa_b,
+    sa_s,
+    sa_r,
+    sa_h,
+    sml_b,
+    sml_s,
+    sml_r,
+    sml_h,
+    so_b,
+    so_t,
+    so_h,
+    num_splits,
+    H,
+    BLOCK_S: tl.constexpr,
+    D: tl.constexpr,
 ):
     b = tl.program_id(0)
     t = tl.program_id(1)
@@ -101,8 +142,7 @@ def _merge_kernel(
     w = tl.where(s_ok, tl.exp(m - m_max), 0.0)
     denom = tl.sum(w * l, 0)
     d = tl.arange(0, D)
-    acc = tl.load(Acc + b * sa_b + s[:, None] * sa_s + t * sa_r + h * sa_h + d[None, :], mask=s_ok[:, None],
-                  other=0.0)
+    acc = tl.load(Acc + b * sa_b + s[:, None] * sa_s + t * sa_r + h * sa_h + d[None, :], mask=s_ok[:, None], other=0.0)
     out = tl.sum(acc * w[:, None], 0) / tl.where(denom > 0, denom, 1.0)
     tl.store(Out + b * so_b + t * so_t + h * so_h + d, out.to(Out.dtype.element_ty))
 
@@ -163,23 +203,64 @@ def paged_tree_attention(
     l = torch.empty_like(m)
     mask = tree_mask.to(torch.int8)
     _split_kernel[(B, Hkv, num_splits)](
-        q, k_cache, v_cache, block_tables, prefix_lens, new_slots, mask, acc, m, l,
-        q.stride(0), q.stride(1), q.stride(2),
-        k_cache.stride(0), k_cache.stride(1),
-        block_tables.stride(0), new_slots.stride(0), mask.stride(0), mask.stride(1),
-        acc.stride(0), acc.stride(1), acc.stride(2), acc.stride(3),
-        m.stride(0), m.stride(1), m.stride(2), m.stride(3),
-        scale, T, keys_per_split,
-        G=G, PAGE=page_size, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_T=BLOCK_T, D=D,
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        prefix_lens,
+        new_slots,
+        mask,
+        acc,
+        m,
+        l,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        block_tables.stride(0),
+        new_slots.stride(0),
+        mask.stride(0),
+        mask.stride(1),
+        acc.stride(0),
+        acc.stride(1),
+        acc.stride(2),
+        acc.stride(3),
+        m.stride(0),
+        m.stride(1),
+        m.stride(2),
+        m.stride(3),
+        scale,
+        T,
+        keys_per_split,
+        G=G,
+        PAGE=page_size,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        BLOCK_T=BLOCK_T,
+        D=D,
     )
     out = torch.empty(B, T, H, D, dtype=q.dtype, device=q.device)
     _merge_kernel[(B, T, H)](
-        acc, m, l, out,
-        acc.stride(0), acc.stride(1), acc.stride(2), acc.stride(3),
-        m.stride(0), m.stride(1), m.stride(2), m.stride(3),
-        out.stride(0), out.stride(1), out.stride(2),
-        num_splits, H,
-        BLOCK_S=max(2, _next_pow2(num_splits)), D=D,
+        acc,
+        m,
+        l,
+        out,
+        acc.stride(0),
+        acc.stride(1),
+        acc.stride(2),
+        acc.stride(3),
+        m.stride(0),
+        m.stride(1),
+        m.stride(2),
+        m.stride(3),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        num_splits,
+        H,
+        BLOCK_S=max(2, _next_pow2(num_splits)),
+        D=D,
     )
     return out
 
@@ -204,8 +285,9 @@ def paged_tree_attention_reference(
     keys = torch.cat([slots, new_slots.long()], 1)  # [B, P + T]
     k = k_cache[keys].float()  # [B, P + T, Hkv, D]
     v = v_cache[keys].float()
-    visible = torch.cat([(pos[None, :] < prefix_lens[:, None]).expand(B, P)[:, None, :].expand(B, T, P),
-                         tree_mask.bool()], 2)  # [B, T, P + T]
+    visible = torch.cat(
+        [(pos[None, :] < prefix_lens[:, None]).expand(B, P)[:, None, :].expand(B, T, P), tree_mask.bool()], 2
+    )  # [B, T, P + T]
     k = k.repeat_interleave(H // Hkv, dim=2)
     v = v.repeat_interleave(H // Hkv, dim=2)
     s = torch.einsum("bthd,bshd->bhts", q.float(), k) * scale

@@ -88,6 +88,7 @@ class Engine:
         self.cache: PagedKVCache | None = None
         self._next_seq = 0
         self._proposer_rows: set[int] = set()
+        self.kernels = self.target.device.type == "cuda"  # Triton paged attention on the GPU
 
     # ----------------------------------------------------------------------------- pool
 
@@ -185,7 +186,7 @@ class Engine:
         ids = [r.seq_id for r in rows]
         cached = [self.bm.allocate(r.seq_id, r.tokens) for r in rows]
         prompts = [r.prompt for r in rows]
-        input_ids, pos, meta = prefill_metadata(self.cache, self.bm, ids, prompts, cached, dev)
+        input_ids, pos, meta = prefill_metadata(self.cache, self.bm, ids, prompts, cached, dev, self.kernels)
         logits = self.target.forward(input_ids, pos, meta, logits_to_keep=1).logits  # [B, 1, V]
         for r, c in zip(rows, cached, strict=True):
             self.bm.commit(r.seq_id, r.tokens[c:])
@@ -256,7 +257,7 @@ class Engine:
         for r in rows:
             _, copies = self.bm.reserve(r.seq_id, N)
             self.cache.copy_blocks(copies)
-        positions, meta, node_slots = tree_metadata(self.cache, self.bm, ctx.seq_ids, tree, dev)
+        positions, meta, node_slots = tree_metadata(self.cache, self.bm, ctx.seq_ids, tree, dev, self.kernels)
         logits = self.target.forward(tree.tokens, positions, meta).logits  # [B, N, V]
         res = self._verify(rows, tree, logits, gp)
         stats.target_forwards += 1
@@ -265,8 +266,7 @@ class Engine:
         K = acc.shape[1]
         src = node_slots.gather(1, acc.clamp(min=0))
         dst = node_slots[:, 1 : K + 1]
-        move = (acc >= 0) & (acc != torch.arange(1, K + 1, device=dev))
-        self.cache.copy_slots(src[move], dst[move])
+        self.cache.compact(torch.where(acc >= 0, src, -1), dst)
         t2 = sync_time(dev)
         stats.verify_time_s += t2 - t1
         emitted = res.emitted_tokens(tree).tolist()

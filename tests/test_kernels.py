@@ -91,3 +91,23 @@ def test_compaction_across_all_layers_in_place():
     compact_kv_reference(rk, rv, src, dst)
     assert torch.equal(k, rk) and torch.equal(v, rv)
     assert torch.equal(k[:, 11], rk[:, 11])
+
+
+def test_engine_with_kernels_matches_model_generate():
+    """The whole engine on the Triton path (interpreted on the CPU): greedy equality still holds."""
+    from models import noisy_copy, tiny
+    from replay import ReplayTree
+
+    import specdec
+
+    model = tiny("llama", vocab=64, num_hidden_layers=1)
+    ids = torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(3))
+    ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+    refs = {tuple(ids[b].tolist()): ref[b, 6:].tolist() for b in range(2)}
+    for proposer in (None, ReplayTree(refs, depth=2, vocab=64), specdec.DraftModel(noisy_copy(model, 0.0), 2)):
+        engine = specdec.Engine(model, proposer, block_size=4)
+        engine.kernels = True
+        if proposer is not None and hasattr(proposer, "kernels"):
+            proposer.kernels = True
+        out = specdec.generate(model, ids, max_new_tokens=6, do_sample=False, engine=engine)
+        assert torch.equal(out, ref), type(proposer).__name__

@@ -35,6 +35,11 @@ class PagedKVCache:
             self.k = torch.zeros(shape, dtype=like.dtype, device=like.device)
             self.v = torch.zeros(shape, dtype=like.dtype, device=like.device)
 
+    def layer(self, layer: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The [S, Hkv, D] K and V pools of one layer (allocated like `like` [B, Hkv, T, D])."""
+        self._ensure(like)
+        return self.k[layer], self.v[layer]
+
     def write(self, layer: int, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
         """Store key/value [B, Hkv, T, D] at slots [B, T]; slots < 0 are skipped (padding)."""
         self._ensure(key)
@@ -59,6 +64,19 @@ class PagedKVCache:
             return
         self.k[:, dst] = self.k[:, src]
         self.v[:, dst] = self.v[:, src]
+
+    def compact(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Move slot src[b, k] to dst[b, k] in every layer (src < 0: nothing). src, dst [B, K];
+        dst increases along k and src >= dst, as for an accepted tree path. One launch on the GPU."""
+        if self.k is None or src.numel() == 0:
+            return
+        if self.k.is_cuda:
+            from specdec.kernels import compact_kv
+
+            compact_kv(self.k, self.v, src.to(torch.int32).contiguous(), dst.to(torch.int32).contiguous())
+            return
+        move = (src >= 0) & (src != dst)
+        self.copy_slots(src[move], dst[move])
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy whole blocks (copy-on-write): pairs of (src_block, dst_block)."""

@@ -42,6 +42,7 @@ class DraftModel(Proposer):
         self.num_tokens = 4 if self.adaptive else int(num_tokens)
         self.bm: BlockManager | None = None
         self.cache: PagedKVCache | None = None
+        self.kernels = self.runtime.device.type == "cuda"  # Triton paged attention on the GPU
 
     @property
     def max_nodes(self) -> int:
@@ -66,7 +67,7 @@ class DraftModel(Proposer):
     def prefill(self, seq_ids: list[int], prompts: list[torch.Tensor]) -> None:
         dev = self.runtime.device
         cached = [self.bm.allocate(s, p.tolist()) for s, p in zip(seq_ids, prompts, strict=True)]
-        ids, pos, meta = prefill_metadata(self.cache, self.bm, seq_ids, prompts, cached, dev)
+        ids, pos, meta = prefill_metadata(self.cache, self.bm, seq_ids, prompts, cached, dev, self.kernels)
         self.runtime.forward(ids, pos, meta, logits_to_keep=1)
         for s, p, c in zip(seq_ids, prompts, cached, strict=True):
             self.bm.commit(s, p[c:].tolist())
@@ -84,7 +85,7 @@ class DraftModel(Proposer):
         for s, h, n in zip(ctx.seq_ids, ctx.histories, done, strict=True):
             _, copies = self.bm.reserve(s, len(h) - n)
             self.cache.copy_blocks(copies)
-        ids, pos, meta = prefill_metadata(self.cache, self.bm, ctx.seq_ids, ctx.histories, done, dev)
+        ids, pos, meta = prefill_metadata(self.cache, self.bm, ctx.seq_ids, ctx.histories, done, dev, self.kernels)
         logits = self.runtime.forward(ids, pos, meta, logits_to_keep=1).logits[:, -1]
         for s, h, n in zip(ctx.seq_ids, ctx.histories, done, strict=True):
             self.bm.commit(s, h[n:].tolist())
@@ -103,7 +104,7 @@ class DraftModel(Proposer):
             for s in ctx.seq_ids:
                 _, copies = self.bm.reserve(s, 1)
                 self.cache.copy_blocks(copies)
-            positions, meta, _ = tree_metadata(self.cache, self.bm, ctx.seq_ids, step, dev)
+            positions, meta, _ = tree_metadata(self.cache, self.bm, ctx.seq_ids, step, dev, self.kernels)
             logits = self.runtime.forward(step.tokens, positions, meta).logits[:, -1]
             for b, s in enumerate(ctx.seq_ids):
                 self.bm.commit(s, [int(tok[b])])

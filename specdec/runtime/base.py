@@ -12,22 +12,34 @@ from ..cache.paged_kv import PagedKVCache
 
 @dataclass(slots=True)
 class AttentionMetadata:
-    """Everything one forward needs to read and write the paged cache (B rows, T queries, S keys).
+    """Everything one forward needs to read and write the paged cache (B rows, T queries).
 
     cache        PagedKVCache
     write_slots  [B, T] long  slot each query token's K/V is stored in; -1 = padding, not stored
+    q_positions  [B, T] long  position id of each query
+    Gathered form (the torch reference attention; S keys):
     kv_slots     [B, S] long  slots of every key a row may attend to (committed prefix + this call); -1 pads
     kv_positions [B, S] long  position id of each key (sliding windows)
-    q_positions  [B, T] long  position id of each query
-    mask         [B, T, S] bool  query t may attend key s (causal prefix, tree ancestors)
+    mask         [B, T, S] bool  query t may attend key s
+    Paged form (the Triton kernel; None when not built):
+    block_tables [B, M] int32  page ids of each row
+    prefix_lens  [B] int32     committed keys, visible to every query of the row
+    new_slots    [B, T] int32  = write_slots
+    new_mask     [B, T, T] bool  query t may attend new token j (tree ancestors / causal)
+    max_prefix   int           an upper bound of prefix_lens (no device sync needed)
     """
 
     cache: PagedKVCache
     write_slots: torch.Tensor
-    kv_slots: torch.Tensor
-    kv_positions: torch.Tensor
     q_positions: torch.Tensor
-    mask: torch.Tensor
+    kv_slots: torch.Tensor | None = None
+    kv_positions: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    block_tables: torch.Tensor | None = None
+    prefix_lens: torch.Tensor | None = None
+    new_slots: torch.Tensor | None = None
+    new_mask: torch.Tensor | None = None
+    max_prefix: int = 0
 
 
 @dataclass(slots=True)

@@ -36,6 +36,31 @@ def paged_attention(
     if meta is None:
         raise RuntimeError("specdec attention was called without specdec_meta (use specdec's runtime to run it)")
     layer = module.layer_idx
+    B, H, T, D = query.shape
+    if (
+        meta.block_tables is not None
+        and sliding_window is None
+        and T * H // key.shape[1] <= 256
+        and D >= 16
+        and D & (D - 1) == 0
+    ):
+        from specdec.kernels import paged_tree_attention, store_kv
+
+        k_pool, v_pool = meta.cache.layer(layer, key)
+        store_kv(key.transpose(1, 2), value.transpose(1, 2), k_pool, v_pool, meta.new_slots)
+        out = paged_tree_attention(
+            query.transpose(1, 2),
+            k_pool,
+            v_pool,
+            meta.block_tables,
+            meta.prefix_lens,
+            meta.new_slots,
+            meta.new_mask,
+            scaling if scaling is not None else D**-0.5,
+            meta.cache.block_size,
+            meta.max_prefix,
+        )
+        return out, None
     meta.cache.write(layer, meta.write_slots, key, value)
     k, v = meta.cache.gather(layer, meta.kv_slots)  # [B, Hkv, S, D]
     mask = meta.mask

@@ -28,6 +28,7 @@ def prefill_metadata(
     tokens: list[torch.Tensor],
     num_cached: list[int],
     device: torch.device,
+    kernels: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
     """Left-padded prefill of tokens[b][num_cached[b]:] (each row's prompt, [T_b]).
 
@@ -51,15 +52,29 @@ def prefill_metadata(
     kv_pos = torch.arange(S, device=device).expand(B, S)
     kv_pos = torch.where(kv_pos < lengths[:, None], kv_pos, -1)
     mask = (kv_pos[:, None, :] >= 0) & (kv_pos[:, None, :] <= q_pos[:, :, None]) & q_valid[:, :, None]
+    write_slots = slots_of(tables, q_pos, bm.block_size)
     meta = AttentionMetadata(
         cache=cache,
-        write_slots=slots_of(tables, q_pos, bm.block_size),
+        write_slots=write_slots,
+        q_positions=q_pos.clamp(min=0),
         kv_slots=slots_of(tables, kv_pos, bm.block_size),
         kv_positions=kv_pos.clamp(min=0),
-        q_positions=q_pos.clamp(min=0),
         mask=mask,
     )
+    if kernels:
+        causal = torch.tril(torch.ones(T, T, dtype=torch.bool, device=device))
+        _add_paged(
+            meta, tables, cached, write_slots, causal & q_valid[:, None, :] & q_valid[:, :, None], max(num_cached)
+        )
     return input_ids, q_pos.clamp(min=0), meta
+
+
+def _add_paged(meta: AttentionMetadata, tables, prefix_lens, new_slots, new_mask, max_prefix: int) -> None:
+    meta.block_tables = tables.to(torch.int32)
+    meta.prefix_lens = prefix_lens.to(torch.int32)
+    meta.new_slots = new_slots.to(torch.int32).contiguous()
+    meta.new_mask = new_mask
+    meta.max_prefix = int(max_prefix)
 
 
 def tree_metadata(
@@ -68,6 +83,7 @@ def tree_metadata(
     seq_ids: list[int],
     tree: DraftTree,
     device: torch.device,
+    kernels: bool = False,
 ) -> tuple[torch.Tensor, AttentionMetadata, torch.Tensor]:
     """Metadata of one tree step; the rows' lookahead slots must already be reserved.
 
@@ -87,9 +103,11 @@ def tree_metadata(
     meta = AttentionMetadata(
         cache=cache,
         write_slots=node_slots,
+        q_positions=positions,
         kv_slots=torch.cat([slots_of(tables, prefix_pos, bm.block_size), node_slots], 1),
         kv_positions=torch.cat([prefix_pos.clamp(min=0), positions], 1),
-        q_positions=positions,
         mask=torch.cat([prefix_mask, anc], 2),
     )
+    if kernels:
+        _add_paged(meta, tables, committed, node_slots, anc, P)
     return positions, meta, node_slots

@@ -17,6 +17,7 @@ from .cache.block_manager import BlockManager, OutOfBlocksError
 from .cache.paged_kv import PagedKVCache
 from .metrics import SpecStats, sync_time
 from .proposers.base import ProposeContext, Proposer, resolve_proposer
+from .runtime.graphs import GraphedForward
 from .runtime.hf import HFModel
 from .runtime.metadata import prefill_metadata, tree_metadata
 from .sampling import RowSeeds, SamplingParams
@@ -70,6 +71,8 @@ class Engine:
     proposer : None (plain decoding through the same engine), a Proposer or a registered name.
     block_size : KV page size in tokens.
     num_blocks : pool size; None sizes it per call to hold every row at once.
+    cuda_graphs : capture the step forward per (batch, tree) bucket; default: on when the model is
+        on a CUDA device (the Triton kernels are used there too).
     """
 
     def __init__(
@@ -79,6 +82,7 @@ class Engine:
         *,
         block_size: int = 16,
         num_blocks: int | None = None,
+        cuda_graphs: bool | None = None,
     ):
         self.target = HFModel(model)
         self.proposer = resolve_proposer(proposer)
@@ -89,6 +93,10 @@ class Engine:
         self._next_seq = 0
         self._proposer_rows: set[int] = set()
         self.kernels = self.target.device.type == "cuda"  # Triton paged attention on the GPU
+        self.cuda_graphs = self.kernels if cuda_graphs is None else cuda_graphs
+        if self.cuda_graphs and not self.kernels:
+            raise ValueError("cuda_graphs=True needs the model on a CUDA device")
+        self._graphed: GraphedForward | None = None
 
     # ----------------------------------------------------------------------------- pool
 
@@ -129,6 +137,10 @@ class Engine:
             self._next_seq += 1
         needs = [self._row_need(len(p), gp.max_new_tokens) for p in prompts]
         self._ensure_pool(needs)
+        if self.cuda_graphs:
+            g = self._graphed
+            if g is None or g.cache is not self.cache or g.max_blocks < max(needs):
+                self._graphed = GraphedForward(self.target, self.cache, max(max(needs), 64))
         if self.proposer is not None:
             self.proposer.start(self.target, block_size=self.block_size, num_blocks=self.bm.num_blocks)
         use_presence = bool((gp.sampling.repetition_penalty != 1).any())
@@ -228,8 +240,11 @@ class Engine:
             banned = (made[:, None] + tree.depth + 1) <= gp.min_new_tokens  # [B, N]
             suppress = torch.zeros(logits.shape, dtype=torch.bool, device=dev)
             suppress[:, :, list(gp.eos_token_ids)] = banned[:, :, None]
+        mode = gp.mode
+        if mode is VerifyMode.EXACT and bool(params.greedy.all()):
+            mode = VerifyMode.GREEDY  # the same tokens, without coins or residuals
         return verify(
-            tree, logits, params, mode=gp.mode, presence=presence, rng=rng, typical=gp.typical, suppress=suppress
+            tree, logits, params, mode=mode, presence=presence, rng=rng, typical=gp.typical, suppress=suppress
         )
 
     def _step(self, rows: list[_Row], gp: GenerationParams, stats: SpecStats, streamer) -> None:
@@ -257,8 +272,14 @@ class Engine:
         for r in rows:
             _, copies = self.bm.reserve(r.seq_id, N)
             self.cache.copy_blocks(copies)
-        positions, meta, node_slots = tree_metadata(self.cache, self.bm, ctx.seq_ids, tree, dev, self.kernels)
-        logits = self.target.forward(tree.tokens, positions, meta).logits  # [B, N, V]
+        graphed = self._graphed
+        positions, meta, node_slots = tree_metadata(
+            self.cache, self.bm, ctx.seq_ids, tree, dev, self.kernels, gathered=graphed is None
+        )
+        if graphed is not None:
+            logits = graphed.forward(tree.tokens, positions, meta)  # [B, N, V]
+        else:
+            logits = self.target.forward(tree.tokens, positions, meta).logits
         res = self._verify(rows, tree, logits, gp)
         stats.target_forwards += 1
         # compaction: accepted node at depth d moves to logical position L + d

@@ -38,4 +38,4 @@ class ReplayTree(Proposer):
                 right = len(tok) - 1
             tokens.append(tok)
             parents.append(par)
-        return DraftTree.from_parents(tokens, parents)
+        return DraftTree.from_parents(tokens, parents, device=ctx.histories[0].device)

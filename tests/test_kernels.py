@@ -101,10 +101,12 @@ def test_engine_with_kernels_matches_model_generate():
     import specdec
 
     model = tiny("llama", vocab=64, num_hidden_layers=1)
-    ids = torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(3))
+    draft = noisy_copy(model, 0.0).to(DEV)
+    model = model.to(DEV)
+    ids = torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(3)).to(DEV)
     ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
     refs = {tuple(ids[b].tolist()): ref[b, 6:].tolist() for b in range(2)}
-    for proposer in (None, ReplayTree(refs, depth=2, vocab=64), specdec.DraftModel(noisy_copy(model, 0.0), 2)):
+    for proposer in (None, ReplayTree(refs, depth=2, vocab=64), specdec.DraftModel(draft, 2)):
         engine = specdec.Engine(model, proposer, block_size=4)
         engine.kernels = True
         if proposer is not None and hasattr(proposer, "kernels"):

@@ -84,11 +84,13 @@ def tree_metadata(
     tree: DraftTree,
     device: torch.device,
     kernels: bool = False,
+    gathered: bool = True,
 ) -> tuple[torch.Tensor, AttentionMetadata, torch.Tensor]:
     """Metadata of one tree step; the rows' lookahead slots must already be reserved.
 
     Node i of row b is stored at logical position L_b + i (L_b = committed length) and has position
     id L_b + depth[b, i]. Returns positions [B, N], the metadata, and node_slots [B, N].
+    gathered=False skips the gathered form (the CUDA-graph path reads only the paged form).
     """
     B, N = tree.tokens.shape
     committed = torch.tensor([bm.num_tokens(s) for s in seq_ids], device=device)  # [B]
@@ -99,15 +101,11 @@ def tree_metadata(
     prefix_pos = torch.where(prefix_pos < committed[:, None], prefix_pos, -1)
     positions = tree.positions(committed)  # [B, N]
     anc = tree.ancestor_mask() & tree.valid()[:, None, :]  # [B, N, N]
-    prefix_mask = (prefix_pos >= 0)[:, None, :].expand(B, N, P)
-    meta = AttentionMetadata(
-        cache=cache,
-        write_slots=node_slots,
-        q_positions=positions,
-        kv_slots=torch.cat([slots_of(tables, prefix_pos, bm.block_size), node_slots], 1),
-        kv_positions=torch.cat([prefix_pos.clamp(min=0), positions], 1),
-        mask=torch.cat([prefix_mask, anc], 2),
-    )
+    meta = AttentionMetadata(cache=cache, write_slots=node_slots, q_positions=positions)
+    if gathered:
+        meta.kv_slots = torch.cat([slots_of(tables, prefix_pos, bm.block_size), node_slots], 1)
+        meta.kv_positions = torch.cat([prefix_pos.clamp(min=0), positions], 1)
+        meta.mask = torch.cat([(prefix_pos >= 0)[:, None, :].expand(B, N, P), anc], 2)
     if kernels:
         _add_paged(meta, tables, committed, node_slots, anc, P)
     return positions, meta, node_slots

@@ -1,0 +1,104 @@
+"""CUDA graphs of the step forward (decode / tree verify), one per (batch bucket, token bucket).
+
+The captured forward reads only the paged form of the metadata (block tables, prefix lengths, new
+slots, new mask) from static buffers, so a replay costs one launch instead of the model's hundreds.
+Rows beyond the real batch are padding: no slot is written for them and their logits are unused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..cache.paged_kv import PagedKVCache
+from .base import AttentionMetadata
+from .hf import HFModel
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+@dataclass(slots=True)
+class _Captured:
+    graph: torch.cuda.CUDAGraph
+    input_ids: torch.Tensor  # [Bb, T]
+    positions: torch.Tensor  # [Bb, T]
+    meta: AttentionMetadata  # static paged buffers
+    logits: torch.Tensor  # [Bb, T, V]
+
+
+def batch_bucket(batch: int) -> int:
+    for b in BATCH_BUCKETS:
+        if b >= batch:
+            return b
+    raise ValueError(f"batch {batch} exceeds the largest graph bucket {BATCH_BUCKETS[-1]}")
+
+
+class GraphedForward:
+    """`forward(input_ids, positions, meta)` through captured CUDA graphs (paged metadata only).
+
+    Parameters
+    ----------
+    runtime : the HFModel to capture.
+    cache : its PagedKVCache (allocated by an eager call before the first capture).
+    max_blocks : block-table width of the static buffers; keys beyond max_blocks * page never exist.
+    """
+
+    def __init__(self, runtime: HFModel, cache: PagedKVCache, max_blocks: int):
+        self.runtime, self.cache, self.max_blocks = runtime, cache, max_blocks
+        self.graphs: dict[tuple[int, int], _Captured] = {}
+        self.pool = None
+
+    def _static(self, B: int, T: int) -> _Captured:
+        dev = self.runtime.device
+        meta = AttentionMetadata(
+            cache=self.cache,
+            write_slots=torch.full((B, T), -1, dtype=torch.long, device=dev),
+            q_positions=torch.zeros(B, T, dtype=torch.long, device=dev),
+            block_tables=torch.zeros(B, self.max_blocks, dtype=torch.int32, device=dev),
+            prefix_lens=torch.zeros(B, dtype=torch.int32, device=dev),
+            new_slots=torch.full((B, T), -1, dtype=torch.int32, device=dev),
+            new_mask=torch.zeros(B, T, T, dtype=torch.bool, device=dev),
+            max_prefix=self.max_blocks * self.cache.block_size,
+        )
+        ids = torch.zeros(B, T, dtype=torch.long, device=dev)
+        return _Captured(None, ids, torch.zeros_like(ids), meta, None)
+
+    def _capture(self, B: int, T: int) -> _Captured:
+        c = self._static(B, T)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm up: Triton compiles, cuBLAS picks its kernels
+                self.runtime.forward(c.input_ids, c.positions, c.meta)
+        torch.cuda.current_stream().wait_stream(stream)
+        c.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(c.graph, pool=self.pool):
+            c.logits = self.runtime.forward(c.input_ids, c.positions, c.meta).logits
+        self.pool = c.graph.pool()
+        return c
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids, positions [B, T] -> logits [B, T, V] (a view of a static buffer: use it before the
+        next call)."""
+        B, T = input_ids.shape
+        Bb = batch_bucket(B)
+        if meta.block_tables.shape[1] > self.max_blocks:
+            raise ValueError(f"block table width {meta.block_tables.shape[1]} exceeds the graphs' {self.max_blocks}")
+        key = (Bb, T)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(Bb, T)
+        c = self.graphs[key]
+        c.input_ids[:B].copy_(input_ids)
+        c.positions[:B].copy_(positions)
+        s = c.meta
+        s.block_tables.zero_()
+        s.block_tables[:B, : meta.block_tables.shape[1]].copy_(meta.block_tables)
+        s.prefix_lens.zero_()
+        s.prefix_lens[:B].copy_(meta.prefix_lens)
+        s.new_slots.fill_(-1)
+        s.new_slots[:B].copy_(meta.new_slots)
+        s.new_mask.zero_()
+        s.new_mask[:B].copy_(meta.new_mask)
+        c.graph.replay()
+        return c.logits[:B]

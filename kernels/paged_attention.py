@@ -51,6 +51,7 @@ def _split_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_T: tl.constexpr,
     D: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -74,31 +75,32 @@ def _split_kernel(
         slot = page.to(tl.int64) * PAGE + pos % PAGE
         k = tl.load(K + slot[:, None] * sk_s + kvh * sk_h + d[None, :], mask=ok[:, None], other=0.0)
         v = tl.load(V + slot[:, None] * sk_s + kvh * sk_h + d[None, :], mask=ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         s = tl.where(ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     if split == 0:  # the new keys (tree nodes / prefill chunk), visible through the mask
         j = tl.arange(0, BLOCK_T)
         j_ok = j < T
-        slot = tl.load(NewSlots + b * sn_b + j, mask=j_ok, other=0).to(tl.int64)
+        slot = tl.load(NewSlots + b * sn_b + j, mask=j_ok, other=-1).to(tl.int64)
+        j_ok = j_ok & (slot >= 0)  # padding tokens have no slot: never read through one
         k = tl.load(K + slot[:, None] * sk_s + kvh * sk_h + d[None, :], mask=j_ok[:, None], other=0.0)
         v = tl.load(V + slot[:, None] * sk_s + kvh * sk_h + d[None, :], mask=j_ok[:, None], other=0.0)
         vis = tl.load(
             TreeMask + b * sm_b + t[:, None] * sm_q + j[None, :], mask=row_ok[:, None] & j_ok[None, :], other=0
         )
-        s = tl.dot(q, tl.trans(k)) * scale
-        s = tl.where(vis != 0, s, float("-inf"))
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        s = tl.where((vis != 0) & j_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     base = b * sml_b + split * sml_s + t * sml_r + h * sml_h
     tl.store(M + base, m_i, mask=row_ok)
@@ -239,6 +241,7 @@ def paged_tree_attention(
         BLOCK_N=BLOCK_N,
         BLOCK_T=BLOCK_T,
         D=D,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 inputs: no tf32 rounding
     )
     out = torch.empty(B, T, H, D, dtype=q.dtype, device=q.device)
     _merge_kernel[(B, T, H)](

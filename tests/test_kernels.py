@@ -65,6 +65,24 @@ def test_paged_tree_attention_causal_prefill_chunk():
     torch.testing.assert_close(out[:, :], paged_tree_attention_reference(*args), atol=2e-5, rtol=1e-4)
 
 
+def test_padding_tokens_without_slots_are_never_read():
+    g = torch.Generator().manual_seed(9)
+    B, T, H, D, page = 2, 4, 2, 16, 4
+    k = torch.randn(128, H, D, generator=g).to(DEV)
+    v = torch.randn(128, H, D, generator=g).to(DEV)
+    prefix = torch.tensor([5, 0])
+    tables, new_slots = _layout(B, prefix, T, page, 32, g)
+    new_slots[1, :2] = -1  # row 1: two padding tokens, no slot
+    mask = torch.tril(torch.ones(T, T, dtype=torch.bool)).expand(B, T, T).clone()
+    mask[1, :, :2] = False
+    mask[1, :2, :] = False  # padding queries see nothing: their output is 0
+    q = torch.randn(B, T, H, D, generator=g).to(DEV)
+    args = (q, k, v, tables.to(DEV), prefix.int().to(DEV), new_slots.to(DEV), mask.to(DEV), 0.25, page)
+    out = paged_tree_attention(*args, max_prefix=5, num_splits=2)
+    torch.testing.assert_close(out, paged_tree_attention_reference(*args), atol=2e-5, rtol=1e-4)
+    assert torch.equal(out[1, :2], torch.zeros_like(out[1, :2]))
+
+
 def test_store_kv_matches_reference():
     g = torch.Generator().manual_seed(1)
     B, T, Hkv, D = 2, 5, 2, 16

@@ -97,6 +97,7 @@ class Engine:
         if self.cuda_graphs and not self.kernels:
             raise ValueError("cuda_graphs=True needs the model on a CUDA device")
         self._graphed: GraphedForward | None = None
+        self._call: tuple[SamplingParams, torch.Tensor, bool] | None = None  # this call's params on the device
 
     # ----------------------------------------------------------------------------- pool
 
@@ -148,6 +149,7 @@ class Engine:
             for r in rows:
                 r.presence = torch.zeros(self.target.vocab_size, dtype=torch.bool, device=dev)
                 r.presence[r.prompt.to(dev)] = True
+        self._call = (gp.sampling.to(dev), gp.seeds.to(dev), bool(gp.sampling.greedy.all()))
         t_start = sync_time(dev)
         waiting, active, used = deque(zip(rows, needs, strict=True)), [], 0
         try:
@@ -229,9 +231,15 @@ class Engine:
 
     def _verify(self, rows: list[_Row], tree: DraftTree, logits: torch.Tensor, gp: GenerationParams) -> VerifyResult:
         dev = logits.device
-        idx = torch.tensor([r.index for r in rows], device=gp.seeds.device)
-        params = gp.sampling.select(idx).to(dev)
-        rng = RowSeeds(gp.seeds[idx], torch.tensor([r.step for r in rows], device=gp.seeds.device))
+        sampling, seeds, all_greedy = self._call
+        index = [r.index for r in rows]
+        if index != list(range(sampling.batch_size)):  # some rows finished or wait: pick the live ones
+            idx = torch.tensor(index, device=dev)
+            sampling, seeds = sampling.select(idx), seeds[idx]
+        mode = gp.mode
+        if mode is VerifyMode.EXACT and all_greedy:
+            mode = VerifyMode.GREEDY  # the same tokens, without coins or residuals
+        rng = None if mode is VerifyMode.GREEDY else RowSeeds(seeds, torch.tensor([r.step for r in rows], device=dev))
         presence = torch.stack([r.presence for r in rows]) if rows[0].presence is not None else None
         suppress = None
         if gp.min_new_tokens > 0 and gp.eos_token_ids:
@@ -240,11 +248,8 @@ class Engine:
             banned = (made[:, None] + tree.depth + 1) <= gp.min_new_tokens  # [B, N]
             suppress = torch.zeros(logits.shape, dtype=torch.bool, device=dev)
             suppress[:, :, list(gp.eos_token_ids)] = banned[:, :, None]
-        mode = gp.mode
-        if mode is VerifyMode.EXACT and bool(params.greedy.all()):
-            mode = VerifyMode.GREEDY  # the same tokens, without coins or residuals
         return verify(
-            tree, logits, params, mode=mode, presence=presence, rng=rng, typical=gp.typical, suppress=suppress
+            tree, logits, sampling, mode=mode, presence=presence, rng=rng, typical=gp.typical, suppress=suppress
         )
 
     def _step(self, rows: list[_Row], gp: GenerationParams, stats: SpecStats, streamer) -> None:
@@ -290,13 +295,19 @@ class Engine:
         self.cache.compact(torch.where(acc >= 0, src, -1), dst)
         t2 = sync_time(dev)
         stats.verify_time_s += t2 - t1
-        emitted = res.emitted_tokens(tree).tolist()
-        num_acc = res.num_accepted.tolist()
-        valid = tree.valid()
-        drafted = [int(((tree.depth == d) & valid).sum()) for d in range(1, K + 1)] if tree.width > 1 else []
-        stats.record_step(
-            drafted, res.accepted_per_depth.sum(0).tolist() if drafted else [], B, sum(n + 1 for n in num_acc)
-        )
+        # one device -> host transfer for everything the host needs from this step
+        E = res.accepted_indices.shape[1] + 1
+        drafted = torch.bincount(torch.where(tree.valid(), tree.depth, 0).flatten(), minlength=E)[1:E]
+        flat = torch.cat(
+            [res.emitted_tokens(tree).flatten(), res.num_accepted, drafted, res.accepted_per_depth.sum(0)]
+        ).tolist()
+        emitted = [flat[b * E : (b + 1) * E] for b in range(B)]
+        num_acc = flat[B * E : B * E + B]
+        per_depth = flat[B * E + B :]
+        if tree.width > 1:
+            stats.record_step(per_depth[: E - 1], per_depth[E - 1 :], B, sum(n + 1 for n in num_acc))
+        else:
+            stats.record_step([], [], B, B)
         if self.proposer is not None:
             self.proposer.update(ctx, tree, res)
         for b, r in enumerate(rows):

@@ -161,6 +161,26 @@ def _min_p_filter(scores: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return scores.masked_fill(remove, float("-inf"))
 
 
+def _penalised(logits, params, presence, suppress) -> torch.Tensor:
+    scores = logits.to(_compute_dtype(logits))
+    if suppress is not None:
+        scores = scores.masked_fill(suppress, float("-inf"))
+    if presence is not None:
+        scores = apply_repetition_penalty(scores, presence, params.repetition_penalty)
+    return scores
+
+
+def greedy_tokens(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    presence: torch.Tensor | None = None,
+    suppress: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """[B, ...] the argmax (first index on ties) after suppression and the repetition penalty: what
+    `process_logits` puts its one-hot on for a temperature-0 row, without building the one-hot."""
+    return _penalised(logits, params, presence, suppress).argmax(dim=-1)
+
+
 def process_logits(
     logits: torch.Tensor,
     params: SamplingParams,
@@ -191,11 +211,7 @@ def process_logits(
     """
     if logits.shape[0] != params.batch_size:
         raise ValueError(f"logits have batch {logits.shape[0]} but sampling params have {params.batch_size} rows")
-    scores = logits.to(_compute_dtype(logits))
-    if suppress is not None:
-        scores = scores.masked_fill(suppress, float("-inf"))
-    if presence is not None:
-        scores = apply_repetition_penalty(scores, presence, params.repetition_penalty)
+    scores = _penalised(logits, params, presence, suppress)
     greedy = _view_rows(params.greedy, scores)
     one_hot = torch.zeros_like(scores).scatter_(-1, scores.argmax(dim=-1, keepdim=True), 1.0)
     if bool(params.greedy.all()):

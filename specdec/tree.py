@@ -8,7 +8,7 @@ V vocab, K draft depth, L leaves.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import IntEnum
 
 import torch
@@ -53,6 +53,9 @@ class DraftTree:
     num_nodes: torch.Tensor
     law: torch.Tensor
     draft_probs: torch.Tensor | None = None
+    # derived once per tree (the structure is fixed after building): [B, N, N] and the max depth
+    _ancestors: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    _max_depth: int | None = field(default=None, repr=False, compare=False)
 
     # ----------------------------------------------------------------------------- properties
 
@@ -74,8 +77,10 @@ class DraftTree:
         return torch.arange(self.width, device=self.device) < self.num_nodes[:, None]
 
     def max_depth(self) -> int:
-        """Deepest node over the batch (a host sync)."""
-        return int(self.depth.max())
+        """Deepest node over the batch (a host sync the first time)."""
+        if self._max_depth is None:
+            self._max_depth = int(self.depth.max()) if self.width > 1 else 0
+        return self._max_depth
 
     # ----------------------------------------------------------------------------- derived
 
@@ -84,6 +89,8 @@ class DraftTree:
 
         This is the tree part of the attention mask (the committed prefix is visible to every node).
         """
+        if self._ancestors is not None:
+            return self._ancestors
         B, N = self.tokens.shape
         mask = torch.zeros(B, N, N, dtype=torch.bool, device=self.device)
         node = torch.arange(N, device=self.device).expand(B, N).clone()  # [B, N] current ancestor
@@ -92,6 +99,7 @@ class DraftTree:
             live = node >= 0
             mask[torch.arange(B, device=self.device)[:, None].expand(B, N)[live], rows[live], node[live]] = True
             node = torch.where(live, self.parents.gather(1, node.clamp(min=0)), node)
+        self._ancestors = mask
         return mask
 
     def positions(self, root_positions: torch.Tensor) -> torch.Tensor:
@@ -163,6 +171,7 @@ class DraftTree:
             depth=self.depth[:, :width],
             law=self.law[:, :width],
             draft_probs=probs,
+            _ancestors=None if self._ancestors is None else self._ancestors[:, :width, :width],
         )
 
     # ----------------------------------------------------------------------------- validation

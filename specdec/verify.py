@@ -8,12 +8,12 @@ reference that fused kernels are tested against. Dims: B batch, N nodes, V vocab
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from enum import Enum
 
 import torch
 
-from .sampling import Rng, SamplingParams, process_logits, sample_from_probs, uniform
+from .sampling import Rng, SamplingParams, greedy_tokens, process_logits, sample_from_probs, uniform
 from .tree import DraftTree, Law
 
 STREAM_COINS = 1
@@ -132,13 +132,17 @@ def process_tree_logits(
     draft tokens on the path to u; it matters only for the repetition penalty. suppress [B, N, V]
     bool bans tokens per node (EOS before min_new_tokens).
     """
-    node_presence = None
-    if presence is not None and bool((params.repetition_penalty != 1).any()):
-        V = target_logits.shape[-1]
-        path = tree.ancestor_mask().to(torch.float32)  # [B, N, N]
-        one_hot = torch.nn.functional.one_hot(tree.tokens, V).to(torch.float32)  # [B, N, V]
-        node_presence = presence[:, None, :] | (path @ one_hot > 0)
-    return process_logits(target_logits, params, node_presence, suppress)
+    return process_logits(target_logits, params, _node_presence(tree, target_logits, params, presence), suppress)
+
+
+def _node_presence(tree, target_logits, params, presence) -> torch.Tensor | None:
+    """[B, N, V] bool: the committed history plus the draft tokens on the path to each node."""
+    if presence is None or not bool((params.repetition_penalty != 1).any()):
+        return None
+    V = target_logits.shape[-1]
+    path = tree.ancestor_mask().to(torch.float32)  # [B, N, N]
+    one_hot = torch.nn.functional.one_hot(tree.tokens, V).to(torch.float32)  # [B, N, V]
+    return presence[:, None, :] | (path @ one_hot > 0)
 
 
 # ------------------------------------------------------------------------------------------
@@ -185,8 +189,12 @@ def _finish_deterministic(
     )
 
 
-def _verify_greedy(tree: DraftTree, p: torch.Tensor, K: int) -> VerifyResult:
-    target = p.argmax(dim=-1)  # [B, N] first index on ties
+def _verify_greedy(tree: DraftTree, target: torch.Tensor, K: int) -> VerifyResult:
+    """target [B, N]: the argmax token at every node (first index on ties)."""
+    if tree.width == 1:  # plain decoding: nothing to walk
+        none = torch.full((tree.batch_size, K), -1, dtype=torch.long, device=target.device)
+        zero = torch.zeros(tree.batch_size, dtype=torch.long, device=target.device)
+        return VerifyResult(none, zero, target[:, 0], torch.ones_like(zero, dtype=torch.bool))
     node_ok = tree.tokens == target.gather(1, tree.parents.clamp(min=0))
     best = _deepest_accepted(tree, node_ok)
     return _finish_deterministic(tree, best, target.gather(1, best[:, None]).squeeze(1), K, lossy=False)
@@ -307,8 +315,8 @@ def verify(
         )
     K = max(tree.max_depth(), 1)
     if mode is VerifyMode.GREEDY:
-        greedy = replace(params, temperature=torch.zeros_like(params.temperature))
-        return _verify_greedy(tree, process_tree_logits(tree, target_logits, greedy, presence, suppress), K)
+        node_presence = _node_presence(tree, target_logits, params, presence)
+        return _verify_greedy(tree, greedy_tokens(target_logits, params, node_presence, suppress), K)
     p = process_tree_logits(tree, target_logits, params, presence, suppress)
     final_u = uniform(rng, B, 1, STREAM_FINAL, device=p.device)[:, 0]
     if mode is VerifyMode.TYPICAL:

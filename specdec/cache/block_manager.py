@@ -30,7 +30,7 @@ class _Seq:
     table: list[int] = field(default_factory=list)
     num_tokens: int = 0  # committed tokens: their K/V are valid
     token_ids: list[int] = field(default_factory=list)  # committed ids, for hashing full blocks
-    num_hashed: int = 0  # full blocks already hashed (a prefix of table)
+    hashes: list[int] = field(default_factory=list)  # chained hash of each full block so far
 
 
 def _chain_hash(prev: int, token_ids: tuple[int, ...]) -> int:
@@ -149,6 +149,7 @@ class BlockManager:
         ids = [int(t) for t in token_ids]
         num_full = (len(ids) - 1) // bs  # never share the block holding the last token
         hits: list[int] = []
+        hashes: list[int] = []
         h = 0
         for i in range(num_full):
             chunk = tuple(ids[i * bs : (i + 1) * bs])
@@ -157,6 +158,7 @@ class BlockManager:
             if block_id is None or self._blocks[block_id].token_ids != chunk:
                 break
             hits.append(block_id)
+            hashes.append(h)
         fresh = self.blocks_needed(len(ids)) - len(hits)
         reusable = sum(1 for b in hits if self._blocks[b].ref_count == 0)
         self._check_free(fresh + reusable, f"sequence {seq_id} ({len(ids)} tokens)")
@@ -167,7 +169,7 @@ class BlockManager:
         seq.table += [self._take_free() for _ in range(fresh)]
         seq.num_tokens = len(hits) * bs
         seq.token_ids = ids[: seq.num_tokens]
-        seq.num_hashed = len(hits)
+        seq.hashes = hashes
         self._seqs[seq_id] = seq
         # hash the prompt's remaining full blocks now: they are computed by this prefill
         self._hash_full_blocks(seq, ids, upto=num_full)
@@ -175,16 +177,14 @@ class BlockManager:
 
     def _hash_full_blocks(self, seq: _Seq, ids: list[int], upto: int) -> None:
         bs = self.block_size
-        h = 0
-        for i in range(upto):
+        h = seq.hashes[-1] if seq.hashes else 0
+        for i in range(len(seq.hashes), upto):
             chunk = tuple(ids[i * bs : (i + 1) * bs])
             h = _chain_hash(h, chunk)
-            if i < seq.num_hashed:
-                continue
             block = self._blocks[seq.table[i]]
             block.hash, block.token_ids = h, chunk
             self._by_hash.setdefault(h, seq.table[i])
-            seq.num_hashed = i + 1
+            seq.hashes.append(h)
 
     def reserve(self, seq_id: int, num_slots: int) -> tuple[list[int], list[tuple[int, int]]]:
         """Make room for `num_slots` more positions after the committed ones (lookahead).
@@ -232,7 +232,7 @@ class BlockManager:
         for block_id in seq.table[keep:]:
             self._unref(block_id)
         del seq.table[keep:]
-        seq.num_hashed = min(seq.num_hashed, num_tokens // self.block_size)
+        del seq.hashes[num_tokens // self.block_size :]
         if num_tokens % self.block_size:  # the last block is partial again and will be written
             block_id = seq.table[-1]
             block = self._blocks[block_id]
@@ -248,7 +248,7 @@ class BlockManager:
         src = self._seq(src_id)
         for block_id in src.table:
             self._ref(block_id)
-        self._seqs[dst_id] = _Seq(list(src.table), src.num_tokens, list(src.token_ids), src.num_hashed)
+        self._seqs[dst_id] = _Seq(list(src.table), src.num_tokens, list(src.token_ids), list(src.hashes))
 
     def free(self, seq_id: int) -> None:
         seq = self._seqs.pop(seq_id, None)

@@ -97,12 +97,12 @@ def tree_metadata(
     P = int(committed.max())
     tables = bm.block_tables(seq_ids, width=bm.blocks_needed(P + N), device=device)
     node_slots = slots_of(tables, committed[:, None] + torch.arange(N, device=device), bm.block_size)
-    prefix_pos = torch.arange(P, device=device).expand(B, P)
-    prefix_pos = torch.where(prefix_pos < committed[:, None], prefix_pos, -1)
     positions = tree.positions(committed)  # [B, N]
     anc = tree.ancestor_mask() & tree.valid()[:, None, :]  # [B, N, N]
     meta = AttentionMetadata(cache=cache, write_slots=node_slots, q_positions=positions)
     if gathered:
+        prefix_pos = torch.arange(P, device=device).expand(B, P)
+        prefix_pos = torch.where(prefix_pos < committed[:, None], prefix_pos, -1)
         meta.kv_slots = torch.cat([slots_of(tables, prefix_pos, bm.block_size), node_slots], 1)
         meta.kv_positions = torch.cat([prefix_pos.clamp(min=0), positions], 1)
         meta.mask = torch.cat([(prefix_pos >= 0)[:, None, :].expand(B, N, P), anc], 2)

@@ -201,6 +201,28 @@ def main() -> None:
                     }
                 )
 
+    @section("host_syncs")
+    def _():
+        # torch's sync debug mode warns at every implicit host-device synchronisation
+        if DEV.type != "cuda":
+            return
+        import warnings
+
+        eng = Engine(model, None)
+        ids = prompts[contexts[0]].to(DEV)
+        specdec.generate(model, ids, max_new_tokens=8, engine=eng)
+        counts = {}
+        for n in (8, 40):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    specdec.generate(model, ids, max_new_tokens=n, engine=eng)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            counts[n] = len(caught)
+        res["host_syncs_per_step"] = (counts[40] - counts[8]) / 32
+
     @section("hf_generate")
     def _():
         rows = res["hf_generate"] = []
@@ -364,6 +386,8 @@ def summary(res: dict) -> str:
             f"plain decode ctx {r['context']:>5} graphs={r['cuda_graphs']!s:<5} TPOT {r['tpot_ms']:7.2f} ms"
             f" | floor {r['floor_ms']:6.2f} ms | {100 * r['fraction_of_floor']:5.1f}% of floor"
         )
+    if "host_syncs_per_step" in res:
+        out.append(f"implicit host syncs per plain-decode step: {res['host_syncs_per_step']:.2f}")
     for r in res.get("hf_generate", []):
         out.append(f"transformers generate ctx {r['context']:>5} TPOT {r['tpot_ms']:7.2f} ms")
     for r in res.get("verify_cost", []):

@@ -7,6 +7,7 @@ goes back to the pool when a row finishes.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from .metrics import SpecStats, sync_time
 from .proposers.base import ProposeContext, Proposer, resolve_proposer
 from .runtime.graphs import GraphedForward
 from .runtime.hf import HFModel
-from .runtime.metadata import prefill_metadata, tree_metadata
+from .runtime.metadata import prefill_metadata, to_device, tree_metadata
 from .sampling import RowSeeds, SamplingParams
 from .tree import DraftTree, node_bucket
 from .verify import TypicalParams, VerifyMode, VerifyResult, verify
@@ -73,6 +74,9 @@ class Engine:
     num_blocks : pool size; None sizes it per call to hold every row at once.
     cuda_graphs : capture the step forward per (batch, tree) bucket; default: on when the model is
         on a CUDA device (the Triton kernels are used there too).
+    time_split : synchronise the device around drafting and verification so that SpecStats splits
+        the time exactly; default: off on a CUDA device, where a step then syncs once (reading the
+        accepted tokens) and the split shows host-side times.
     """
 
     def __init__(
@@ -83,6 +87,7 @@ class Engine:
         block_size: int = 16,
         num_blocks: int | None = None,
         cuda_graphs: bool | None = None,
+        time_split: bool | None = None,
     ):
         self.target = HFModel(model)
         self.proposer = resolve_proposer(proposer)
@@ -97,6 +102,7 @@ class Engine:
         if self.cuda_graphs and not self.kernels:
             raise ValueError("cuda_graphs=True needs the model on a CUDA device")
         self._graphed: GraphedForward | None = None
+        self.time_split = not self.kernels if time_split is None else time_split
         self._call: tuple[SamplingParams, torch.Tensor, bool] | None = None  # this call's params on the device
 
     # ----------------------------------------------------------------------------- pool
@@ -143,7 +149,12 @@ class Engine:
             if g is None or g.cache is not self.cache or g.max_blocks < max(needs):
                 self._graphed = GraphedForward(self.target, self.cache, max(max(needs), 64))
         if self.proposer is not None:
-            self.proposer.start(self.target, block_size=self.block_size, num_blocks=self.bm.num_blocks)
+            self.proposer.start(
+                self.target,
+                block_size=self.block_size,
+                num_blocks=self.bm.num_blocks,
+                max_blocks_per_row=max(max(needs), 64),
+            )
         use_presence = bool((gp.sampling.repetition_penalty != 1).any())
         if use_presence:
             for r in rows:
@@ -208,7 +219,7 @@ class Engine:
         stats.prompt_tokens += sum(len(p) for p in prompts)
         stats.cached_prompt_tokens += sum(cached)
         # the first token: verify a root-only tree whose root is the last prompt token
-        roots = torch.tensor([r.tokens[-1] for r in rows], device=dev)
+        roots = to_device(torch.tensor([r.tokens[-1] for r in rows]), dev)
         tree = DraftTree.chain(roots, torch.zeros(len(rows), 0, dtype=torch.long, device=dev))
         res = self._verify(rows, tree, logits, gp)
         if streamer is not None and len(rows) == 1:
@@ -239,11 +250,12 @@ class Engine:
         mode = gp.mode
         if mode is VerifyMode.EXACT and all_greedy:
             mode = VerifyMode.GREEDY  # the same tokens, without coins or residuals
-        rng = None if mode is VerifyMode.GREEDY else RowSeeds(seeds, torch.tensor([r.step for r in rows], device=dev))
+        steps = None if mode is VerifyMode.GREEDY else to_device(torch.tensor([r.step for r in rows]), dev)
+        rng = None if steps is None else RowSeeds(seeds, steps)
         presence = torch.stack([r.presence for r in rows]) if rows[0].presence is not None else None
         suppress = None
         if gp.min_new_tokens > 0 and gp.eos_token_ids:
-            made = torch.tensor([len(r.generated) for r in rows], device=dev)
+            made = to_device(torch.tensor([len(r.generated) for r in rows]), dev)
             # the token drawn at a node of depth d is generated token number made + d + 1
             banned = (made[:, None] + tree.depth + 1) <= gp.min_new_tokens  # [B, N]
             suppress = torch.zeros(logits.shape, dtype=torch.bool, device=dev)
@@ -255,7 +267,8 @@ class Engine:
     def _step(self, rows: list[_Row], gp: GenerationParams, stats: SpecStats, streamer) -> None:
         dev = self.target.device
         B = len(rows)
-        t0 = sync_time(dev)
+        clock = sync_time if self.time_split else (lambda _dev: time.perf_counter())
+        t0 = clock(dev)
         histories = [torch.tensor(r.tokens) for r in rows]
         idx = torch.tensor([r.index for r in rows])
         ctx = ProposeContext(
@@ -265,14 +278,16 @@ class Engine:
             rng=RowSeeds(gp.seeds[idx], torch.tensor([r.step for r in rows])),
             max_drafts=torch.tensor([gp.max_new_tokens - len(r.generated) - 1 for r in rows]).clamp(min=0),
         )
-        roots = torch.tensor([r.tokens[-1] for r in rows], device=dev)
         if self.proposer is None:
+            roots = to_device(torch.tensor([r.tokens[-1] for r in rows]), dev)
             tree = DraftTree.chain(roots, torch.zeros(B, 0, dtype=torch.long, device=dev))
         else:
             tree = self.proposer.propose(ctx).to(dev)
-        tree = tree.pad_to(node_bucket(int(tree.num_nodes.max())))
+        # trees built on the device are padded by their width: reading num_nodes would sync
+        widest = tree.width if tree.num_nodes.device.type == "cuda" else int(tree.num_nodes.max())
+        tree = tree.pad_to(node_bucket(widest))
         N = tree.width
-        t1 = sync_time(dev)
+        t1 = clock(dev)
         stats.draft_time_s += t1 - t0
         for r in rows:
             _, copies = self.bm.reserve(r.seq_id, N)
@@ -293,7 +308,7 @@ class Engine:
         src = node_slots.gather(1, acc.clamp(min=0))
         dst = node_slots[:, 1 : K + 1]
         self.cache.compact(torch.where(acc >= 0, src, -1), dst)
-        t2 = sync_time(dev)
+        t2 = clock(dev)
         stats.verify_time_s += t2 - t1
         # one device -> host transfer for everything the host needs from this step
         E = res.accepted_indices.shape[1] + 1
@@ -304,6 +319,7 @@ class Engine:
         emitted = [flat[b * E : (b + 1) * E] for b in range(B)]
         num_acc = flat[B * E : B * E + B]
         per_depth = flat[B * E + B :]
+        t_emit = time.perf_counter()  # the tolist above waited for the device
         if tree.width > 1:
             stats.record_step(per_depth[: E - 1], per_depth[E - 1 :], B, sum(n + 1 for n in num_acc))
         else:
@@ -316,7 +332,7 @@ class Engine:
             root = r.tokens[-1]
             kept = self._emit(r, new, gp)
             r.step += 1
-            r.t_last = t2
+            r.t_last = t_emit
             if not r.done:
                 self.bm.commit(r.seq_id, [root] + new[:n])
             if streamer is not None and B == 1 and kept:

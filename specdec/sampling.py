@@ -214,8 +214,6 @@ def process_logits(
     scores = _penalised(logits, params, presence, suppress)
     greedy = _view_rows(params.greedy, scores)
     one_hot = torch.zeros_like(scores).scatter_(-1, scores.argmax(dim=-1, keepdim=True), 1.0)
-    if bool(params.greedy.all()):
-        return one_hot
     temperature = torch.where(params.greedy, torch.ones_like(params.temperature), params.temperature)
     scores = scores / _view_rows(temperature, scores).to(scores.dtype)
     scores = _top_k_filter(scores, params.top_k)

@@ -56,6 +56,13 @@ class DraftTree:
     # derived once per tree (the structure is fixed after building): [B, N, N] and the max depth
     _ancestors: torch.Tensor | None = field(default=None, repr=False, compare=False)
     _max_depth: int | None = field(default=None, repr=False, compare=False)
+    _has_wor: bool | None = field(default=None, repr=False, compare=False)  # known by the builder
+
+    def has_wor(self) -> bool:
+        """Whether any node is a WOR draw (a host sync unless the builder knew)."""
+        if self._has_wor is None:
+            self._has_wor = self.draft_probs is not None and bool((self.law == Law.WOR).any())
+        return self._has_wor
 
     # ----------------------------------------------------------------------------- properties
 
@@ -266,6 +273,10 @@ class DraftTree:
         return cls(tok, par, dep, num, lw).to(device) if device is not None else cls(tok, par, dep, num, lw)
 
     def to(self, device: torch.device | str) -> DraftTree:
+        target = torch.device(device)
+        here = self.tokens.device
+        if target.type == here.type and target.index in (None, here.index):
+            return self
         probs = None if self.draft_probs is None else self.draft_probs.to(device)
         return DraftTree(
             self.tokens.to(device),
@@ -274,6 +285,8 @@ class DraftTree:
             self.num_nodes.to(device),
             self.law.to(device),
             probs,
+            _max_depth=self._max_depth,
+            _has_wor=self._has_wor,
         )
 
     @classmethod
@@ -324,6 +337,8 @@ class DraftTree:
             num_nodes=n + 1,
             law=torch.where(valid & (ar > 0), row_law[:, None], int(Law.POINT)).to(torch.int8),
             draft_probs=probs,
+            _max_depth=K,
+            _has_wor=(law == Law.WOR) if isinstance(law, Law) else None,
         )
         return tree
 

@@ -233,7 +233,7 @@ def _verify_exact(tree: DraftTree, p: torch.Tensor, K: int, coins: torch.Tensor,
     tested = torch.zeros(B, dtype=torch.bool, device=dev)
     path = torch.full((B, K + 1), -1, dtype=torch.long, device=dev)
     ones = torch.ones(B, dtype=p.dtype, device=dev)
-    wor_any = tree.draft_probs is not None and bool((law == Law.WOR).any())
+    wor_any = tree.has_wor()
     for i in range(1, N):
         active = valid[:, i] & (tree.parents[:, i] == cur)
         x = tree.tokens[:, i]

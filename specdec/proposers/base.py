@@ -58,8 +58,10 @@ class Proposer:
         """The most nodes (root included) one proposed tree can have; sizes the KV budget."""
         raise NotImplementedError(f"{type(self).__name__} must define max_nodes")
 
-    def start(self, target: TargetModel, *, block_size: int, num_blocks: int) -> None:
-        """Called when generation starts: check compatibility with the target, allocate state."""
+    def start(self, target: TargetModel, *, block_size: int, num_blocks: int, max_blocks_per_row: int) -> None:
+        """Called when generation starts: check compatibility with the target, allocate state.
+
+        num_blocks is the target's pool size; max_blocks_per_row bounds one row's block table."""
 
     def prefill(self, seq_ids: list[int], prompts: list[torch.Tensor]) -> None:
         """New rows joined with these prompts [L_b]."""

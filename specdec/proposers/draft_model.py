@@ -12,8 +12,9 @@ import torch
 from ..cache.block_manager import BlockManager
 from ..cache.paged_kv import PagedKVCache
 from ..runtime.base import TargetModel
+from ..runtime.graphs import GraphedForward
 from ..runtime.hf import HFModel
-from ..runtime.metadata import prefill_metadata, tree_metadata
+from ..runtime.metadata import prefill_metadata, to_device, tree_metadata
 from ..sampling import process_logits, sample_from_probs, uniform
 from ..tree import DraftTree, Law
 from ..verify import VerifyResult
@@ -43,12 +44,15 @@ class DraftModel(Proposer):
         self.bm: BlockManager | None = None
         self.cache: PagedKVCache | None = None
         self.kernels = self.runtime.device.type == "cuda"  # Triton paged attention on the GPU
+        self.cuda_graphs = self.kernels
+        self._graphed: GraphedForward | None = None  # the drafter's steps, captured on the GPU
+        self._drafted = 0  # K of the last proposal
 
     @property
     def max_nodes(self) -> int:
         return (self.max_tokens if self.adaptive else self.num_tokens) + 1
 
-    def start(self, target: TargetModel, *, block_size: int, num_blocks: int) -> None:
+    def start(self, target: TargetModel, *, block_size: int, num_blocks: int, max_blocks_per_row: int) -> None:
         if self.runtime.vocab_size != target.vocab_size:
             raise ValueError(
                 f"draft vocabulary {self.runtime.vocab_size} != target vocabulary {target.vocab_size}: "
@@ -63,6 +67,16 @@ class DraftModel(Proposer):
         if self.bm is None or self.bm.num_blocks < num_blocks or self.bm.block_size != block_size:
             self.bm = BlockManager(num_blocks, block_size)
             self.cache = self.runtime.new_cache(num_blocks, block_size)
+            self._graphed = None
+        g = self._graphed
+        if self.cuda_graphs and (g is None or g.max_blocks < max_blocks_per_row):
+            self._graphed = GraphedForward(self.runtime, self.cache, max_blocks_per_row)
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, meta) -> torch.Tensor:
+        """[B, T] -> logits of the last position [B, V]; through CUDA graphs on the GPU."""
+        if self._graphed is not None:
+            return self._graphed.forward(ids, positions, meta)[:, -1]
+        return self.runtime.forward(ids, positions, meta, logits_to_keep=1).logits[:, -1]
 
     def prefill(self, seq_ids: list[int], prompts: list[torch.Tensor]) -> None:
         dev = self.runtime.device
@@ -76,7 +90,8 @@ class DraftModel(Proposer):
         B = ctx.batch_size
         dev = self.runtime.device
         K = int(min(self.num_tokens, int(ctx.max_drafts.max())))
-        roots = ctx.roots().to(dev)
+        self._drafted = max(K, 0)
+        roots = to_device(ctx.roots(), dev)
         if K < 1:
             return DraftTree.chain(roots, torch.zeros(B, 0, dtype=torch.long, device=dev))
         params = ctx.params.to(dev)
@@ -85,10 +100,15 @@ class DraftModel(Proposer):
         for s, h, n in zip(ctx.seq_ids, ctx.histories, done, strict=True):
             _, copies = self.bm.reserve(s, len(h) - n)
             self.cache.copy_blocks(copies)
-        ids, pos, meta = prefill_metadata(self.cache, self.bm, ctx.seq_ids, ctx.histories, done, dev, self.kernels)
-        logits = self.runtime.forward(ids, pos, meta, logits_to_keep=1).logits[:, -1]
+        graphed = self._graphed is not None
+        ids, pos, meta = prefill_metadata(
+            self.cache, self.bm, ctx.seq_ids, ctx.histories, done, dev, self.kernels, gathered=not graphed
+        )
+        logits = self._forward(ids, pos, meta)
         for s, h, n in zip(ctx.seq_ids, ctx.histories, done, strict=True):
             self.bm.commit(s, h[n:].tolist())
+            _, copies = self.bm.reserve(s, K - 1)  # the chain's own K/V; committed in update()
+            self.cache.copy_blocks(copies)
         # 2. draft K tokens, one forward per token after the first
         drafts, qs = [], []
         greedy = params.greedy
@@ -101,23 +121,21 @@ class DraftModel(Proposer):
             if j == K - 1:
                 break
             step = DraftTree.chain(tok, torch.zeros(B, 0, dtype=torch.long, device=dev))
-            for s in ctx.seq_ids:
-                _, copies = self.bm.reserve(s, 1)
-                self.cache.copy_blocks(copies)
-            positions, meta, _ = tree_metadata(self.cache, self.bm, ctx.seq_ids, step, dev, self.kernels)
-            logits = self.runtime.forward(step.tokens, positions, meta).logits[:, -1]
-            for b, s in enumerate(ctx.seq_ids):
-                self.bm.commit(s, [int(tok[b])])
+            positions, meta, _ = tree_metadata(
+                self.cache, self.bm, ctx.seq_ids, step, dev, self.kernels, gathered=not graphed, offset=j
+            )
+            logits = self._forward(step.tokens, positions, meta)
         law = torch.where(greedy, int(Law.POINT), int(Law.IID))
-        num = ctx.max_drafts.to(dev).clamp(max=K)
+        num = to_device(ctx.max_drafts, dev).clamp(max=K)
         return DraftTree.chain(roots, torch.stack(drafts, 1), law, torch.stack(qs, 1), num_drafts=num)
 
     def update(self, ctx: ProposeContext, tree: DraftTree, result: VerifyResult) -> None:
-        K = tree.width - 1
-        accepted = result.num_accepted.tolist()
-        for s, h, n in zip(ctx.seq_ids, ctx.histories, accepted, strict=True):
+        K = self._drafted  # the engine pads the tree to a node bucket: its width is not K + 1
+        accepted = result.num_accepted.tolist()  # the engine has synchronised already: no wait
+        fed = tree.tokens[:, 1:K].tolist() if K > 1 else [[] for _ in ctx.seq_ids]
+        for s, n, drafts in zip(ctx.seq_ids, accepted, fed, strict=True):
             # valid draft K/V: the history, then the drafts it both fed itself and the target accepted
-            self.bm.truncate(s, min(self.bm.num_tokens(s), len(h) + min(n, max(K - 1, 0))))
+            self.bm.commit(s, drafts[: min(n, K - 1)])
         if self.adaptive and K > 0:
             full = all(n == int(m) - 1 for n, m in zip(accepted, tree.num_nodes.tolist(), strict=True))
             self.num_tokens = min(self.max_tokens, self.num_tokens + 2) if full else max(1, self.num_tokens - 1)

@@ -14,6 +14,13 @@ from ..tree import DraftTree
 from .base import AttentionMetadata
 
 
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on the device without waiting for the stream (pinned staging, non-blocking)."""
+    if device.type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
+
+
 def slots_of(tables: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
     """tables [B, M], positions [B, X] (< M * bs, or < 0 for padding) -> slots [B, X], -1 where pos < 0."""
     pos = positions.clamp(min=0)
@@ -29,6 +36,7 @@ def prefill_metadata(
     num_cached: list[int],
     device: torch.device,
     kernels: bool = False,
+    gathered: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
     """Left-padded prefill of tokens[b][num_cached[b]:] (each row's prompt, [T_b]).
 
@@ -36,31 +44,29 @@ def prefill_metadata(
     every row's last token.
     """
     B = len(seq_ids)
-    lengths = torch.tensor([len(t) for t in tokens], device=device)
-    cached = torch.tensor(num_cached, device=device)
-    T = int((lengths - cached).max())
-    S = int(lengths.max())
+    host_lengths = [len(t) for t in tokens]
+    T = max(n - c for n, c in zip(host_lengths, num_cached, strict=True))
+    S = max(host_lengths)
+    input_ids = torch.zeros(B, T, dtype=torch.long)
+    for b, t in enumerate(tokens):
+        n = len(t) - num_cached[b]
+        input_ids[b, T - n :] = t[num_cached[b] :]
+    lengths = to_device(torch.tensor(host_lengths), device)
+    cached = to_device(torch.tensor(num_cached), device)
+    input_ids = to_device(input_ids, device)
     col = torch.arange(T, device=device)
     q_pos = lengths[:, None] - T + col  # [B, T] right-aligned positions
     q_valid = q_pos >= cached[:, None]
     q_pos = torch.where(q_valid, q_pos, -1)
-    input_ids = torch.zeros(B, T, dtype=torch.long, device=device)
-    for b, t in enumerate(tokens):
-        n = len(t) - num_cached[b]
-        input_ids[b, T - n :] = t[num_cached[b] :].to(device)
-    tables = bm.block_tables(seq_ids, width=bm.blocks_needed(S), device=device)
-    kv_pos = torch.arange(S, device=device).expand(B, S)
-    kv_pos = torch.where(kv_pos < lengths[:, None], kv_pos, -1)
-    mask = (kv_pos[:, None, :] >= 0) & (kv_pos[:, None, :] <= q_pos[:, :, None]) & q_valid[:, :, None]
+    tables = to_device(bm.block_tables(seq_ids, width=bm.blocks_needed(S)), device)
     write_slots = slots_of(tables, q_pos, bm.block_size)
-    meta = AttentionMetadata(
-        cache=cache,
-        write_slots=write_slots,
-        q_positions=q_pos.clamp(min=0),
-        kv_slots=slots_of(tables, kv_pos, bm.block_size),
-        kv_positions=kv_pos.clamp(min=0),
-        mask=mask,
-    )
+    meta = AttentionMetadata(cache=cache, write_slots=write_slots, q_positions=q_pos.clamp(min=0))
+    if gathered:
+        kv_pos = torch.arange(S, device=device).expand(B, S)
+        kv_pos = torch.where(kv_pos < lengths[:, None], kv_pos, -1)
+        meta.kv_slots = slots_of(tables, kv_pos, bm.block_size)
+        meta.kv_positions = kv_pos.clamp(min=0)
+        meta.mask = (kv_pos[:, None, :] >= 0) & (kv_pos[:, None, :] <= q_pos[:, :, None]) & q_valid[:, :, None]
     if kernels:
         causal = torch.tril(torch.ones(T, T, dtype=torch.bool, device=device))
         _add_paged(
@@ -85,17 +91,21 @@ def tree_metadata(
     device: torch.device,
     kernels: bool = False,
     gathered: bool = True,
+    offset: int = 0,
 ) -> tuple[torch.Tensor, AttentionMetadata, torch.Tensor]:
     """Metadata of one tree step; the rows' lookahead slots must already be reserved.
 
     Node i of row b is stored at logical position L_b + i (L_b = committed length) and has position
     id L_b + depth[b, i]. Returns positions [B, N], the metadata, and node_slots [B, N].
     gathered=False skips the gathered form (the CUDA-graph path reads only the paged form).
+    offset > 0 places the tree that many reserved (already written) positions later: the draft
+    model's chain steps write into one lookahead reservation without committing in between.
     """
     B, N = tree.tokens.shape
-    committed = torch.tensor([bm.num_tokens(s) for s in seq_ids], device=device)  # [B]
-    P = int(committed.max())
-    tables = bm.block_tables(seq_ids, width=bm.blocks_needed(P + N), device=device)
+    host_committed = [bm.num_tokens(s) + offset for s in seq_ids]
+    P = max(host_committed)
+    committed = to_device(torch.tensor(host_committed), device)  # [B]
+    tables = to_device(bm.block_tables(seq_ids, width=bm.blocks_needed(P + N)), device)
     node_slots = slots_of(tables, committed[:, None] + torch.arange(N, device=device), bm.block_size)
     positions = tree.positions(committed)  # [B, N]
     anc = tree.ancestor_mask() & tree.valid()[:, None, :]  # [B, N, N]

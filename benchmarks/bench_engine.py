@@ -221,7 +221,12 @@ def main() -> None:
                 finally:
                     torch.cuda.set_sync_debug_mode("default")
             counts[n] = len(caught)
+            where = {}
+            for w in caught:
+                key = f"{w.filename.split('site-packages/')[-1]}:{w.lineno}"
+                where[key] = where.get(key, 0) + 1
         res["host_syncs_per_step"] = (counts[40] - counts[8]) / 32
+        res["host_sync_sites_40_tokens"] = where
 
     @section("hf_generate")
     def _():
@@ -387,7 +392,10 @@ def summary(res: dict) -> str:
             f" | floor {r['floor_ms']:6.2f} ms | {100 * r['fraction_of_floor']:5.1f}% of floor"
         )
     if "host_syncs_per_step" in res:
-        out.append(f"implicit host syncs per plain-decode step: {res['host_syncs_per_step']:.2f}")
+        out.append(
+            f"implicit host syncs per plain-decode step: {res['host_syncs_per_step']:.2f} "
+            f"(sites over 40 tokens: {res.get('host_sync_sites_40_tokens')})"
+        )
     for r in res.get("hf_generate", []):
         out.append(f"transformers generate ctx {r['context']:>5} TPOT {r['tpot_ms']:7.2f} ms")
     for r in res.get("verify_cost", []):

@@ -312,7 +312,8 @@ class Engine:
         stats.verify_time_s += t2 - t1
         # one device -> host transfer for everything the host needs from this step
         E = res.accepted_indices.shape[1] + 1
-        drafted = torch.bincount(torch.where(tree.valid(), tree.depth, 0).flatten(), minlength=E)[1:E]
+        depth = torch.where(tree.valid(), tree.depth, 0).flatten().clamp(max=E - 1)
+        drafted = torch.zeros(E, dtype=torch.long, device=dev).scatter_add_(0, depth, torch.ones_like(depth))[1:]
         flat = torch.cat(
             [res.emitted_tokens(tree).flatten(), res.num_accepted, drafted, res.accepted_per_depth.sum(0)]
         ).tolist()

@@ -99,13 +99,12 @@ class DraftTree:
         if self._ancestors is not None:
             return self._ancestors
         B, N = self.tokens.shape
+        cols = torch.arange(N, device=self.device)
+        node = cols.expand(B, N).clone()  # [B, N] the current ancestor of each node, -1 past the root
         mask = torch.zeros(B, N, N, dtype=torch.bool, device=self.device)
-        node = torch.arange(N, device=self.device).expand(B, N).clone()  # [B, N] current ancestor
-        rows = torch.arange(N, device=self.device).expand(B, N)
-        for _ in range(self.max_depth() + 1):
-            live = node >= 0
-            mask[torch.arange(B, device=self.device)[:, None].expand(B, N)[live], rows[live], node[live]] = True
-            node = torch.where(live, self.parents.gather(1, node.clamp(min=0)), node)
+        for _ in range(self.max_depth() + 1):  # comparisons, not boolean indexing: no host sync
+            mask |= node[:, :, None] == cols
+            node = torch.where(node >= 0, self.parents.gather(1, node.clamp(min=0)), node)
         self._ancestors = mask
         return mask
 
@@ -324,7 +323,10 @@ class DraftTree:
         ar = torch.arange(K + 1, device=dev)
         n = torch.full((B,), K, dtype=torch.long, device=dev) if num_drafts is None else num_drafts.long()
         valid = ar[None, :] <= n[:, None]
-        row_law = torch.as_tensor(int(law) if isinstance(law, Law) else law, dtype=torch.long, device=dev).expand(B)
+        if isinstance(law, Law):
+            row_law = torch.full((B,), int(law), dtype=torch.long, device=dev)
+        else:
+            row_law = torch.as_tensor(law, dtype=torch.long, device=dev).expand(B)
         probs = None
         if draft_probs is not None:
             if draft_probs.shape[:2] != (B, K):

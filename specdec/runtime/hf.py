@@ -61,7 +61,13 @@ def paged_attention(
             meta.max_prefix,
         )
         return out, None
-    meta.cache.write(layer, meta.write_slots, key, value)
+    if key.is_cuda and meta.new_slots is not None:  # the store kernel: no boolean indexing, no sync
+        from specdec.kernels import store_kv
+
+        k_pool, v_pool = meta.cache.layer(layer, key)
+        store_kv(key.transpose(1, 2), value.transpose(1, 2), k_pool, v_pool, meta.new_slots)
+    else:
+        meta.cache.write(layer, meta.write_slots, key, value)
     k, v = meta.cache.gather(layer, meta.kv_slots)  # [B, Hkv, S, D]
     mask = meta.mask
     if sliding_window is not None:

@@ -211,7 +211,7 @@ def main() -> None:
         eng = Engine(model, None)
         ids = prompts[contexts[0]].to(DEV)
         specdec.generate(model, ids, max_new_tokens=8, engine=eng)
-        counts = {}
+        sites = {}
         for n in (8, 40):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -220,13 +220,14 @@ def main() -> None:
                     specdec.generate(model, ids, max_new_tokens=n, engine=eng)
                 finally:
                     torch.cuda.set_sync_debug_mode("default")
-            counts[n] = len(caught)
-            where = {}
+            sites[n] = {}
             for w in caught:
                 key = f"{w.filename.split('site-packages/')[-1]}:{w.lineno}"
-                where[key] = where.get(key, 0) + 1
-        res["host_syncs_per_step"] = (counts[40] - counts[8]) / 32
-        res["host_sync_sites_40_tokens"] = where
+                sites[n][key] = sites[n].get(key, 0) + 1
+        per_step = {k: (v - sites[8].get(k, 0)) / 32 for k, v in sites[40].items() if v != sites[8].get(k, 0)}
+        res["host_syncs_per_step"] = sum(per_step.values())
+        res["host_sync_sites_per_step"] = per_step
+        res["host_sync_sites_40_tokens"] = sites[40]
 
     @section("hf_generate")
     def _():

@@ -395,7 +395,7 @@ def summary(res: dict) -> str:
     if "host_syncs_per_step" in res:
         out.append(
             f"implicit host syncs per plain-decode step: {res['host_syncs_per_step']:.2f} "
-            f"(sites over 40 tokens: {res.get('host_sync_sites_40_tokens')})"
+            f"(per-step sites: {res.get('host_sync_sites_per_step')})"
         )
     for r in res.get("hf_generate", []):
         out.append(f"transformers generate ctx {r['context']:>5} TPOT {r['tpot_ms']:7.2f} ms")

@@ -35,6 +35,8 @@ class SamplingParams:
     top_p              [B] float in (0, 1], 1 means off
     min_p              [B] float in [0, 1], 0 means off
     repetition_penalty [B] float > 0, 1 means off
+    filters            host-side (top-k, top-p, min-p) flags: False when no row uses that filter, so
+                       that its full-vocabulary sort is skipped without a device sync
     """
 
     temperature: torch.Tensor
@@ -42,6 +44,9 @@ class SamplingParams:
     top_p: torch.Tensor
     min_p: torch.Tensor
     repetition_penalty: torch.Tensor
+    filters: tuple[bool, bool, bool] = (True, True, True)
+
+    _TENSORS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
 
     @classmethod
     def make(
@@ -75,6 +80,11 @@ class SamplingParams:
             repetition_penalty=_per_row(repetition_penalty, batch_size, "repetition_penalty", f32, device),
         )
         params.validate()
+        params.filters = (
+            bool((params.top_k > 0).any()),
+            bool((params.top_p < 1).any()),
+            bool((params.min_p > 0).any()),
+        )
         return params
 
     def validate(self) -> None:
@@ -101,12 +111,12 @@ class SamplingParams:
         return self.temperature == 0
 
     def to(self, device: torch.device | str) -> SamplingParams:
-        return SamplingParams(*(getattr(self, f).to(device) for f in self.__slots__))
+        return SamplingParams(*(getattr(self, f).to(device) for f in self._TENSORS), filters=self.filters)
 
     def select(self, rows: torch.Tensor | list[int]) -> SamplingParams:
         """The parameters of the given rows, in that order."""
         idx = torch.as_tensor(rows, dtype=torch.long, device=self.temperature.device)
-        return SamplingParams(*(getattr(self, f)[idx] for f in self.__slots__))
+        return SamplingParams(*(getattr(self, f)[idx] for f in self._TENSORS), filters=self.filters)
 
 
 def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
@@ -216,9 +226,13 @@ def process_logits(
     one_hot = torch.zeros_like(scores).scatter_(-1, scores.argmax(dim=-1, keepdim=True), 1.0)
     temperature = torch.where(params.greedy, torch.ones_like(params.temperature), params.temperature)
     scores = scores / _view_rows(temperature, scores).to(scores.dtype)
-    scores = _top_k_filter(scores, params.top_k)
-    scores = _top_p_filter(scores, params.top_p)
-    scores = _min_p_filter(scores, params.min_p)
+    use_k, use_p, use_min_p = params.filters
+    if use_k:
+        scores = _top_k_filter(scores, params.top_k)
+    if use_p:
+        scores = _top_p_filter(scores, params.top_p)
+    if use_min_p:
+        scores = _min_p_filter(scores, params.min_p)
     return torch.where(greedy, one_hot, scores.softmax(dim=-1))
 
 

@@ -56,6 +56,7 @@ class _Row:
     done: bool = False
     t_first: float = 0.0
     t_last: float = 0.0
+    hidden: torch.Tensor | None = None  # [H] the target's final hidden state that produced the root
 
 
 def max_tree_nodes(proposer: Proposer | None) -> int:
@@ -103,6 +104,7 @@ class Engine:
             raise ValueError("cuda_graphs=True needs the model on a CUDA device")
         self._graphed: GraphedForward | None = None
         self.time_split = not self.kernels if time_split is None else time_split
+        self._hidden = self.proposer is not None and "last_hidden" in self.proposer.needs
         self._call: tuple[SamplingParams, torch.Tensor, bool] | None = None  # this call's params on the device
 
     # ----------------------------------------------------------------------------- pool
@@ -146,8 +148,8 @@ class Engine:
         self._ensure_pool(needs)
         if self.cuda_graphs:
             g = self._graphed
-            if g is None or g.cache is not self.cache or g.max_blocks < max(needs):
-                self._graphed = GraphedForward(self.target, self.cache, max(max(needs), 64))
+            if g is None or g.cache is not self.cache or g.max_blocks < max(needs) or g.last_hidden != self._hidden:
+                self._graphed = GraphedForward(self.target, self.cache, max(max(needs), 64), self._hidden)
         if self.proposer is not None:
             self.proposer.start(
                 self.target,
@@ -212,7 +214,11 @@ class Engine:
         cached = [self.bm.allocate(r.seq_id, r.tokens) for r in rows]
         prompts = [r.prompt for r in rows]
         input_ids, pos, meta = prefill_metadata(self.cache, self.bm, ids, prompts, cached, dev, self.kernels)
-        logits = self.target.forward(input_ids, pos, meta, logits_to_keep=1).logits  # [B, 1, V]
+        out = self.target.forward(input_ids, pos, meta, logits_to_keep=1, last_hidden=self._hidden)
+        logits = out.logits  # [B, 1, V]
+        if self._hidden:
+            for b, r in enumerate(rows):
+                r.hidden = out.last_hidden[b, -1]
         for r, c in zip(rows, cached, strict=True):
             self.bm.commit(r.seq_id, r.tokens[c:])
         stats.target_forwards += 1
@@ -277,6 +283,7 @@ class Engine:
             params=gp.sampling.select(idx),
             rng=RowSeeds(gp.seeds[idx], torch.tensor([r.step for r in rows])),
             max_drafts=torch.tensor([gp.max_new_tokens - len(r.generated) - 1 for r in rows]).clamp(min=0),
+            hidden=torch.stack([r.hidden for r in rows]) if self._hidden else None,
         )
         if self.proposer is None:
             roots = to_device(torch.tensor([r.tokens[-1] for r in rows]), dev)
@@ -298,10 +305,18 @@ class Engine:
         )
         if graphed is not None:
             logits = graphed.forward(tree.tokens, positions, meta)  # [B, N, V]
+            hidden = graphed.hidden
         else:
-            logits = self.target.forward(tree.tokens, positions, meta).logits
+            out = self.target.forward(tree.tokens, positions, meta, last_hidden=self._hidden)
+            logits, hidden = out.logits, out.last_hidden
         res = self._verify(rows, tree, logits, gp)
         stats.target_forwards += 1
+        if self._hidden:  # the hidden state at the end of the accepted path produced the next root
+            last = res.accepted_indices.gather(1, (res.num_accepted - 1).clamp(min=0)[:, None]).squeeze(1)
+            end = torch.where(res.num_accepted > 0, last, 0)
+            final = hidden[torch.arange(B, device=dev), end].clone()
+            for b, r in enumerate(rows):
+                r.hidden = final[b]
         # compaction: accepted node at depth d moves to logical position L + d
         acc = res.accepted_indices[:, : N - 1]  # [B, K]; a root-only tree accepts nothing
         K = acc.shape[1]

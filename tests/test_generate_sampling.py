@@ -14,7 +14,8 @@ from models import noisy_copy, tiny
 from replay import ReplayTree
 
 import specdec
-from specdec import DraftModel, Ngram, SamplingParams, process_logits
+from specdec import DraftModel, Medusa, Ngram, SamplingParams, process_logits
+from specdec.heads.medusa import MedusaConfig, MedusaHeads
 from specdec.tree import Law
 
 V, N_RUNS, DELTA = 8, 30_000, 1e-6
@@ -108,7 +109,16 @@ def _run(model, prompt, proposer, setting, n=N_RUNS):
     )
 
 
-CASES = [("ngram", "peaky"), ("draft", "peaky"), ("draft", "spread"), ("tree", "spread")]
+CASES = [("ngram", "peaky"), ("draft", "peaky"), ("draft", "spread"), ("tree", "spread"), ("medusa", "spread")]
+
+
+def _medusa():
+    torch.manual_seed(5)
+    heads = MedusaHeads(MedusaConfig(num_heads=2, num_layers=1, hidden_size=64, vocab_size=V))
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.normal_(0, 0.3)
+    return Medusa(heads, tree=6)
 
 
 @pytest.mark.parametrize("setting", list(SETTINGS))
@@ -120,6 +130,7 @@ def test_first_tokens_follow_the_target_law(worlds, kind, world, setting):
         "draft": lambda: DraftModel(draft, num_tokens=3),
         "ngram": lambda: Ngram(num_tokens=3),
         "tree": RandomTree,
+        "medusa": _medusa,
     }[kind]()
     out = _run(target, prompt, proposer, setting)
     bound = tv_bound(V * V, N_RUNS)

@@ -2,6 +2,17 @@
 
 from .base import PROPOSERS, ProposeContext, Proposer, register_proposer, resolve_proposer
 from .draft_model import DraftModel
+from .medusa import Medusa, default_choices
 from .ngram import Ngram
 
-__all__ = ["PROPOSERS", "DraftModel", "Ngram", "ProposeContext", "Proposer", "register_proposer", "resolve_proposer"]
+__all__ = [
+    "PROPOSERS",
+    "DraftModel",
+    "Medusa",
+    "Ngram",
+    "ProposeContext",
+    "Proposer",
+    "default_choices",
+    "register_proposer",
+    "resolve_proposer",
+]

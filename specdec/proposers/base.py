@@ -30,6 +30,9 @@ class ProposeContext:
     params      SamplingParams [B]  the target's sampling parameters (drafting may reuse them)
     rng         RowSeeds [B]        per-row randomness for this step (use streams >= STREAM_DRAFT)
     max_drafts  [B] long            more drafts than this cannot be emitted (remaining budget - 1)
+    hidden      [B, H] or None      the target's final hidden state (the lm_head's input) at the
+                                    position whose logits produced the root; given when the
+                                    proposer's `needs` has "last_hidden"
     """
 
     seq_ids: list[int]
@@ -37,6 +40,7 @@ class ProposeContext:
     params: SamplingParams
     rng: RowSeeds
     max_drafts: torch.Tensor
+    hidden: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:

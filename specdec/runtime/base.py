@@ -44,10 +44,12 @@ class AttentionMetadata:
 
 @dataclass(slots=True)
 class ModelOutput:
-    """logits [B, T', V] (T' = the kept positions); hidden_states: per layer [B, T, hidden] or None."""
+    """logits [B, T', V] (T' = the kept positions); hidden_states: per layer [B, T, hidden] or None;
+    last_hidden [B, T', hidden]: what the lm_head saw (after the final norm), when asked for."""
 
     logits: torch.Tensor
     hidden_states: tuple[torch.Tensor, ...] | None = None
+    last_hidden: torch.Tensor | None = None
 
 
 class TargetModel(Protocol):

@@ -150,16 +150,29 @@ class HFModel:
         meta: AttentionMetadata,
         logits_to_keep: int = 0,
         output_hidden_states: bool = False,
+        last_hidden: bool = False,
     ) -> ModelOutput:
-        """input_ids, positions [B, T] -> logits [B, T', V] (T' = logits_to_keep or T)."""
-        with self._paged_attention():
-            out = self.model(
-                input_ids=input_ids,
-                position_ids=positions,
-                use_cache=False,
-                logits_to_keep=logits_to_keep,
-                output_hidden_states=output_hidden_states,
-                specdec_meta=meta,
-            )
+        """input_ids, positions [B, T] -> logits [B, T', V] (T' = logits_to_keep or T).
+
+        last_hidden=True also returns the lm_head's input [B, T', hidden] (a forward pre-hook on
+        the output embedding, registered for this call only).
+        """
+        seen: list[torch.Tensor] = []
+        hook = None
+        if last_hidden:
+            hook = self.model.get_output_embeddings().register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+        try:
+            with self._paged_attention():
+                out = self.model(
+                    input_ids=input_ids,
+                    position_ids=positions,
+                    use_cache=False,
+                    logits_to_keep=logits_to_keep,
+                    output_hidden_states=output_hidden_states,
+                    specdec_meta=meta,
+                )
+        finally:
+            if hook is not None:
+                hook.remove()
         hidden = tuple(out.hidden_states) if output_hidden_states else None
-        return ModelOutput(logits=out.logits, hidden_states=hidden)
+        return ModelOutput(logits=out.logits, hidden_states=hidden, last_hidden=seen[-1] if seen else None)

@@ -1,0 +1,124 @@
+"""Medusa: static sparse trees from K heads on the target's last hidden state (POINT law, exact).
+
+Typical acceptance (Medusa's own rule) is available only as an explicit lossy option; it is then
+recorded as lossy in the stats.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from ..heads.medusa import MedusaHeads, load_medusa
+from ..runtime.base import TargetModel
+from ..tree import DraftTree
+from .base import ProposeContext, Proposer, register_proposer
+
+# Assumed acceptance of the rank-r candidate of head d (for choosing default trees): decays with
+# depth and rank, roughly what the Medusa paper reports for trained heads.
+_HEAD_ACCEPT = (0.6, 0.45, 0.35, 0.3, 0.25)
+_RANK_SHARE = (1.0, 0.35, 0.2, 0.12, 0.08, 0.06, 0.05, 0.04, 0.03, 0.03)
+
+
+def default_choices(num_nodes: int, num_heads: int, top_k: int = 10) -> list[tuple[int, ...]]:
+    """The num_nodes paths of ranks with the largest assumed probability of being accepted.
+
+    A path's value is the product over its depths of head acceptance x rank share; a path is added
+    only after its prefix, so the result is always a valid (prefix-closed) Medusa choice list.
+    """
+    if num_nodes < 1:
+        raise ValueError(f"num_nodes must be >= 1, got {num_nodes}")
+    top_k = min(top_k, len(_RANK_SHARE))
+
+    def value(path):
+        v = 1.0
+        for d, r in enumerate(path):
+            v *= _HEAD_ACCEPT[min(d, len(_HEAD_ACCEPT) - 1)] * _RANK_SHARE[r]
+        return v
+
+    chosen: list[tuple[int, ...]] = []
+    frontier = {(r,) for r in range(top_k)}
+    while len(chosen) < num_nodes and frontier:
+        best = max(sorted(frontier), key=value)
+        frontier.remove(best)
+        chosen.append(best)
+        if len(best) < num_heads:
+            frontier.update(best + (r,) for r in range(top_k))
+    return sorted(chosen, key=lambda c: (len(c), c))
+
+
+@register_proposer("medusa")
+class Medusa(Proposer):
+    """Draft static trees with Medusa heads.
+
+    Parameters
+    ----------
+    heads : MedusaHeads, or None with `path` (loaded when generation starts, checked against the target).
+    tree : Medusa choices (paths of top-k ranks), or the number of draft nodes for a default tree
+        (default 32).
+    path : a checkpoint folder for `load_medusa`.
+    """
+
+    needs = frozenset({"last_hidden"})
+
+    def __init__(
+        self,
+        heads: MedusaHeads | None = None,
+        tree: Sequence[Sequence[int]] | int | None = None,
+        path: str | Path | None = None,
+    ):
+        if heads is None and path is None:
+            raise ValueError("Medusa needs heads or a checkpoint path")
+        self.heads, self.path = heads, path
+        self._tree = tree
+        self.choices: list[tuple[int, ...]] | None = None
+        self.lm_head = None
+        if heads is not None:
+            self._set_choices(heads.config.num_heads)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, tree: Sequence[Sequence[int]] | int | None = None) -> Medusa:
+        """Heads from a FasterDecoding v1 / v2, vLLM or specdec checkpoint folder (see `load_medusa`)."""
+        if not (Path(path) / "config.json").exists():
+            raise FileNotFoundError(f"{Path(path) / 'config.json'} not found: pass a Medusa checkpoint folder")
+        return cls(path=path, tree=tree)
+
+    def _set_choices(self, num_heads: int) -> None:
+        tree = self._tree
+        if tree is None or isinstance(tree, int):
+            self.choices = default_choices(32 if tree is None else tree, num_heads)
+        else:
+            self.choices = [tuple(int(r) for r in c) for c in tree]
+            if any(len(c) > num_heads for c in self.choices):
+                raise ValueError(f"a choice is deeper than the {num_heads} Medusa heads")
+        self.top_k = max(max(c) for c in self.choices) + 1
+
+    @property
+    def max_nodes(self) -> int:
+        if self.choices is None:
+            return (self._tree if isinstance(self._tree, int) else len(self._tree or []) or 32) + 1
+        return len(self.choices) + 1
+
+    def start(self, target: TargetModel, *, block_size: int, num_blocks: int, max_blocks_per_row: int) -> None:
+        model = target.model
+        if self.heads is None:
+            self.heads = load_medusa(self.path, model.config.hidden_size, target.vocab_size)
+            self._set_choices(self.heads.config.num_heads)
+        if self.heads.config.vocab_size != target.vocab_size:
+            raise ValueError(
+                f"Medusa vocabulary {self.heads.config.vocab_size} != target vocabulary {target.vocab_size}"
+            )
+        param = next(model.parameters())
+        self.heads.to(device=param.device, dtype=param.dtype).eval()
+        self.lm_head = model.get_output_embeddings()
+
+    @torch.inference_mode()
+    def propose(self, ctx: ProposeContext) -> DraftTree:
+        if ctx.hidden is None:
+            raise RuntimeError("Medusa needs the target's last hidden state (the engine provides it)")
+        logits = self.heads(ctx.hidden, self.lm_head)  # [B, K, V]
+        candidates = logits.topk(self.top_k, dim=-1).indices  # [B, K, top_k]
+        roots = ctx.roots().to(candidates.device)
+        return DraftTree.from_choices(roots, candidates, self.choices)

@@ -1,0 +1,184 @@
+"""Medusa heads: distinct parameters, every checkpoint layout, exact generation with static trees."""
+
+import json
+
+import pytest
+import torch
+from models import tiny
+from safetensors.torch import save_file
+
+import specdec
+from specdec import Medusa
+from specdec.heads.medusa import MedusaConfig, MedusaHeads, load_medusa
+from specdec.proposers.medusa import default_choices
+
+H, V = 64, 96
+
+
+def _heads(own=True, bias=True, K=3, L=2, seed=0):
+    torch.manual_seed(seed)
+    heads = MedusaHeads(MedusaConfig(K, L, H, V, own_lm_head=own, bias=bias))
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.normal_(0, 0.05)  # trained-looking, not the zero init
+    return heads
+
+
+def test_every_head_and_block_owns_its_parameters():
+    heads = MedusaHeads(MedusaConfig(4, 3, H, V))
+    ptrs = [p.data_ptr() for p in heads.parameters()]
+    assert len(ptrs) == len(set(ptrs)) == 4 * 3 * 2 + 4
+    x = torch.randn(2, H)
+    assert torch.equal(heads.blocks[0](x), x)  # zero-initialised blocks start as the identity
+
+
+def _check_same(a: MedusaHeads, b: MedusaHeads, lm_head=None):
+    x = torch.randn(3, H)
+    torch.testing.assert_close(a(x, lm_head), b(x, lm_head))
+
+
+def test_round_trip_our_format(tmp_path):
+    heads = _heads()
+    heads.save_pretrained(tmp_path)
+    _check_same(heads, load_medusa(tmp_path, H, V))
+
+
+@pytest.mark.parametrize("ext", ["safetensors", "pt"])
+def test_faster_decoding_v1(tmp_path, ext):
+    heads = _heads()
+    K, L = 3, 2
+    state = {}
+    for h in range(K):
+        for layer in range(L):
+            state[f"{h}.{layer}.linear.weight"] = heads.blocks[h][layer].linear.weight.detach().clone()
+            state[f"{h}.{layer}.linear.bias"] = heads.blocks[h][layer].linear.bias.detach().clone()
+        state[f"{h}.{L}.weight"] = heads.lm_heads[h].weight.detach().clone()
+    if ext == "pt":
+        torch.save(state, tmp_path / "medusa_lm_head.pt")
+    else:
+        save_file(state, str(tmp_path / "medusa_lm_head.safetensors"))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"medusa_num_heads": K, "medusa_num_layers": L, "base_model_name_or_path": "x"})
+    )
+    _check_same(heads, load_medusa(tmp_path, H, V))
+
+
+def test_faster_decoding_v2_reuses_the_target_lm_head(tmp_path):
+    heads = _heads(own=False)
+    state = {
+        f"{h}.{layer}.linear.{w}": getattr(heads.blocks[h][layer].linear, w).detach().clone()
+        for h in range(3)
+        for layer in range(2)
+        for w in ("weight", "bias")
+    }
+    save_file(state, str(tmp_path / "medusa_lm_head.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"medusa_num_heads": 3, "medusa_num_layers": 2, "version": "2"}))
+    loaded = load_medusa(tmp_path, H, V)
+    assert loaded.lm_heads is None
+    _check_same(heads, loaded, torch.nn.Linear(H, V, bias=False))
+
+
+def test_vllm_layout(tmp_path):
+    heads = _heads(bias=False)
+    state = {}
+    for h in range(3):
+        for layer in range(2):
+            state[f"medusa_heads.blocks.{h}.layers.{layer}.weight"] = heads.blocks[h][layer].linear.weight.detach()
+        state[f"medusa_heads.lm_heads.{h}.weight"] = heads.lm_heads[h].weight.detach()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "medusa",
+                "num_heads": 3,
+                "num_hidden_layers": 2,
+                "hidden_size": H,
+                "vocab_size": V,
+                "truncated_vocab_size": V,
+            }
+        )
+    )
+    _check_same(heads, load_medusa(tmp_path, H, V))
+
+
+def test_mismatches_are_clear_errors(tmp_path):
+    _heads().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=f"vocab_size={V} but the target has {V + 1}"):
+        load_medusa(tmp_path, H, V + 1)
+    with pytest.raises(ValueError, match=f"hidden_size={H} but the target has 32"):
+        load_medusa(tmp_path, 32, V)
+    (tmp_path / "config.json").write_text(json.dumps({"foo": 1}))
+    with pytest.raises(ValueError, match="not a known Medusa config"):
+        load_medusa(tmp_path, H, V)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        Medusa.from_pretrained(tmp_path / "nowhere")
+    fd = tmp_path / "fd"
+    fd.mkdir()
+    save_file(
+        {
+            "0.0.linear.weight": torch.zeros(H, H),
+            "0.0.linear.bias": torch.zeros(H),
+            "0.1.weight": torch.zeros(V + 3, H),
+        },
+        str(fd / "medusa_lm_head.safetensors"),
+    )
+    (fd / "config.json").write_text(json.dumps({"medusa_num_heads": 1, "medusa_num_layers": 1}))
+    with pytest.raises(ValueError, match=r"lm_heads.0.weight.*\(99, 64\).*\(96, 64\)"):
+        load_medusa(fd, H, V)
+
+
+def test_default_trees_are_prefix_closed():
+    for n in (1, 8, 32, 64):
+        choices = default_choices(n, 4)
+        assert len(choices) == n and len(set(choices)) == n
+        assert all(c[:-1] in choices or len(c) == 1 for c in choices)
+        assert max(len(c) for c in choices) <= 4
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("own", [True, False])
+@pytest.mark.parametrize("B", [1, 4])
+def test_greedy_equals_model_generate(arch, own, B, tmp_path):
+    model = tiny(arch, vocab=V)
+    g = torch.Generator().manual_seed(B)
+    lengths = [7, 12, 9, 4][:B]
+    T = max(lengths)
+    ids = torch.zeros(B, T, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, n in enumerate(lengths):
+        ids[b, T - n :], mask[b, T - n :] = torch.randint(3, V, (n,), generator=g), 1
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
+    _heads(own=own).save_pretrained(tmp_path)
+    out = specdec.generate(
+        model,
+        ids,
+        mask,
+        proposer=Medusa.from_pretrained(tmp_path, tree=12),
+        max_new_tokens=20,
+        do_sample=False,
+        return_dict_in_generate=True,
+    )
+    assert torch.equal(out.sequences, ref)
+    assert out.stats.proposer == "medusa" and out.stats.drafted > 0
+
+
+def test_heads_that_know_the_continuation_are_accepted():
+    """Heads whose lm_head is the target's shifted prediction: a sanity check of the hidden-state plumbing."""
+    model = tiny("llama", vocab=V)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    heads = MedusaHeads(MedusaConfig(1, 0, H, V, own_lm_head=False))  # head 0 = the target's own lm_head
+    out = specdec.generate(
+        model,
+        ids,
+        proposer=Medusa(heads, tree=[(0,)]),
+        max_new_tokens=12,
+        do_sample=False,
+        return_dict_in_generate=True,
+    )
+    assert torch.equal(
+        out.sequences, model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
+    )
+    # head 0 proposes argmax(lm_head(h)) = the root itself: accepted exactly when the target repeats a token
+    new = out.sequences[0, 4:].tolist()
+    repeats = sum(a == b for a, b in zip(new, new[1:], strict=False))
+    assert out.stats.accepted <= repeats + 1

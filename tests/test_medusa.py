@@ -182,3 +182,30 @@ def test_heads_that_know_the_continuation_are_accepted():
     new = out.sequences[0, 4:].tolist()
     repeats = sum(a == b for a, b in zip(new, new[1:], strict=False))
     assert out.stats.accepted <= repeats + 1
+
+
+def test_typical_acceptance_is_an_explicit_lossy_option():
+    model = tiny("llama", vocab=V)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    out = specdec.generate(
+        model,
+        ids,
+        proposer=Medusa(_heads(), tree=8),
+        max_new_tokens=8,
+        do_sample=True,
+        seed=0,
+        verify_mode="typical",
+        typical=specdec.TypicalParams(posterior_threshold=0.09, posterior_alpha=0.3),
+        return_dict_in_generate=True,
+    )
+    assert out.stats.lossy and "LOSSY" in str(out.stats)
+    exact = specdec.generate(
+        model,
+        ids,
+        proposer=Medusa(_heads(), tree=8),
+        max_new_tokens=8,
+        do_sample=True,
+        seed=0,
+        return_dict_in_generate=True,
+    )
+    assert not exact.stats.lossy

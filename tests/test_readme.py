@@ -1,4 +1,4 @@
-"""Every python block in README.md runs as written."""
+"""Every ```python block in README.md runs as written (```py blocks are excerpts that need files)."""
 
 import re
 from pathlib import Path

@@ -1,0 +1,1 @@
+"""Hydra configs (a package, so that entry points find them as pkg://specdec.conf once installed)."""

@@ -67,6 +67,9 @@ class TargetModel(Protocol):
         meta: AttentionMetadata,
         logits_to_keep: int = 0,
         output_hidden_states: bool = False,
-    ) -> ModelOutput: ...
+        last_hidden: bool = False,
+    ) -> ModelOutput:
+        """input_ids, positions [B, T] -> logits [B, T', V]; last_hidden adds the lm_head's input."""
+        ...
 
     def new_cache(self, num_blocks: int, block_size: int) -> PagedKVCache: ...

@@ -3,7 +3,8 @@
     python benchmarks/bench_verify.py
 
 Prints the median time of `verify` for chains and trees of 8 / 16 / 64 nodes, greedy and exact
-(POINT and IID laws), at batch 1 and 16, to set against a step forward (7 ms for the 8B shape on an H200).
+(POINT and IID laws; fused Triton walk on a GPU, and the torch walk for comparison), at batch 1 and
+16, to set against a step forward (7 ms for the 8B shape on an H200).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ V = 128256 if DEV.type == "cuda" else 1000
 
 
 def main() -> None:
-    print(f"{'batch':>5} {'nodes':>5} {'mode':<12} {'ms':>8}")
+    print(f"{'batch':>5} {'nodes':>5} {'mode':<18} {'ms':>8}")
     for B in (1, 16):
         for N in (8, 16, 64):
             logits = torch.randn(B, N, V, device=DEV, dtype=torch.bfloat16)
@@ -43,15 +44,21 @@ def main() -> None:
                 ),
             }
             rng = RowSeeds(torch.arange(B, device=DEV), torch.zeros(B, dtype=torch.long, device=DEV))
+            cases["exact-chain-torch"] = (*cases["exact-chain"][:2], "torch")
             for name, (tree, params, mode) in cases.items():
                 t = timed(
                     lambda tree=tree, params=params, mode=mode, x=logits, g=rng: verify(
-                        tree, x, params, mode=mode, rng=g
+                        tree,
+                        x,
+                        params,
+                        mode="exact" if mode == "torch" else mode,
+                        rng=g,
+                        fused=False if mode == "torch" else None,
                     ),
                     reps=10,
                     warmup=2,
                 )
-                print(f"{B:>5} {N:>5} {name:<12} {t * 1e3:8.2f}", flush=True)
+                print(f"{B:>5} {N:>5} {name:<18} {t * 1e3:8.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -276,6 +276,7 @@ def verify(
     rng: Rng = None,
     typical: TypicalParams | None = None,
     suppress: torch.Tensor | None = None,
+    fused: bool | None = None,
 ) -> VerifyResult:
     """Verify a batch of draft trees against the target's logits at every node.
 
@@ -292,6 +293,8 @@ def verify(
         None (torch's global generator).
     typical : TypicalParams for mode="typical".
     suppress : [B, N, V] bool or None, tokens banned at each node (EOS before min_new_tokens).
+    fused : walk the tree in one Triton program per row (the same rules; default: on a CUDA device
+        for trees without WOR nodes). Off, the torch walk below is the reference.
 
     Returns
     -------
@@ -322,4 +325,24 @@ def verify(
     if mode is VerifyMode.TYPICAL:
         return _verify_typical(tree, p, K, typical or TypicalParams(), final_u)
     coins = uniform(rng, B, N, STREAM_COINS, device=p.device)
+    if fused is None:
+        fused = p.is_cuda and not tree.has_wor()
+    if fused:
+        if tree.has_wor():
+            raise ValueError("the fused walk handles POINT and IID nodes; trees with WOR nodes use fused=False")
+        from specdec.kernels.tree_sampling import fused_tree_walk
+
+        path, last, next_tokens, is_bonus = fused_tree_walk(
+            p.float().contiguous(),
+            tree.tokens,
+            tree.parents,
+            tree.depth,
+            tree.law,
+            tree.num_nodes,
+            coins,
+            final_u,
+            tree.draft_probs,
+            K,
+        )
+        return VerifyResult(path, tree.depth.gather(1, last[:, None]).squeeze(1), next_tokens, is_bonus)
     return _verify_exact(tree, p, K, coins, final_u)

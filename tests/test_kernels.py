@@ -11,7 +11,7 @@ from specdec.kernels import (
     store_kv,
     store_kv_reference,
 )
-from specdec.tree import DraftTree
+from specdec.tree import DraftTree, Law
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -131,3 +131,51 @@ def test_engine_with_kernels_matches_model_generate():
             proposer.kernels = True
         out = specdec.generate(model, ids, max_new_tokens=6, do_sample=False, engine=engine)
         assert torch.equal(out, ref), type(proposer).__name__
+
+
+@pytest.mark.parametrize("shape", ["chain", "tree"])
+def test_fused_tree_walk_matches_the_torch_walk(shape):
+    """Same coins, same rules: the fused walk makes the reference walk's choices row for row."""
+    from specdec.kernels.tree_sampling import fused_tree_walk
+    from specdec.verify import _verify_exact
+
+    g = torch.Generator().manual_seed(11 if shape == "chain" else 12)
+    B, V = 96, 40
+    parents = [-1, 0, 1, 2, 3, 4] if shape == "chain" else [-1, 0, 0, 1, 1, 2, 3, 3]
+    N = len(parents)
+    tokens = torch.randint(0, V, (B, N), generator=g)
+    tree = DraftTree.from_parents(tokens.tolist(), [parents] * B)
+    tree.num_nodes = torch.randint(1, N + 1, (B,), generator=g)  # ragged: padding nodes are skipped
+    tree.law = (torch.rand(B, N, generator=g) < 0.5).to(torch.int8)
+    tree.law[:, 0] = 0
+    tree.draft_probs = torch.softmax(torch.randn(B, N, V, generator=g) * 2, -1)
+    p = torch.softmax(torch.randn(B, N, V, generator=g) * 2, -1)
+    p[:, :, :3] = 0  # tokens the target never emits
+    p = p / p.sum(-1, keepdim=True)
+    coins = torch.rand(B, N, generator=g, dtype=torch.float64)
+    final = torch.rand(B, generator=g, dtype=torch.float64)
+    K = tree.max_depth()
+    ref = _verify_exact(tree, p, K, coins, final)
+    args = [t.to(DEV) for t in (p, tree.tokens, tree.parents, tree.depth, tree.law, tree.num_nodes, coins, final)]
+    path, last, nxt, bonus = fused_tree_walk(*args, tree.draft_probs.to(DEV), K)
+    assert torch.equal(path.cpu(), ref.accepted_indices)
+    assert torch.equal(nxt.cpu(), ref.next_tokens) and torch.equal(bonus.cpu(), ref.is_bonus)
+    assert (nxt >= 3).all()
+    assert 0 < int(ref.num_accepted.sum()) < B * K  # accepts and rejects both happened
+
+
+def test_verify_uses_the_fused_walk_with_the_same_results():
+    from specdec import RowSeeds, SamplingParams, verify
+
+    g = torch.Generator().manual_seed(13)
+    B, V = 32, 24
+    q = torch.softmax(torch.randn(B, 4, V, generator=g), -1)
+    drafts = torch.multinomial(q.view(-1, V), 1, generator=g).view(B, 4)
+    tree = DraftTree.chain(torch.zeros(B, dtype=torch.long), drafts, Law.IID, q).to(DEV)
+    logits = torch.randn(B, 5, V, generator=g).to(DEV)
+    params = SamplingParams.make(B, temperature=0.9, top_p=0.95, device=DEV)
+    rng = RowSeeds(torch.arange(B, device=DEV), torch.zeros(B, dtype=torch.long, device=DEV))
+    fused = verify(tree, logits, params, rng=rng, fused=True)
+    torch_walk = verify(tree, logits, params, rng=rng, fused=False)
+    assert torch.equal(fused.emitted_tokens(tree), torch_walk.emitted_tokens(tree))
+    assert torch.equal(fused.num_accepted, torch_walk.num_accepted)

@@ -60,6 +60,30 @@ class SpecStats:
         self.drafted += int(sum(num_drafts_per_depth))
         self.accepted += int(sum(accepted_per_depth))
 
+    @classmethod
+    def merge(cls, parts: list[SpecStats]) -> SpecStats:
+        """The stats of several calls as one (counters added, per-sequence timings concatenated)."""
+        out = cls(proposer=parts[0].proposer if parts else "none", lossy=any(p.lossy for p in parts))
+        for p in parts:
+            for name in (
+                "num_sequences",
+                "prompt_tokens",
+                "cached_prompt_tokens",
+                "generated_tokens",
+                "steps",
+                "emitted",
+                "target_forwards",
+                "prefill_time_s",
+                "draft_time_s",
+                "verify_time_s",
+                "total_time_s",
+            ):
+                setattr(out, name, getattr(out, name) + getattr(p, name))
+            out.record_step(p.drafted_per_depth, p.accepted_per_depth, 0, 0)
+            out.ttft_s += p.ttft_s
+            out.tpot_s += p.tpot_s
+        return out
+
     # ----------------------------------------------------------------------------- derived
 
     @property

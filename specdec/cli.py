@@ -1,0 +1,473 @@
+"""The `specdec` command: profile (acceptance, speed, break-even), generate (streaming), kv-size.
+
+Bad input (a missing file, an unknown proposer, a vocabulary mismatch, an empty prompt set) prints
+one line on stderr and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+EXIT_USAGE = 2
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+KV_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "fp8": 1}
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit code 2."""
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+# ---------------------------------------------------------------------------------------------
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_target(path: str | None, dtype: str, device: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if path is None:
+        raise CliError("--target is required (the bundled demo models are not built yet)")
+    if not (Path(path) / "config.json").is_file():
+        raise CliError(f"--target {path}: no config.json there (expected a transformers model folder)")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(_device(device)).eval()
+    return model, tok
+
+
+PROPOSER_NAMES = ("none", "ngram", "draft", "medusa")
+
+
+def check_proposer_args(args) -> None:
+    """The cheap checks, before any model is loaded."""
+    name = args.proposer
+    if name is not None and name not in PROPOSER_NAMES:
+        raise CliError(f"unknown proposer {name!r}; choose none, ngram, draft or medusa (eagle is not available yet)")
+    if name == "draft" and (not args.draft or not (Path(args.draft) / "config.json").is_file()):
+        raise CliError(f"--proposer draft needs --draft PATH to a model folder (got {args.draft})")
+    if name == "medusa" and (not args.heads or not (Path(args.heads) / "config.json").is_file()):
+        raise CliError(f"--proposer medusa needs --heads PATH to a checkpoint folder (got {args.heads})")
+
+
+def make_proposer(args, target):
+    import specdec
+
+    check_proposer_args(args)
+    name = args.proposer
+    if name in (None, "none"):
+        return None
+    if name == "ngram":
+        return specdec.Ngram(num_tokens=args.num_tokens)
+    if name == "draft":
+        from transformers import AutoModelForCausalLM
+
+        if not args.draft or not (Path(args.draft) / "config.json").is_file():
+            raise CliError(f"--proposer draft needs --draft PATH to a model folder (got {args.draft})")
+        draft = AutoModelForCausalLM.from_pretrained(args.draft, dtype=target.dtype).to(target.device).eval()
+        d_vocab, t_vocab = draft.get_output_embeddings().weight.shape[0], target.get_output_embeddings().weight.shape[0]
+        if d_vocab != t_vocab:
+            raise CliError(f"draft vocabulary {d_vocab} != target vocabulary {t_vocab}")
+        return specdec.DraftModel(draft, num_tokens=args.num_tokens)
+    if name == "medusa":
+        if not args.heads:
+            raise CliError("--proposer medusa needs --heads PATH")
+        try:
+            return specdec.Medusa.from_pretrained(args.heads, tree=_tree(args.tree))
+        except FileNotFoundError as e:
+            raise CliError(str(e)) from None
+    raise CliError(f"unknown proposer {name!r}; choose none, ngram, draft or medusa (eagle is not available yet)")
+
+
+def _tree(spec: str | None):
+    if spec is None:
+        return None
+    if spec.isdigit():
+        return int(spec)
+    path = Path(spec)
+    if not path.is_file():
+        raise CliError(f"--tree {spec}: neither a node count nor a file")
+    data = json.loads(path.read_text())
+    return [tuple(c) for c in (data["choices"] if isinstance(data, dict) else data)]
+
+
+# ---------------------------------------------------------------------------------------------
+# kv-size
+# ---------------------------------------------------------------------------------------------
+
+
+def kv_bytes(layers: int, kv_heads: int, head_dim: int, tokens: int, bytes_per: int) -> int:
+    """2 (K and V) x layers x kv_heads x head_dim x tokens x bytes."""
+    return 2 * layers * kv_heads * head_dim * tokens * bytes_per
+
+
+def cmd_kv_size(args) -> dict:
+    heads = weights = None
+    if args.config:
+        path = Path(args.config)
+        path = path / "config.json" if path.is_dir() else path
+        if not path.is_file():
+            raise CliError(f"--config {args.config}: file not found")
+        cfg = json.loads(path.read_text())
+        layers = cfg.get("num_hidden_layers", cfg.get("n_layer"))
+        heads = cfg.get("num_attention_heads", cfg.get("n_head"))
+        kv_heads = cfg.get("num_key_value_heads") or heads
+        hidden = cfg.get("hidden_size", cfg.get("n_embd"))
+        head_dim = cfg.get("head_dim") or hidden // heads
+        weights = _weight_bytes(path, DTYPES.get(args.dtype, torch.bfloat16))
+    else:
+        if None in (args.layers, args.kv_heads, args.head_dim):
+            raise CliError("kv-size needs --config PATH or all of --layers, --kv-heads, --head-dim")
+        layers, kv_heads, head_dim = args.layers, args.kv_heads, args.head_dim
+    per = KV_BYTES[args.dtype]
+    per_seq = kv_bytes(layers, kv_heads, head_dim, args.seq_len, per)
+    out = {
+        "layers": layers,
+        "kv_heads": kv_heads,
+        "head_dim": head_dim,
+        "seq_len": args.seq_len,
+        "dtype": args.dtype,
+        "kv_bytes_per_sequence": per_seq,
+        "kv_bytes": per_seq * args.batch,
+        "kv_bytes_8bit": kv_bytes(layers, kv_heads, head_dim, args.seq_len, 1) * args.batch,
+    }
+    if heads and heads != kv_heads:
+        out["kv_bytes_without_gqa"] = kv_bytes(layers, heads, head_dim, args.seq_len, per) * args.batch
+    if weights is not None:
+        out["weight_bytes"] = weights
+    if args.memory_gib is not None:
+        free = args.memory_gib * 2**30 - (weights or 0)
+        out["max_batch"] = max(0, int(free // per_seq))
+    lines = [
+        f"KV cache: 2 x {layers} layers x {kv_heads} KV heads x {head_dim} x {args.seq_len} tokens x "
+        f"{per} bytes ({args.dtype}) = {per_seq:,} bytes per sequence, {out['kv_bytes']:,} for batch {args.batch}"
+    ]
+    if "kv_bytes_without_gqa" in out:
+        lines.append(f"without GQA ({heads} KV heads): {out['kv_bytes_without_gqa']:,} bytes")
+    lines.append(f"with an 8-bit KV cache: {out['kv_bytes_8bit']:,} bytes")
+    if weights is not None:
+        lines.append(f"weights: {weights:,} bytes ({args.dtype if args.dtype in DTYPES else 'bfloat16'})")
+    if "max_batch" in out:
+        lines.append(f"largest batch in {args.memory_gib} GiB: {out['max_batch']}")
+    print("\n".join(lines))
+    return out
+
+
+def _weight_bytes(config_path: Path, dtype: torch.dtype) -> int | None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        cfg = AutoConfig.from_pretrained(config_path.parent)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg)
+    except Exception:  # an unknown architecture: report the KV numbers only
+        return None
+    size = torch.empty((), dtype=dtype).element_size()
+    return sum(p.numel() for p in model.parameters()) * size
+
+
+# ---------------------------------------------------------------------------------------------
+# generate
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_generate(args) -> dict:
+    from transformers import TextStreamer
+
+    import specdec
+
+    model, tok = load_target(args.target, args.dtype, args.device)
+    proposer = make_proposer(args, model)
+    ids = tok(args.prompt, return_tensors="pt").input_ids.to(model.device)
+    if ids.shape[1] == 0:
+        raise CliError("--prompt is empty")
+    out = specdec.generate(
+        model,
+        ids,
+        proposer=proposer,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.temperature > 0,
+        temperature=args.temperature or None,
+        top_p=args.top_p,
+        seed=args.seed,
+        streamer=TextStreamer(tok, skip_prompt=False),
+        return_dict_in_generate=True,
+    )
+    s = out.stats
+    print(
+        f"\n[{s.proposer}] {s.generated_tokens} tokens, tau {s.tau:.2f} (bonus included), acceptance "
+        f"{s.acceptance_rate:.2f}, TPOT {s.tpot_ms:.1f} ms, {s.tokens_per_s:.1f} tokens/s",
+        file=sys.stderr,
+    )
+    return s.as_dict()
+
+
+# ---------------------------------------------------------------------------------------------
+# profile
+# ---------------------------------------------------------------------------------------------
+
+
+def break_even_acceptance(k: float, cost_ratio: float) -> float:
+    """The per-token acceptance a at which a chain of k drafts just pays: (1 - a^(k+1)) / (1 - a) equals
+    cost_ratio = (T_draft + T_verify) / T_step. 0 when speculation always pays, 1 when it never can."""
+    if cost_ratio <= 1:
+        return 0.0
+    if cost_ratio >= k + 1:
+        return 1.0
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        a = (lo + hi) / 2
+        tau = sum(a**i for i in range(int(round(k)) + 1))
+        lo, hi = (a, hi) if tau < cost_ratio else (lo, a)
+    return (lo + hi) / 2
+
+
+def first_divergence(a: torch.Tensor, b: torch.Tensor) -> int | None:
+    n = min(len(a), len(b))
+    diff = (a[:n] != b[:n]).nonzero()
+    if len(diff):
+        return int(diff[0, 0])
+    return None if len(a) == len(b) else n
+
+
+def cmd_profile(args) -> dict:
+    from tqdm import tqdm
+
+    import specdec
+    from specdec.metrics import SpecStats
+    from specdec.prompts import encode, load_prompts
+
+    try:
+        prompts = load_prompts(args.prompts, args.category, args.limit)
+    except (FileNotFoundError, ValueError) as e:
+        raise CliError(str(e)) from None
+    model, tok = load_target(args.target, args.dtype, args.device)
+    proposer = make_proposer(args, model)
+    if proposer is None:
+        raise CliError("profile compares speculation with plain decoding: pass --proposer")
+    plain_engine, spec_engine = specdec.Engine(model, None), specdec.Engine(model, proposer)
+    kw = dict(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.temperature > 0,
+        temperature=args.temperature or None,
+        top_p=args.top_p,
+        seed=args.seed,
+        return_dict_in_generate=True,
+    )
+    warm = encode(tok, prompts[0], args.max_prompt_tokens).to(model.device)
+    for engine in (plain_engine, spec_engine):  # warm-up: allocation, compilation, graph capture
+        specdec.generate(model, warm, engine=engine, **{**kw, "max_new_tokens": 4})
+    rows, plain_parts, spec_parts = [], [], []
+    for p in tqdm(prompts, desc="profile", disable=args.quiet):
+        ids = encode(tok, p, args.max_prompt_tokens).to(model.device)
+        if ids.shape[1] == 0:
+            raise CliError("a prompt encodes to no tokens")
+        plain = specdec.generate(model, ids, engine=plain_engine, **kw)
+        spec = specdec.generate(model, ids, engine=spec_engine, **kw)
+        plain_parts.append(plain.stats)
+        spec_parts.append(spec.stats)
+        div = first_divergence(plain.sequences[0, ids.shape[1] :], spec.sequences[0, ids.shape[1] :])
+        rows.append(
+            {
+                "category": p.category,
+                "tau": spec.stats.tau,
+                "acceptance_rate": spec.stats.acceptance_rate,
+                "plain_tokens_per_s": plain.stats.tokens_per_s,
+                "tokens_per_s": spec.stats.tokens_per_s,
+                "identical": div is None,
+                "first_divergence": div,
+            }
+        )
+    plain_s, spec_s = SpecStats.merge(plain_parts), SpecStats.merge(spec_parts)
+    t_step = plain_s.total_time_s / max(plain_s.target_forwards, 1)
+    calls = max(spec_s.target_forwards - spec_s.num_sequences, 1)  # verify steps (prefills excluded)
+    t_draft, t_verify = spec_s.draft_time_s / calls, spec_s.verify_time_s / calls
+    drafts_per_step = spec_s.drafted / max(spec_s.steps, 1)
+    greedy = args.temperature == 0
+    report = {
+        "target": args.target,
+        "proposer": spec_s.proposer,
+        "prompts": args.prompts,
+        "num_prompts": len(prompts),
+        "device": str(model.device),
+        "dtype": args.dtype,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "conventions": {
+            "tau": "tokens emitted per target forward of a row, bonus included",
+            "acceptance_rate": "accepted draft tokens / drafted tokens",
+            "per_depth.unconditional": "accepted at depth d / steps",
+            "per_depth.conditional": "accepted at depth d / accepted at depth d - 1",
+            "speedup": "tokens/s with speculation / tokens/s of the same engine without it",
+        },
+        "tau": spec_s.tau,
+        "acceptance_rate": spec_s.acceptance_rate,
+        "per_depth": spec_s.as_dict()["per_depth"],
+        "ttft_ms": spec_s.ttft_ms,
+        "tpot_ms": spec_s.tpot_ms,
+        "plain_tpot_ms": plain_s.tpot_ms,
+        "tokens_per_s": spec_s.tokens_per_s,
+        "plain_tokens_per_s": plain_s.tokens_per_s,
+        "speedup": spec_s.tokens_per_s / plain_s.tokens_per_s if plain_s.tokens_per_s else 0.0,
+        "step_ms": {"plain": 1e3 * t_step, "draft": 1e3 * t_draft, "verify": 1e3 * t_verify},
+        "predicted_speedup": spec_s.tau * t_step / (t_draft + t_verify) if t_draft + t_verify else 0.0,
+        "break_even_acceptance": break_even_acceptance(drafts_per_step, (t_draft + t_verify) / t_step),
+        "greedy_identical": all(r["identical"] for r in rows) if greedy else None,
+        "divergences": [
+            {"prompt": i, "position": r["first_divergence"]}
+            for i, r in enumerate(rows)
+            if greedy and not r["identical"]
+        ],
+        "per_category": _per_category(rows),
+        "per_prompt": rows,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    _plots(report, out)
+    _table(report)
+    return report
+
+
+def _per_category(rows: list[dict]) -> dict:
+    cats: dict[str, list[dict]] = {}
+    for r in rows:
+        cats.setdefault(r["category"], []).append(r)
+    return {
+        c: {
+            "prompts": len(rs),
+            "tau": sum(r["tau"] for r in rs) / len(rs),
+            "speedup": sum(r["tokens_per_s"] for r in rs) / max(sum(r["plain_tokens_per_s"] for r in rs), 1e-9),
+        }
+        for c, rs in cats.items()
+    }
+
+
+def _plots(report: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    depth = report["per_depth"]
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    d = range(1, len(depth["unconditional"]) + 1)
+    ax.plot(d, depth["unconditional"], "o-", label="unconditional (accepted / steps)")
+    ax.plot(d, depth["conditional"], "s--", label="conditional (given depth - 1)")
+    ax.set(xlabel="draft depth", ylabel="acceptance", ylim=(0, 1.05), title="acceptance by depth")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "acceptance_by_depth.png", dpi=120)
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.bar(range(len(report["per_prompt"])), [r["tau"] for r in report["per_prompt"]])
+    ax.set(xlabel="prompt", ylabel="tau (bonus included)", title="tau per prompt")
+    fig.tight_layout()
+    fig.savefig(out / "tau_per_prompt.png", dpi=120)
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    cats = report["per_category"]
+    ax.bar(list(cats), [c["speedup"] for c in cats.values()])
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set(ylabel="speedup", title="speedup per category")
+    fig.tight_layout()
+    fig.savefig(out / "speedup_per_category.png", dpi=120)
+    plt.close("all")
+
+
+def _table(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"specdec profile: {report['proposer']} on {report['num_prompts']} prompts ({report['device']})")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for name, value in [
+        ("tau (tokens / target forward, bonus incl.)", f"{report['tau']:.2f}"),
+        ("acceptance rate (accepted / drafted)", f"{report['acceptance_rate']:.2f}"),
+        ("TTFT / TPOT (ms)", f"{report['ttft_ms']:.1f} / {report['tpot_ms']:.2f}"),
+        ("tokens/s: speculative / plain", f"{report['tokens_per_s']:.1f} / {report['plain_tokens_per_s']:.1f}"),
+        ("speedup: measured / predicted", f"{report['speedup']:.2f} / {report['predicted_speedup']:.2f}"),
+        ("break-even acceptance", f"{report['break_even_acceptance']:.2f}"),
+        ("greedy outputs identical", str(report["greedy_identical"])),
+    ]:
+        t.add_row(name, value)
+    for c, v in report["per_category"].items():
+        t.add_row(f"category {c}: tau / speedup", f"{v['tau']:.2f} / {v['speedup']:.2f}")
+    Console().print(t)
+
+
+# ---------------------------------------------------------------------------------------------
+# entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target")
+    p.add_argument("--proposer", choices=None)
+    p.add_argument("--draft")
+    p.add_argument("--heads")
+    p.add_argument("--tree", help="node count or a JSON file of Medusa choices")
+    p.add_argument("--num-tokens", type=int, default=4, help="drafts per step (draft, ngram)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    p.add_argument("--device", default="auto")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="specdec", description="exact speculative decoding: profile, generate, kv-size")
+    sub = ap.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="stream a generation, then one stats line")
+    _common(gen)
+    gen.add_argument("--prompt", required=True)
+    prof = sub.add_parser("profile", help="acceptance, speed and break-even on a prompt set")
+    _common(prof)
+    prof.add_argument("--prompts", required=True)
+    prof.add_argument("--category")
+    prof.add_argument("--limit", type=int)
+    prof.add_argument("--batch-size", type=int, default=1)
+    prof.add_argument("--max-prompt-tokens", type=int, default=512)
+    prof.add_argument("--out", required=True)
+    prof.add_argument("--quiet", action="store_true")
+    kv = sub.add_parser("kv-size", help="KV-cache bytes, weights and the largest batch that fits")
+    kv.add_argument("--config")
+    kv.add_argument("--layers", type=int)
+    kv.add_argument("--kv-heads", type=int)
+    kv.add_argument("--head-dim", type=int)
+    kv.add_argument("--seq-len", type=int, required=True)
+    kv.add_argument("--batch", type=int, default=1)
+    kv.add_argument("--dtype", choices=list(KV_BYTES), default="float16")
+    kv.add_argument("--memory-gib", type=float)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # stderr is for one-line errors and the stats line
+    try:
+        if hasattr(args, "proposer"):
+            check_proposer_args(args)
+        {"generate": cmd_generate, "profile": cmd_profile, "kv-size": cmd_kv_size}[args.command](args)
+    except CliError as e:
+        print(f"specdec {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except (FileNotFoundError, ValueError) as e:
+        print(f"specdec {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""The `specdec` command end to end on tiny random pairs saved to disk, with a small trained tokenizer."""
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from models import noisy_copy, tiny
+from test_generate_greedy import byte_bpe_tokenizer
+
+from specdec.cli import break_even_acceptance, main
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    tok = byte_bpe_tokenizer()
+    target = tiny("llama", vocab=len(tok), eos_token_id=None, init=0.3)
+    target.save_pretrained(root / "target")
+    tok.save_pretrained(root / "target")
+    noisy_copy(target, 0.05).save_pretrained(root / "draft")
+    tiny("llama", vocab=len(tok) + 8).save_pretrained(root / "other")
+    with open(root / "sb.jsonl", "w") as f:
+        for i, c in enumerate(["coding", "math", "coding"]):
+            f.write(json.dumps({"question_id": i, "category": c, "turns": [f"def f{i}(x):", "next"]}) + "\n")
+    with gzip.open(root / "he.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"task_id": "t/0", "prompt": "def add(a, b):\n"}) + "\n")
+    (root / "lines.txt").write_text("for i in range(3):\nprint(i)\n")
+    (root / "empty.txt").write_text("\n\n")
+    return root
+
+
+def test_kv_size_arithmetic(capsys):
+    assert main(["kv-size", "--layers", "32", "--kv-heads", "32", "--head-dim", "128", "--seq-len", "4096"]) == 0
+    assert "2,147,483,648 bytes per sequence" in capsys.readouterr().out
+    assert main(["kv-size", "--layers", "32", "--kv-heads", "8", "--head-dim", "128", "--seq-len", "4096"]) == 0
+    out = capsys.readouterr().out
+    assert "536,870,912 bytes per sequence" in out and "8-bit KV cache: 268,435,456" in out
+
+
+def test_kv_size_from_a_config_with_weights_and_batch(zoo, capsys):
+    assert (
+        main(
+            [
+                "kv-size",
+                "--config",
+                str(zoo / "target"),
+                "--seq-len",
+                "1024",
+                "--memory-gib",
+                "1",
+                "--dtype",
+                "bfloat16",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "without GQA (4 KV heads)" in out and "weights:" in out and "largest batch in 1.0 GiB" in out
+
+
+@pytest.mark.parametrize(
+    "fmt, extra", [("sb.jsonl", ["--category", "coding"]), ("he.jsonl.gz", []), ("lines.txt", ["--limit", "1"])]
+)
+def test_profile_each_prompt_format(zoo, tmp_path, fmt, extra):
+    out = tmp_path / "prof"
+    rc = main(
+        [
+            "profile",
+            "--target",
+            str(zoo / "target"),
+            "--proposer",
+            "draft",
+            "--draft",
+            str(zoo / "draft"),
+            "--prompts",
+            str(zoo / fmt),
+            "--max-new-tokens",
+            "12",
+            "--out",
+            str(out),
+            "--quiet",
+            *extra,
+        ]
+    )
+    assert rc == 0
+    r = json.loads((out / "report.json").read_text())
+    for key in (
+        "tau",
+        "acceptance_rate",
+        "speedup",
+        "predicted_speedup",
+        "tpot_ms",
+        "ttft_ms",
+        "per_depth",
+        "break_even_acceptance",
+        "per_category",
+        "step_ms",
+        "conventions",
+    ):
+        assert key in r, key
+    assert r["greedy_identical"] is True and r["divergences"] == []
+    assert 1 <= r["tau"] <= 5 and 0 <= r["break_even_acceptance"] <= 1
+    assert r["num_prompts"] == {"sb.jsonl": 2, "he.jsonl.gz": 1, "lines.txt": 1}[fmt]
+    if fmt == "sb.jsonl":
+        assert set(r["per_category"]) == {"coding"}
+    for png in ("acceptance_by_depth.png", "tau_per_prompt.png", "speedup_per_category.png"):
+        assert (out / png).stat().st_size > 1000
+
+
+def test_generate_streams_then_prints_stats(zoo):
+    cmd = [
+        str(Path(sys.executable).parent / "specdec"),
+        "generate",
+        "--target",
+        str(zoo / "target"),
+        "--proposer",
+        "ngram",
+        "--prompt",
+        "def f(x):",
+        "--max-new-tokens",
+        "8",
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("def f(x):")
+    assert "[ngram] 8 tokens, tau" in res.stderr
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["generate", "--target", "/nowhere", "--prompt", "x"], "no config.json"),
+        (
+            ["profile", "--target", "{t}", "--proposer", "medusa2", "--prompts", "{z}/lines.txt", "--out", "{o}"],
+            "unknown proposer 'medusa2'",
+        ),
+        (
+            [
+                "profile",
+                "--target",
+                "{t}",
+                "--proposer",
+                "draft",
+                "--draft",
+                "{z}/other",
+                "--prompts",
+                "{z}/lines.txt",
+                "--out",
+                "{o}",
+            ],
+            "draft vocabulary",
+        ),
+        (
+            ["profile", "--target", "{t}", "--proposer", "ngram", "--prompts", "{z}/empty.txt", "--out", "{o}"],
+            "no prompts in",
+        ),
+        (
+            ["profile", "--target", "{t}", "--proposer", "ngram", "--prompts", "{z}/missing.jsonl", "--out", "{o}"],
+            "does not exist",
+        ),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(zoo, tmp_path, capsys, argv, fragment):
+    argv = [a.format(t=zoo / "target", z=zoo, o=tmp_path / "o") for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and fragment in err[0] and "Traceback" not in err[0]
+
+
+def test_break_even_acceptance():
+    assert break_even_acceptance(4, 0.9) == 0.0  # cheaper than a plain step: always pays
+    assert break_even_acceptance(4, 6.0) == 1.0  # can never pay
+    a = break_even_acceptance(4, 2.0)
+    assert abs(sum(a**i for i in range(5)) - 2.0) < 1e-9

@@ -363,7 +363,7 @@ def _plots(report: dict, out: Path) -> None:
     d = range(1, len(depth["unconditional"]) + 1)
     ax.plot(d, depth["unconditional"], "o-", label="unconditional (accepted / steps)")
     ax.plot(d, depth["conditional"], "s--", label="conditional (given depth - 1)")
-    ax.set(xlabel="draft depth", ylabel="acceptance", ylim=(0, 1.05), title="acceptance by depth")
+    ax.set(xlabel="draft depth", ylabel="acceptance", ylim=(0, 1.05), title="acceptance by depth", xticks=list(d))
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "acceptance_by_depth.png", dpi=120)

@@ -328,6 +328,10 @@ def cmd_profile(args) -> dict:
             if greedy and not r["identical"]
         ],
         "per_category": _per_category(rows),
+        "per_choice": {
+            ",".join(map(str, c)): {"offered": o, "accepted": a}
+            for c, (o, a) in sorted(getattr(proposer, "path_stats", {}).items())
+        },
         "per_prompt": rows,
     }
     out = Path(args.out)
@@ -405,6 +409,108 @@ def _table(report: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# tune
+# ---------------------------------------------------------------------------------------------
+
+
+def measured_acceptance(per_choice: dict, min_offered: int = 3):
+    """acceptance(depth, rank) from a Medusa profile's per-choice counts; (depth, rank) pairs seen
+    fewer than min_offered times use the assumed table, scaled by how the seen ones compared to it."""
+    from specdec.proposers.medusa import assumed_acceptance
+
+    seen: dict[tuple[int, int], list[int]] = {}
+    for key, v in per_choice.items():
+        path = tuple(int(x) for x in key.split(","))
+        d, r = len(path) - 1, path[-1]
+        o, a = seen.get((d, r), [0, 0])
+        seen[(d, r)] = [o + v["offered"], a + v["accepted"]]
+    measured = {k: a / o for k, (o, a) in seen.items() if o >= min_offered}
+    ratios = [m / assumed_acceptance(*k) for k, m in measured.items()]
+    scale = sum(ratios) / len(ratios) if ratios else 1.0
+
+    def acceptance(depth: int, rank: int) -> float:
+        return measured.get((depth, rank), min(1.0, scale * assumed_acceptance(depth, rank)))
+
+    return acceptance, measured
+
+
+def cmd_tune(args) -> dict:
+    import specdec
+    from specdec.heads.medusa import load_medusa
+    from specdec.proposers.medusa import default_choices, expected_accepted
+    from specdec.tree import DEFAULT_NODE_BUCKETS
+
+    report_path = Path(args.report)
+    if not report_path.is_file():
+        raise CliError(f"--report {report_path}: file not found (run `specdec profile --proposer medusa` first)")
+    report = json.loads(report_path.read_text())
+    if not report.get("per_choice"):
+        raise CliError(f"--report {report_path} has no per-choice acceptance (profile a Medusa proposer)")
+    check_proposer_args(argparse.Namespace(proposer="medusa", draft=None, heads=args.heads))
+    model, tok = load_target(args.target, args.dtype, args.device)
+    num_heads = load_medusa(
+        args.heads, model.config.hidden_size, model.get_output_embeddings().weight.shape[0]
+    ).config.num_heads
+    acceptance, measured = measured_acceptance(report["per_choice"])
+    sizes = [1] + [b for b in DEFAULT_NODE_BUCKETS if 2 <= b <= args.max_nodes]
+    costs = specdec.Engine(model, None).step_costs(sizes)
+    t_draft = report["step_ms"]["draft"] / 1e3
+    candidates = []
+    for size in sizes[1:]:
+        choices = default_choices(size - 1, num_heads, acceptance=acceptance)
+        tau = 1 + expected_accepted(choices, acceptance)
+        candidates.append(
+            {
+                "nodes": size,
+                "expected_tau": tau,
+                "predicted_speedup": tau * costs[1] / (t_draft + costs[size]),
+                "choices": choices,
+            }
+        )
+    best = max(candidates, key=lambda c: c["predicted_speedup"])
+    result = {
+        "choices": [list(c) for c in best["choices"]],
+        "nodes": best["nodes"],
+        "expected_tau": best["expected_tau"],
+        "predicted_speedup": best["predicted_speedup"],
+        "verify_cost_ms": {n: 1e3 * t for n, t in costs.items()},
+        "measured_acceptance": {f"{d},{r}": a for (d, r), a in sorted(measured.items())},
+        "candidates": [{k: v for k, v in c.items() if k != "choices"} for c in candidates],
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(
+        f"tuned tree: {best['nodes']} nodes, expected tau {best['expected_tau']:.2f}, predicted speedup "
+        f"{best['predicted_speedup']:.2f} -> {out}"
+    )
+    if args.prompts:  # re-measure with the tuned tree
+        prof = argparse.Namespace(
+            **{
+                **vars(args),
+                "proposer": "medusa",
+                "draft": None,
+                "tree": str(out),
+                "out": args.profile_out or str(out.parent / "tuned_profile"),
+                "category": None,
+                "limit": args.limit,
+                "batch_size": 1,
+                "max_prompt_tokens": 512,
+                "quiet": True,
+                "num_tokens": 4,
+            }
+        )
+        remeasured = cmd_profile(prof)
+        result["remeasured"] = {
+            "tau": remeasured["tau"],
+            "speedup": remeasured["speedup"],
+            "report": str(Path(prof.out) / "report.json"),
+        }
+        out.write_text(json.dumps(result, indent=1))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
 # entry point
 # ---------------------------------------------------------------------------------------------
 
@@ -425,7 +531,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="specdec", description="exact speculative decoding: profile, generate, kv-size")
+    ap = argparse.ArgumentParser(
+        prog="specdec", description="exact speculative decoding: profile, generate, tune, kv-size"
+    )
     sub = ap.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="stream a generation, then one stats line")
     _common(gen)
@@ -439,6 +547,21 @@ def parser() -> argparse.ArgumentParser:
     prof.add_argument("--max-prompt-tokens", type=int, default=512)
     prof.add_argument("--out", required=True)
     prof.add_argument("--quiet", action="store_true")
+    tune = sub.add_parser("tune", help="the Medusa tree that maximises predicted tokens/s, from a profile")
+    tune.add_argument("--report", required=True, help="report.json of `specdec profile --proposer medusa`")
+    tune.add_argument("--target", required=True)
+    tune.add_argument("--heads", required=True)
+    tune.add_argument("--out", required=True, help="the tree file (accepted by --tree)")
+    tune.add_argument("--max-nodes", type=int, default=64)
+    tune.add_argument("--prompts", help="re-measure the tuned tree on these prompts")
+    tune.add_argument("--profile-out")
+    tune.add_argument("--limit", type=int)
+    tune.add_argument("--max-new-tokens", type=int, default=64)
+    tune.add_argument("--temperature", type=float, default=0.0)
+    tune.add_argument("--top-p", type=float, default=None)
+    tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    tune.add_argument("--device", default="auto")
     kv = sub.add_parser("kv-size", help="KV-cache bytes, weights and the largest batch that fits")
     kv.add_argument("--config")
     kv.add_argument("--layers", type=int)
@@ -457,9 +580,9 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()  # stderr is for one-line errors and the stats line
     try:
-        if hasattr(args, "proposer"):
+        if hasattr(args, "proposer") and hasattr(args, "draft"):
             check_proposer_args(args)
-        {"generate": cmd_generate, "profile": cmd_profile, "kv-size": cmd_kv_size}[args.command](args)
+        {"generate": cmd_generate, "profile": cmd_profile, "kv-size": cmd_kv_size, "tune": cmd_tune}[args.command](args)
     except CliError as e:
         print(f"specdec {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE

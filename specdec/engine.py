@@ -128,6 +128,44 @@ class Engine:
             self.bm = BlockManager(total, self.block_size)
             self.cache = self.target.new_cache(total, self.block_size)
 
+    @torch.inference_mode()
+    def step_costs(self, sizes: list[int], context: int = 128, reps: int = 5) -> dict[int, float]:
+        """Median seconds of one target step over a chain of n nodes after `context` committed tokens,
+        for each n in sizes: the verify-cost curve that tree tuning needs (device-synchronised)."""
+        dev = self.target.device
+        self._ensure_pool([-(-(context + max(sizes)) // self.block_size) + 2])
+        sid = -1
+        prompt = torch.randint(0, self.target.vocab_size, (context,))
+        cached = self.bm.allocate(sid, prompt.tolist())
+        try:
+            ids, pos, meta = prefill_metadata(self.cache, self.bm, [sid], [prompt], [cached], dev, self.kernels)
+            self.target.forward(ids, pos, meta, logits_to_keep=1)
+            self.bm.commit(sid, prompt[cached:].tolist())
+            graphed = (
+                GraphedForward(self.target, self.cache, self.bm.blocks_needed(context + max(sizes)) + 1)
+                if self.cuda_graphs
+                else None
+            )
+            costs = {}
+            for n in sizes:
+                self.bm.reserve(sid, n)
+                tree = DraftTree.from_parents([[0] * n], [[-1] + list(range(n - 1))], device=dev)
+                positions, meta, _ = tree_metadata(
+                    self.cache, self.bm, [sid], tree, dev, self.kernels, gathered=graphed is None
+                )
+                times = []
+                for _ in range(reps + 1):
+                    t0 = sync_time(dev)
+                    if graphed is not None:
+                        graphed.forward(tree.tokens, positions, meta)
+                    else:
+                        self.target.forward(tree.tokens, positions, meta)
+                    times.append(sync_time(dev) - t0)
+                costs[n] = sorted(times[1:])[reps // 2]
+            return costs
+        finally:
+            self.bm.free(sid)
+
     # ----------------------------------------------------------------------------- main loop
 
     def run(

@@ -175,3 +175,64 @@ def test_break_even_acceptance():
     assert break_even_acceptance(4, 6.0) == 1.0  # can never pay
     a = break_even_acceptance(4, 2.0)
     assert abs(sum(a**i for i in range(5)) - 2.0) < 1e-9
+
+
+def test_tune_builds_a_tree_from_a_medusa_profile_and_remeasures(zoo, tmp_path):
+    from specdec.heads.medusa import MedusaConfig, MedusaHeads
+
+    heads = MedusaHeads(MedusaConfig(3, 1, 64, len(byte_bpe_tokenizer()), own_lm_head=False))
+    heads.save_pretrained(tmp_path / "heads")
+    common = ["--target", str(zoo / "target"), "--heads", str(tmp_path / "heads")]
+    assert (
+        main(
+            [
+                "profile",
+                *common,
+                "--proposer",
+                "medusa",
+                "--tree",
+                "16",
+                "--prompts",
+                str(zoo / "sb.jsonl"),
+                "--max-new-tokens",
+                "16",
+                "--out",
+                str(tmp_path / "prof"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    report = json.loads((tmp_path / "prof" / "report.json").read_text())
+    per = report["per_choice"]
+    depth1 = [v["offered"] for k, v in per.items() if "," not in k]
+    assert len(per) == 16 and len(set(depth1)) == 1 and depth1[0] > 0  # every step offers each depth-1 choice
+    assert all(v["accepted"] <= v["offered"] for v in per.values())
+    assert (
+        main(
+            [
+                "tune",
+                "--report",
+                str(tmp_path / "prof" / "report.json"),
+                *common,
+                "--out",
+                str(tmp_path / "tree.json"),
+                "--max-nodes",
+                "16",
+                "--prompts",
+                str(zoo / "sb.jsonl"),
+                "--max-new-tokens",
+                "16",
+            ]
+        )
+        == 0
+    )
+    tree = json.loads((tmp_path / "tree.json").read_text())
+    choices = [tuple(c) for c in tree["choices"]]
+    assert len(choices) == tree["nodes"] - 1 and tree["nodes"] in (2, 4, 8, 16)
+    assert all(len(c) == 1 or c[:-1] in choices for c in choices)
+    assert set(tree["verify_cost_ms"]) == {"1", "2", "4", "8", "16"}
+    assert Path(tree["remeasured"]["report"]).is_file() and tree["remeasured"]["tau"] >= 1
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"tau": 1.0}))
+    assert main(["tune", "--report", str(bad), *common, "--out", str(tmp_path / "t2.json")]) == 2

@@ -22,20 +22,28 @@ _HEAD_ACCEPT = (0.6, 0.45, 0.35, 0.3, 0.25)
 _RANK_SHARE = (1.0, 0.35, 0.2, 0.12, 0.08, 0.06, 0.05, 0.04, 0.03, 0.03)
 
 
-def default_choices(num_nodes: int, num_heads: int, top_k: int = 10) -> list[tuple[int, ...]]:
-    """The num_nodes paths of ranks with the largest assumed probability of being accepted.
+def assumed_acceptance(depth: int, rank: int) -> float:
+    """P(the rank-th candidate of head `depth` is accepted | its parent was), assumed (no data)."""
+    return _HEAD_ACCEPT[min(depth, len(_HEAD_ACCEPT) - 1)] * _RANK_SHARE[min(rank, len(_RANK_SHARE) - 1)]
 
-    A path's value is the product over its depths of head acceptance x rank share; a path is added
-    only after its prefix, so the result is always a valid (prefix-closed) Medusa choice list.
+
+def default_choices(num_nodes: int, num_heads: int, top_k: int = 10, acceptance=None) -> list[tuple[int, ...]]:
+    """The num_nodes paths of ranks with the largest probability of being accepted.
+
+    A path's value is the product over its depths of acceptance(depth, rank) (default: an assumed
+    table; `specdec tune` passes measured values); a path is added only after its prefix, so the
+    result is always a valid (prefix-closed) Medusa choice list. Its expected accepted length is the
+    sum of the values (`expected_accepted`).
     """
     if num_nodes < 1:
         raise ValueError(f"num_nodes must be >= 1, got {num_nodes}")
     top_k = min(top_k, len(_RANK_SHARE))
+    accept = acceptance or assumed_acceptance
 
     def value(path):
         v = 1.0
         for d, r in enumerate(path):
-            v *= _HEAD_ACCEPT[min(d, len(_HEAD_ACCEPT) - 1)] * _RANK_SHARE[r]
+            v *= accept(d, r)
         return v
 
     chosen: list[tuple[int, ...]] = []
@@ -47,6 +55,18 @@ def default_choices(num_nodes: int, num_heads: int, top_k: int = 10) -> list[tup
         if len(best) < num_heads:
             frontier.update(best + (r,) for r in range(top_k))
     return sorted(chosen, key=lambda c: (len(c), c))
+
+
+def expected_accepted(choices, acceptance=None) -> float:
+    """Expected accepted drafts of a static tree: the sum over its paths of their acceptance products."""
+    accept = acceptance or assumed_acceptance
+    total = 0.0
+    for c in choices:
+        v = 1.0
+        for d, r in enumerate(c):
+            v *= accept(d, r)
+        total += v
+    return total
 
 
 @register_proposer("medusa")
@@ -74,6 +94,7 @@ class Medusa(Proposer):
         self.heads, self.path = heads, path
         self._tree = tree
         self.choices: list[tuple[int, ...]] | None = None
+        self.path_stats: dict[tuple[int, ...], tuple[int, int]] = {}  # choice -> (offered, accepted)
         self.lm_head = None
         if heads is not None:
             self._set_choices(heads.config.num_heads)
@@ -113,6 +134,19 @@ class Medusa(Proposer):
         param = next(model.parameters())
         self.heads.to(device=param.device, dtype=param.dtype).eval()
         self.lm_head = model.get_output_embeddings()
+
+    def update(self, ctx: ProposeContext, tree: DraftTree, result) -> None:
+        """Count, per choice, how often it was offered (its parent accepted) and accepted: the
+        measured per-depth / per-rank acceptance that `specdec tune` builds trees from."""
+        B, N = tree.tokens.shape
+        on_path = torch.zeros(B, N + 1, dtype=torch.bool, device=tree.device)
+        on_path.scatter_(1, torch.where(result.accepted_indices >= 0, result.accepted_indices, N), True)
+        on_path[:, 0] = True
+        offered = on_path.gather(1, tree.parents.clamp(min=0)) & tree.valid()
+        counts = torch.stack([offered[:, 1:].sum(0), on_path[:, 1:N].sum(0)]).tolist()
+        for i, choice in enumerate(self.choices):
+            o, a = self.path_stats.get(choice, (0, 0))
+            self.path_stats[choice] = (o + counts[0][i], a + counts[1][i])
 
     @torch.inference_mode()
     def propose(self, ctx: ProposeContext) -> DraftTree:

@@ -267,26 +267,35 @@ def cmd_profile(args) -> dict:
     for engine in (plain_engine, spec_engine):  # warm-up: allocation, compilation, graph capture
         specdec.generate(model, warm, engine=engine, **{**kw, "max_new_tokens": 4})
     rows, plain_parts, spec_parts = [], [], []
-    for p in tqdm(prompts, desc="profile", disable=args.quiet):
-        ids = encode(tok, p, args.max_prompt_tokens).to(model.device)
-        if ids.shape[1] == 0:
+    B = max(1, args.batch_size)  # with B > 1, a prompt's numbers are those of its batch
+    for start in tqdm(range(0, len(prompts), B), desc="profile", disable=args.quiet):
+        group = prompts[start : start + B]
+        encoded = [encode(tok, p, args.max_prompt_tokens)[0] for p in group]
+        if any(len(e) == 0 for e in encoded):
             raise CliError("a prompt encodes to no tokens")
-        plain = specdec.generate(model, ids, engine=plain_engine, **kw)
-        spec = specdec.generate(model, ids, engine=spec_engine, **kw)
+        T = max(len(e) for e in encoded)
+        ids = torch.zeros(len(group), T, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for b, e in enumerate(encoded):  # left padding, as generate() expects
+            ids[b, T - len(e) :], mask[b, T - len(e) :] = e, 1
+        ids, mask = ids.to(model.device), mask.to(model.device)
+        plain = specdec.generate(model, ids, mask, engine=plain_engine, **kw)
+        spec = specdec.generate(model, ids, mask, engine=spec_engine, **kw)
         plain_parts.append(plain.stats)
         spec_parts.append(spec.stats)
-        div = first_divergence(plain.sequences[0, ids.shape[1] :], spec.sequences[0, ids.shape[1] :])
-        rows.append(
-            {
-                "category": p.category,
-                "tau": spec.stats.tau,
-                "acceptance_rate": spec.stats.acceptance_rate,
-                "plain_tokens_per_s": plain.stats.tokens_per_s,
-                "tokens_per_s": spec.stats.tokens_per_s,
-                "identical": div is None,
-                "first_divergence": div,
-            }
-        )
+        for b, p in enumerate(group):
+            div = first_divergence(plain.sequences[b, T:], spec.sequences[b, T:])
+            rows.append(
+                {
+                    "category": p.category,
+                    "tau": spec.stats.tau,
+                    "acceptance_rate": spec.stats.acceptance_rate,
+                    "plain_tokens_per_s": plain.stats.tokens_per_s,
+                    "tokens_per_s": spec.stats.tokens_per_s,
+                    "identical": div is None,
+                    "first_divergence": div,
+                }
+            )
     plain_s, spec_s = SpecStats.merge(plain_parts), SpecStats.merge(spec_parts)
     t_step = plain_s.total_time_s / max(plain_s.target_forwards, 1)
     calls = max(spec_s.target_forwards - spec_s.num_sequences, 1)  # verify steps (prefills excluded)

@@ -62,7 +62,8 @@ def test_kv_size_from_a_config_with_weights_and_batch(zoo, capsys):
 
 
 @pytest.mark.parametrize(
-    "fmt, extra", [("sb.jsonl", ["--category", "coding"]), ("he.jsonl.gz", []), ("lines.txt", ["--limit", "1"])]
+    "fmt, extra",
+    [("sb.jsonl", ["--category", "coding", "--batch-size", "2"]), ("he.jsonl.gz", []), ("lines.txt", ["--limit", "1"])],
 )
 def test_profile_each_prompt_format(zoo, tmp_path, fmt, extra):
     out = tmp_path / "prof"

@@ -48,30 +48,24 @@ def distill(
     max_prompt_tokens: int,
     max_new_tokens: int,
     cache: str | Path,
-    batch_size: int = 8,
     do_sample: bool = False,
     seed: int = 0,
 ) -> list[torch.Tensor]:
-    """Sequences prompt + the target's own continuation, as token id tensors; cached at `cache`."""
+    """Sequences prompt + the target's own continuation (one prompt at a time, plain decoding through
+    specdec's engine), as token id tensors [L_i]; cached at `cache` and read back from it next time."""
     cache = Path(cache)
     if cache.exists():
         return load_sequences(cache)
     import specdec
 
     seqs: list[torch.Tensor] = []
-    for i in range(0, len(prompts), batch_size):
-        for j, text in enumerate(prompts[i : i + batch_size]):
-            ids = tokenizer(text, return_tensors="pt").input_ids[:, :max_prompt_tokens]
-            if ids.shape[1] == 0:
-                continue
-            out = specdec.generate(
-                model,
-                ids.to(next(model.parameters()).device),
-                max_new_tokens=max_new_tokens,
-                do_sample=do_sample,
-                seed=seed + i + j,
-            )
-            seqs.append(out[0].cpu())
+    device = next(model.parameters()).device
+    for i, text in enumerate(prompts):
+        ids = tokenizer(text, return_tensors="pt").input_ids[:, :max_prompt_tokens]
+        if ids.shape[1] == 0:
+            continue
+        out = specdec.generate(model, ids.to(device), max_new_tokens=max_new_tokens, do_sample=do_sample, seed=seed + i)
+        seqs.append(out[0].cpu())
     save_sequences(seqs, cache)
     return seqs
 

@@ -267,7 +267,9 @@ def cmd_profile(args) -> dict:
     for engine in (plain_engine, spec_engine):  # warm-up: allocation, compilation, graph capture
         specdec.generate(model, warm, engine=engine, **{**kw, "max_new_tokens": 4})
     rows, plain_parts, spec_parts = [], [], []
-    B = max(1, args.batch_size)  # with B > 1, a prompt's numbers are those of its batch
+    if args.batch_size < 1:
+        raise CliError(f"--batch-size {args.batch_size} must be >= 1")
+    B = args.batch_size  # with B > 1, a prompt's numbers are those of its batch
     for start in tqdm(range(0, len(prompts), B), desc="profile", disable=args.quiet):
         group = prompts[start : start + B]
         encoded = [encode(tok, p, args.max_prompt_tokens)[0] for p in group]
@@ -526,7 +528,7 @@ def cmd_tune(args) -> dict:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target")
-    p.add_argument("--proposer", choices=None)
+    p.add_argument("--proposer", help="none, ngram, draft or medusa")
     p.add_argument("--draft")
     p.add_argument("--heads")
     p.add_argument("--tree", help="node count or a JSON file of Medusa choices")

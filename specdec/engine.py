@@ -313,20 +313,21 @@ class Engine:
         B = len(rows)
         clock = sync_time if self.time_split else (lambda _dev: time.perf_counter())
         t0 = clock(dev)
-        histories = [torch.tensor(r.tokens) for r in rows]
-        idx = torch.tensor([r.index for r in rows])
-        ctx = ProposeContext(
-            seq_ids=[r.seq_id for r in rows],
-            histories=histories,
-            params=gp.sampling.select(idx),
-            rng=RowSeeds(gp.seeds[idx], torch.tensor([r.step for r in rows])),
-            max_drafts=torch.tensor([gp.max_new_tokens - len(r.generated) - 1 for r in rows]).clamp(min=0),
-            hidden=torch.stack([r.hidden for r in rows]) if self._hidden else None,
-        )
-        if self.proposer is None:
+        seq_ids = [r.seq_id for r in rows]
+        ctx = None
+        if self.proposer is None:  # plain decoding: no history tensors, no context to build
             roots = to_device(torch.tensor([r.tokens[-1] for r in rows]), dev)
             tree = DraftTree.chain(roots, torch.zeros(B, 0, dtype=torch.long, device=dev))
         else:
+            idx = torch.tensor([r.index for r in rows])
+            ctx = ProposeContext(
+                seq_ids=seq_ids,
+                histories=[torch.tensor(r.tokens) for r in rows],
+                params=gp.sampling.select(idx),
+                rng=RowSeeds(gp.seeds[idx], torch.tensor([r.step for r in rows])),
+                max_drafts=torch.tensor([gp.max_new_tokens - len(r.generated) - 1 for r in rows]).clamp(min=0),
+                hidden=torch.stack([r.hidden for r in rows]) if self._hidden else None,
+            )
             tree = self.proposer.propose(ctx).to(dev)
         # trees built on the device are padded by their width: reading num_nodes would sync
         widest = tree.width if tree.num_nodes.device.type == "cuda" else int(tree.num_nodes.max())
@@ -339,7 +340,7 @@ class Engine:
             self.cache.copy_blocks(copies)
         graphed = self._graphed
         positions, meta, node_slots = tree_metadata(
-            self.cache, self.bm, ctx.seq_ids, tree, dev, self.kernels, gathered=graphed is None
+            self.cache, self.bm, seq_ids, tree, dev, self.kernels, gathered=graphed is None
         )
         if graphed is not None:
             logits = graphed.forward(tree.tokens, positions, meta)  # [B, N, V]

@@ -162,6 +162,22 @@ def test_generate_streams_then_prints_stats(zoo):
             ["profile", "--target", "{t}", "--proposer", "ngram", "--prompts", "{z}/missing.jsonl", "--out", "{o}"],
             "does not exist",
         ),
+        (
+            [
+                "profile",
+                "--target",
+                "{t}",
+                "--proposer",
+                "ngram",
+                "--prompts",
+                "{z}/lines.txt",
+                "--out",
+                "{o}",
+                "--batch-size",
+                "0",
+            ],
+            "--batch-size 0 must be >= 1",
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(zoo, tmp_path, capsys, argv, fragment):

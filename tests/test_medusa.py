@@ -162,8 +162,9 @@ def test_greedy_equals_model_generate(arch, own, B, tmp_path):
     assert out.stats.proposer == "medusa" and out.stats.drafted > 0
 
 
-def test_heads_that_know_the_continuation_are_accepted():
-    """Heads whose lm_head is the target's shifted prediction: a sanity check of the hidden-state plumbing."""
+def test_identity_head_on_the_target_lm_head_only_accepts_repeats():
+    """A head with no blocks on the target's own lm_head proposes the root token again: it may be
+    accepted only where the target repeats a token (a check of the hidden-state plumbing)."""
     model = tiny("llama", vocab=V)
     ids = torch.tensor([[5, 6, 7, 8]])
     heads = MedusaHeads(MedusaConfig(1, 0, H, V, own_lm_head=False))  # head 0 = the target's own lm_head

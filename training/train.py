@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..heads.medusa import MedusaConfig, MedusaHeads
-from .data import distill, read_prompts
+from .data import distill, load_sequences, read_prompts
 from .logging import make_logger
 from .medusa_trainer import TrainConfig, _world, init_distributed, train_medusa
 
@@ -51,8 +51,6 @@ def run(cfg: DictConfig) -> Path:
         )
     if world > 1:
         torch.distributed.barrier()
-    from .data import load_sequences
-
     sequences = load_sequences(cache)
     torch.manual_seed(cfg.seed)
     heads = MedusaHeads(

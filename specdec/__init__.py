@@ -4,7 +4,7 @@ from .api import GenerateOutput, generate
 from .cache import BlockManager, OutOfBlocksError, PagedKVCache
 from .engine import Engine
 from .metrics import SpecStats
-from .proposers import DraftModel, Medusa, Ngram, Proposer, register_proposer
+from .proposers import DraftModel, Eagle, Medusa, Ngram, Proposer, register_proposer
 from .sampling import RowSeeds, SamplingParams, process_logits, sample_from_probs
 from .tree import DraftTree, Law, node_bucket
 from .verify import TypicalParams, VerifyMode, VerifyResult, verify
@@ -15,6 +15,7 @@ __all__ = [
     "BlockManager",
     "DraftModel",
     "DraftTree",
+    "Eagle",
     "Engine",
     "GenerateOutput",
     "Law",

@@ -105,6 +105,7 @@ class Engine:
         self._graphed: GraphedForward | None = None
         self.time_split = not self.kernels if time_split is None else time_split
         self._hidden = self.proposer is not None and "last_hidden" in self.proposer.needs
+        self._features: tuple[int, ...] | None = None  # the proposer's feature layers (set per call)
         self._call: tuple[SamplingParams, torch.Tensor, bool] | None = None  # this call's params on the device
 
     # ----------------------------------------------------------------------------- pool
@@ -184,10 +185,6 @@ class Engine:
             self._next_seq += 1
         needs = [self._row_need(len(p), gp.max_new_tokens) for p in prompts]
         self._ensure_pool(needs)
-        if self.cuda_graphs:
-            g = self._graphed
-            if g is None or g.cache is not self.cache or g.max_blocks < max(needs) or g.last_hidden != self._hidden:
-                self._graphed = GraphedForward(self.target, self.cache, max(max(needs), 64), self._hidden)
         if self.proposer is not None:
             self.proposer.start(
                 self.target,
@@ -195,6 +192,22 @@ class Engine:
                 num_blocks=self.bm.num_blocks,
                 max_blocks_per_row=max(max(needs), 64),
             )
+            if "features" in self.proposer.needs:
+                if not self.proposer.feature_layers:
+                    raise RuntimeError(f"{type(self.proposer).__name__} needs features but set no feature_layers")
+                self._features = tuple(self.proposer.feature_layers)
+        if self.cuda_graphs:
+            g = self._graphed
+            if (
+                g is None
+                or g.cache is not self.cache
+                or g.max_blocks < max(needs)
+                or g.last_hidden != self._hidden
+                or g.feature_layers != self._features
+            ):
+                self._graphed = GraphedForward(
+                    self.target, self.cache, max(max(needs), 64), self._hidden, self._features
+                )
         use_presence = bool((gp.sampling.repetition_penalty != 1).any())
         if use_presence:
             for r in rows:
@@ -249,10 +262,14 @@ class Engine:
         dev = self.target.device
         t0 = sync_time(dev)
         ids = [r.seq_id for r in rows]
-        cached = [self.bm.allocate(r.seq_id, r.tokens) for r in rows]
+        # a proposer that reads features at every prompt position needs every position computed
+        share = self._features is None
+        cached = [self.bm.allocate(r.seq_id, r.tokens, share=share) for r in rows]
         prompts = [r.prompt for r in rows]
         input_ids, pos, meta = prefill_metadata(self.cache, self.bm, ids, prompts, cached, dev, self.kernels)
-        out = self.target.forward(input_ids, pos, meta, logits_to_keep=1, last_hidden=self._hidden)
+        out = self.target.forward(
+            input_ids, pos, meta, logits_to_keep=1, last_hidden=self._hidden, features=self._features
+        )
         logits = out.logits  # [B, 1, V]
         if self._hidden:
             for b, r in enumerate(rows):
@@ -279,7 +296,11 @@ class Engine:
         if self.proposer is not None:
             live = [r for r in rows if not r.done]
             if live:
-                self.proposer.prefill([r.seq_id for r in live], [r.prompt for r in live])
+                feats = None
+                if self._features is not None:  # left-padded [B, T, F]: row b's prompt is its last P_b
+                    T = out.features.shape[1]
+                    feats = [out.features[r_i, T - len(r.prompt) :] for r_i, r in enumerate(rows) if not r.done]
+                self.proposer.prefill([r.seq_id for r in live], [r.prompt for r in live], features=feats)
                 self._proposer_rows.update(r.seq_id for r in live)
 
     # ----------------------------------------------------------------------------- one step
@@ -344,10 +365,10 @@ class Engine:
         )
         if graphed is not None:
             logits = graphed.forward(tree.tokens, positions, meta)  # [B, N, V]
-            hidden = graphed.hidden
+            hidden, features = graphed.hidden, graphed.features
         else:
-            out = self.target.forward(tree.tokens, positions, meta, last_hidden=self._hidden)
-            logits, hidden = out.logits, out.last_hidden
+            out = self.target.forward(tree.tokens, positions, meta, last_hidden=self._hidden, features=self._features)
+            logits, hidden, features = out.logits, out.last_hidden, out.features
         res = self._verify(rows, tree, logits, gp)
         stats.target_forwards += 1
         if self._hidden:  # the hidden state at the end of the accepted path produced the next root
@@ -380,6 +401,7 @@ class Engine:
         else:
             stats.record_step([], [], B, B)
         if self.proposer is not None:
+            ctx.features = features
             self.proposer.update(ctx, tree, res)
         for b, r in enumerate(rows):
             n = num_acc[b]

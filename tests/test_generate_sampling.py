@@ -14,7 +14,8 @@ from models import noisy_copy, tiny
 from replay import ReplayTree
 
 import specdec
-from specdec import DraftModel, Medusa, Ngram, SamplingParams, process_logits
+from specdec import DraftModel, Eagle, Medusa, Ngram, SamplingParams, process_logits
+from specdec.heads.eagle import EagleDrafter
 from specdec.heads.medusa import MedusaConfig, MedusaHeads
 from specdec.tree import Law
 
@@ -109,7 +110,37 @@ def _run(model, prompt, proposer, setting, n=N_RUNS):
     )
 
 
-CASES = [("ngram", "peaky"), ("draft", "peaky"), ("draft", "spread"), ("tree", "spread"), ("medusa", "spread")]
+CASES = [
+    ("ngram", "peaky"),
+    ("draft", "peaky"),
+    ("draft", "spread"),
+    ("tree", "spread"),
+    ("medusa", "spread"),
+    ("eagle2", "spread"),
+    ("eagle3_chain", "spread"),
+]
+
+
+def _eagle(version: int, chain: bool):
+    """A random EAGLE drafter: EAGLE-2 trees (POINT) or an EAGLE-3 chain over a 6-token draft
+    vocabulary (sampled rows draw from its q: IID)."""
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=V,
+        num_hidden_layers=1,
+        draft_vocab_size=6,
+        eagle_aux_hidden_state_layer_ids=[0, 1, 1],
+    )
+    torch.manual_seed(6)
+    drafter = EagleDrafter(cfg, version=version)
+    if version == 3:
+        drafter.set_vocab_map(torch.tensor([0, 1, 2, 4, 5, 7]))
+    return Eagle(drafter, depth=2, top_k=3, total_tokens=6, chain=chain)
 
 
 def _medusa():
@@ -131,6 +162,8 @@ def test_first_tokens_follow_the_target_law(worlds, kind, world, setting):
         "ngram": lambda: Ngram(num_tokens=3),
         "tree": RandomTree,
         "medusa": _medusa,
+        "eagle2": lambda: _eagle(1, chain=False),
+        "eagle3_chain": lambda: _eagle(3, chain=True),
     }[kind]()
     out = _run(target, prompt, proposer, setting)
     bound = tv_bound(V * V, N_RUNS)

@@ -31,6 +31,7 @@ class _Seq:
     num_tokens: int = 0  # committed tokens: their K/V are valid
     token_ids: list[int] = field(default_factory=list)  # committed ids, for hashing full blocks
     hashes: list[int] = field(default_factory=list)  # chained hash of each full block so far
+    shared: bool = True  # publish full blocks for prefix sharing
 
 
 def _chain_hash(prev: int, token_ids: tuple[int, ...]) -> int:
@@ -134,12 +135,14 @@ class BlockManager:
 
     # ----------------------------------------------------------------------------- lifecycle
 
-    def allocate(self, seq_id: int, token_ids: Sequence[int]) -> int:
+    def allocate(self, seq_id: int, token_ids: Sequence[int], share: bool = True) -> int:
         """Create a sequence with room for `token_ids`; return how many leading tokens are cached.
 
         Full blocks of the prompt are hashed now, so later sequences (in the same batch too) share
         them; the caller must compute every token at or after the returned count. At least the
-        last token is always left to compute (its logits are needed).
+        last token is always left to compute (its logits are needed). share=False neither reuses
+        nor publishes blocks (returns 0): for callers that need every position computed, e.g. a
+        proposer that reads the target's features at every prompt position.
         """
         if seq_id in self._seqs:
             raise ValueError(f"sequence {seq_id} is already allocated")
@@ -151,7 +154,7 @@ class BlockManager:
         hits: list[int] = []
         hashes: list[int] = []
         h = 0
-        for i in range(num_full):
+        for i in range(num_full if share else 0):
             chunk = tuple(ids[i * bs : (i + 1) * bs])
             h = _chain_hash(h, chunk)
             block_id = self._by_hash.get(h)
@@ -170,9 +173,11 @@ class BlockManager:
         seq.num_tokens = len(hits) * bs
         seq.token_ids = ids[: seq.num_tokens]
         seq.hashes = hashes
+        seq.shared = share
         self._seqs[seq_id] = seq
         # hash the prompt's remaining full blocks now: they are computed by this prefill
-        self._hash_full_blocks(seq, ids, upto=num_full)
+        if share:
+            self._hash_full_blocks(seq, ids, upto=num_full)
         return seq.num_tokens
 
     def _hash_full_blocks(self, seq: _Seq, ids: list[int], upto: int) -> None:
@@ -218,7 +223,8 @@ class BlockManager:
             raise ValueError(f"sequence {seq_id}: committing {n} tokens beyond its reserved slots")
         seq.token_ids += [int(t) for t in token_ids]
         seq.num_tokens += n
-        self._hash_full_blocks(seq, seq.token_ids, upto=seq.num_tokens // self.block_size)
+        if seq.shared:
+            self._hash_full_blocks(seq, seq.token_ids, upto=seq.num_tokens // self.block_size)
         self.truncate(seq_id, seq.num_tokens)
 
     def truncate(self, seq_id: int, num_tokens: int) -> None:
@@ -248,7 +254,7 @@ class BlockManager:
         src = self._seq(src_id)
         for block_id in src.table:
             self._ref(block_id)
-        self._seqs[dst_id] = _Seq(list(src.table), src.num_tokens, list(src.token_ids), list(src.hashes))
+        self._seqs[dst_id] = _Seq(list(src.table), src.num_tokens, list(src.token_ids), list(src.hashes), src.shared)
 
     def free(self, seq_id: int) -> None:
         seq = self._seqs.pop(seq_id, None)

@@ -2,12 +2,14 @@
 
 from .base import PROPOSERS, ProposeContext, Proposer, register_proposer, resolve_proposer
 from .draft_model import DraftModel
+from .eagle import Eagle
 from .medusa import Medusa, default_choices
 from .ngram import Ngram
 
 __all__ = [
     "PROPOSERS",
     "DraftModel",
+    "Eagle",
     "Medusa",
     "Ngram",
     "ProposeContext",

@@ -33,6 +33,9 @@ class ProposeContext:
     hidden      [B, H] or None      the target's final hidden state (the lm_head's input) at the
                                     position whose logits produced the root; given when the
                                     proposer's `needs` has "last_hidden"
+    features    [B, N, F] or None   set before `update`: the target's features (the proposer's
+                                    `feature_layers`) at every node of the verified tree; given
+                                    when `needs` has "features"
     """
 
     seq_ids: list[int]
@@ -41,6 +44,7 @@ class ProposeContext:
     rng: RowSeeds
     max_drafts: torch.Tensor
     hidden: torch.Tensor | None = None
+    features: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -56,6 +60,8 @@ class Proposer:
 
     name: ClassVar[str] = "base"
     needs: ClassVar[frozenset[str]] = frozenset()
+    # with "features" in needs: the target layers to capture (runtime.hf.capture_features), set by start()
+    feature_layers: tuple[int, ...] | None = None
 
     @property
     def max_nodes(self) -> int:
@@ -67,8 +73,11 @@ class Proposer:
 
         num_blocks is the target's pool size; max_blocks_per_row bounds one row's block table."""
 
-    def prefill(self, seq_ids: list[int], prompts: list[torch.Tensor]) -> None:
-        """New rows joined with these prompts [L_b]."""
+    def prefill(
+        self, seq_ids: list[int], prompts: list[torch.Tensor], features: list[torch.Tensor] | None = None
+    ) -> None:
+        """New rows joined with these prompts [L_b]; features [L_b, F] at every prompt position when
+        `needs` has "features"."""
 
     def propose(self, ctx: ProposeContext) -> DraftTree:
         raise NotImplementedError

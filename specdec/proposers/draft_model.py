@@ -78,7 +78,7 @@ class DraftModel(Proposer):
             return self._graphed.forward(ids, positions, meta)[:, -1]
         return self.runtime.forward(ids, positions, meta, logits_to_keep=1).logits[:, -1]
 
-    def prefill(self, seq_ids: list[int], prompts: list[torch.Tensor]) -> None:
+    def prefill(self, seq_ids: list[int], prompts: list[torch.Tensor], features=None) -> None:
         dev = self.runtime.device
         cached = [self.bm.allocate(s, p.tolist()) for s, p in zip(seq_ids, prompts, strict=True)]
         ids, pos, meta = prefill_metadata(self.cache, self.bm, seq_ids, prompts, cached, dev, self.kernels)

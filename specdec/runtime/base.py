@@ -45,11 +45,14 @@ class AttentionMetadata:
 @dataclass(slots=True)
 class ModelOutput:
     """logits [B, T', V] (T' = the kept positions); hidden_states: per layer [B, T, hidden] or None;
-    last_hidden [B, T', hidden]: what the lm_head saw (after the final norm), when asked for."""
+    last_hidden [B, T', hidden]: what the lm_head saw (after the final norm), when asked for;
+    features [B, T, F]: the requested layer features at every position, concatenated (see
+    runtime.hf.capture_features)."""
 
     logits: torch.Tensor
     hidden_states: tuple[torch.Tensor, ...] | None = None
     last_hidden: torch.Tensor | None = None
+    features: torch.Tensor | None = None
 
 
 class TargetModel(Protocol):
@@ -68,8 +71,10 @@ class TargetModel(Protocol):
         logits_to_keep: int = 0,
         output_hidden_states: bool = False,
         last_hidden: bool = False,
+        features: tuple[int, ...] | None = None,
     ) -> ModelOutput:
-        """input_ids, positions [B, T] -> logits [B, T', V]; last_hidden adds the lm_head's input."""
+        """input_ids, positions [B, T] -> logits [B, T', V]; last_hidden adds the lm_head's input,
+        features the given layers' features at every position."""
         ...
 
     def new_cache(self, num_blocks: int, block_size: int) -> PagedKVCache: ...

@@ -26,6 +26,7 @@ class _Captured:
     meta: AttentionMetadata  # static paged buffers
     logits: torch.Tensor  # [Bb, T, V]
     hidden: torch.Tensor | None = None  # [Bb, T, H] the lm_head's input, when captured
+    features: torch.Tensor | None = None  # [Bb, T, F] layer features, when captured
 
 
 def batch_bucket(batch: int) -> int:
@@ -45,10 +46,19 @@ class GraphedForward:
     max_blocks : block-table width of the static buffers; keys beyond max_blocks * page never exist.
     """
 
-    def __init__(self, runtime: HFModel, cache: PagedKVCache, max_blocks: int, last_hidden: bool = False):
+    def __init__(
+        self,
+        runtime: HFModel,
+        cache: PagedKVCache,
+        max_blocks: int,
+        last_hidden: bool = False,
+        features: tuple[int, ...] | None = None,
+    ):
         self.runtime, self.cache, self.max_blocks = runtime, cache, max_blocks
         self.last_hidden = last_hidden  # also capture the lm_head's input (proposers that need it)
+        self.feature_layers = features  # also capture these layer features (EAGLE)
         self.hidden: torch.Tensor | None = None  # [B, T, H] of the latest replay
+        self.features: torch.Tensor | None = None  # [B, T, F] of the latest replay
         self.graphs: dict[tuple[int, int], _Captured] = {}
         self.pool = None
 
@@ -73,12 +83,16 @@ class GraphedForward:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm up: Triton compiles, cuBLAS picks its kernels
-                self.runtime.forward(c.input_ids, c.positions, c.meta, last_hidden=self.last_hidden)
+                self.runtime.forward(
+                    c.input_ids, c.positions, c.meta, last_hidden=self.last_hidden, features=self.feature_layers
+                )
         torch.cuda.current_stream().wait_stream(stream)
         c.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(c.graph, pool=self.pool):
-            out = self.runtime.forward(c.input_ids, c.positions, c.meta, last_hidden=self.last_hidden)
-        c.logits, c.hidden = out.logits, out.last_hidden
+            out = self.runtime.forward(
+                c.input_ids, c.positions, c.meta, last_hidden=self.last_hidden, features=self.feature_layers
+            )
+        c.logits, c.hidden, c.features = out.logits, out.last_hidden, out.features
         self.pool = c.graph.pool()
         return c
 
@@ -106,4 +120,5 @@ class GraphedForward:
         s.new_mask[:B].copy_(meta.new_mask)
         c.graph.replay()
         self.hidden = c.hidden[:B] if c.hidden is not None else None
+        self.features = c.features[:B] if c.features is not None else None
         return c.logits[:B]

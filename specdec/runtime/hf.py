@@ -106,6 +106,60 @@ def check_supported(model: torch.nn.Module) -> None:
         raise ValueError(f"{name} has no language-model head; pass a *ForCausalLM model")
 
 
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder layers of a transformers causal LM (Llama-style `layers`, GPT-2-style `h`)."""
+    base = getattr(model, model.base_model_prefix, model)
+    for name in ("layers", "h", "blocks"):
+        layers = getattr(base, name, None)
+        if isinstance(layers, torch.nn.ModuleList):
+            return layers
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__} (looked for layers, h, blocks)")
+
+
+@contextlib.contextmanager
+def capture_features(model: torch.nn.Module, layers: tuple[int, ...]):
+    """Record features of `model` while the context is open; yields a function that returns the
+    features of the latest forward, [B, T, F] (F = len(layers) x hidden), concatenated in order.
+
+    Layer index i < L is the input of decoder layer i (0: the embeddings; EAGLE-3 and vLLM's
+    `eagle_aux_hidden_state_layer_ids` count the same way); i == L is the final hidden state after
+    the final norm (what the lm_head sees: EAGLE-1's feature). The hooks are removed on exit, also
+    after an error.
+    """
+    blocks = decoder_layers(model)
+    L = len(blocks)
+    bad = [i for i in layers if not 0 <= int(i) <= L]
+    if bad or not layers:
+        raise ValueError(f"feature layers {list(layers)} must be non-empty and in [0, {L}] for a {L}-layer model")
+    seen: dict[int, torch.Tensor] = {}
+    hooks = []
+
+    def pre(i):
+        def hook(module, args, kwargs):
+            seen[i] = args[0] if args else kwargs["hidden_states"]
+
+        return hook
+
+    def post(module, args, kwargs, output):
+        seen[L] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+    try:
+        for i in sorted(set(layers)):
+            if i < L:
+                hooks.append(blocks[i].register_forward_pre_hook(pre(i), with_kwargs=True))
+        if L in layers:
+            base = getattr(model, model.base_model_prefix, model)
+            hooks.append(base.register_forward_hook(post, with_kwargs=True))
+
+        def read() -> torch.Tensor:
+            return torch.cat([seen[i] for i in layers], -1)
+
+        yield read
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 class HFModel:
     """A transformers causal LM behind the TargetModel interface.
 
@@ -151,18 +205,21 @@ class HFModel:
         logits_to_keep: int = 0,
         output_hidden_states: bool = False,
         last_hidden: bool = False,
+        features: tuple[int, ...] | None = None,
     ) -> ModelOutput:
         """input_ids, positions [B, T] -> logits [B, T', V] (T' = logits_to_keep or T).
 
         last_hidden=True also returns the lm_head's input [B, T', hidden] (a forward pre-hook on
-        the output embedding, registered for this call only).
+        the output embedding, registered for this call only). features=(i, ...) also returns those
+        layers' features at every position [B, T, F] (`capture_features`, hooks for this call only).
         """
         seen: list[torch.Tensor] = []
         hook = None
         if last_hidden:
             hook = self.model.get_output_embeddings().register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+        capture = capture_features(self.model, features) if features else contextlib.nullcontext()
         try:
-            with self._paged_attention():
+            with self._paged_attention(), capture as read:
                 out = self.model(
                     input_ids=input_ids,
                     position_ids=positions,
@@ -171,8 +228,11 @@ class HFModel:
                     output_hidden_states=output_hidden_states,
                     specdec_meta=meta,
                 )
+                feats = read() if features else None
         finally:
             if hook is not None:
                 hook.remove()
         hidden = tuple(out.hidden_states) if output_hidden_states else None
-        return ModelOutput(logits=out.logits, hidden_states=hidden, last_hidden=seen[-1] if seen else None)
+        return ModelOutput(
+            logits=out.logits, hidden_states=hidden, last_hidden=seen[-1] if seen else None, features=feats
+        )

@@ -1,0 +1,276 @@
+"""EAGLE: a one-layer drafter on the target's features, with EAGLE-2 dynamic trees or a chain.
+
+State per row: the drafter's own paged KV (one layer, a BlockManager of its own) and the target
+features it has not consumed yet. Drafter entry e reads (token x_{e+1}, target feature f_e) and
+predicts x_{e+2}; a row with L committed tokens has L - 1 entries once caught up, the last of
+which (the root's) predicts the first draft. Drafted nodes never enter the paged cache: their K/V
+live for one proposal, and the accepted ones are recomputed from the target's true features on
+the next catch-up (as in EAGLE), so rejected drafts need no rollback.
+
+Trees (default): EAGLE-2's top-k expansion scored by the drafter's cumulative log-probabilities,
+POINT law (exact verification against the target). Chain mode: argmax drafts for greedy rows and,
+for sampled rows, draws from the drafter's processed q (IID law, verified with that q).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..cache.block_manager import BlockManager
+from ..cache.paged_kv import PagedKVCache
+from ..heads.eagle import EagleDrafter, load_eagle
+from ..runtime.base import TargetModel
+from ..runtime.hf import paged_attention
+from ..runtime.metadata import prefill_metadata, slots_of, to_device
+from ..sampling import process_logits, sample_from_probs, uniform
+from ..tree import DraftTree, Law
+from ..verify import VerifyResult
+from .base import STREAM_DRAFT, ProposeContext, Proposer, register_proposer
+
+
+class _TreeAttend:
+    """Attention of drafted nodes: every committed drafter entry of the row, then the drafted
+    nodes that `mask` [B, T, M] marks (the node's ancestors and itself). Keys accumulate per call."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor):
+        self.k, self.v, self.valid = k, v, valid  # [B, Hkv, P, D] x2, [B, P]
+        self.mask: torch.Tensor | None = None
+
+    def __call__(self, module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        self.k = torch.cat([self.k, k.to(self.k.dtype)], 2)
+        self.v = torch.cat([self.v, v.to(self.v.dtype)], 2)
+        B, Hq, T, _ = q.shape
+        mask = torch.cat([self.valid[:, None, :].expand(B, T, -1), self.mask], 2)  # [B, T, P + M]
+        rep = Hq // self.k.shape[1]
+        keys, values = self.k.repeat_interleave(rep, 1), self.v.repeat_interleave(rep, 1)
+        out = F.scaled_dot_product_attention(
+            q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask[:, None], scale=module.scaling
+        )
+        return out.transpose(1, 2)
+
+
+@register_proposer("eagle")
+class Eagle(Proposer):
+    """Draft with an EAGLE-1/2 or EAGLE-3 drafter (heads.eagle.EagleDrafter).
+
+    Parameters
+    ----------
+    drafter : an EagleDrafter (see `from_pretrained` for checkpoint folders).
+    depth : drafting steps (the deepest draft), >= 1.
+    top_k : EAGLE-2 expansion width: children per expanded node and frontier size.
+    total_tokens : draft nodes kept per tree (root excluded), <= top_k + (depth - 1) * top_k**2.
+    chain : draft a chain of `depth` tokens instead of a tree (top_k / total_tokens unused).
+
+    EAGLE-2's published defaults are depth 6, top_k 10, total_tokens 60 (a 61-node tree; our
+    verification pads it to 64 nodes).
+    """
+
+    needs = frozenset({"features"})
+
+    def __init__(
+        self,
+        drafter: EagleDrafter,
+        depth: int = 6,
+        top_k: int = 10,
+        total_tokens: int = 60,
+        chain: bool = False,
+    ):
+        if not isinstance(drafter, EagleDrafter):
+            raise TypeError(f"drafter must be an EagleDrafter, got {type(drafter).__name__}")
+        if depth < 1 or top_k < 1:
+            raise ValueError(f"need depth >= 1 and top_k >= 1; got depth={depth}, top_k={top_k}")
+        pool = top_k + (depth - 1) * top_k * top_k
+        if not chain and not 1 <= total_tokens <= pool:
+            raise ValueError(f"total_tokens={total_tokens} must be in [1, {pool}] for depth={depth}, top_k={top_k}")
+        if not chain and top_k > drafter.draft_vocab_size:
+            raise ValueError(f"top_k={top_k} exceeds the draft vocabulary ({drafter.draft_vocab_size})")
+        self.drafter = drafter
+        self.depth, self.top_k, self.total_tokens, self.chain = depth, top_k, total_tokens, chain
+        self.bm: BlockManager | None = None
+        self.cache: PagedKVCache | None = None
+        self.pending: dict[int, list[torch.Tensor]] = {}  # features not yet consumed, [m, F] pieces
+        self.embed = None
+        self.lm_head = None
+        self.kernels = False
+        self._draft_ids: torch.Tensor | None = None  # [Vd] target id of each draft id (EAGLE-3)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, depth: int = 6, top_k: int = 10, total_tokens: int = 60, chain: bool = False
+    ) -> Eagle:
+        """A SafeAILab / vLLM / SGLang / specdec EAGLE folder; EAGLE-1/2 vs 3 is read from its config."""
+        return cls(load_eagle(path), depth=depth, top_k=top_k, total_tokens=total_tokens, chain=chain)
+
+    @property
+    def version(self) -> int:
+        return self.drafter.version
+
+    @property
+    def max_nodes(self) -> int:
+        return (self.depth if self.chain else self.total_tokens) + 1
+
+    # ----------------------------------------------------------------------------- lifecycle
+
+    def start(self, target: TargetModel, *, block_size: int, num_blocks: int, max_blocks_per_row: int) -> None:
+        model = target.model
+        d = self.drafter
+        H = int(model.config.hidden_size)
+        if d.version == 1 and d.hidden_size != H:
+            raise ValueError(f"EAGLE-1/2 drafter hidden size {d.hidden_size} != target hidden size {H}")
+        if d.version == 3 and d.fc.in_features != 3 * H:
+            raise ValueError(f"EAGLE-3 drafter fuses {d.fc.in_features // 3}-wide features; the target's are {H}")
+        if int(d.config.vocab_size) != target.vocab_size:
+            raise ValueError(f"EAGLE drafter vocabulary {d.config.vocab_size} != target vocabulary {target.vocab_size}")
+        self.feature_layers = d.feature_layers(target.num_layers)
+        param = next(model.parameters())
+        d.to(device=param.device, dtype=param.dtype).eval()
+        self.embed = d.embed_tokens if d.embed_tokens is not None else model.get_input_embeddings()
+        self.lm_head = model.get_output_embeddings()
+        if d.version == 3:
+            self._draft_ids = d.target_ids(torch.arange(d.draft_vocab_size, device=param.device))
+        self.kernels = param.device.type == "cuda"
+        if self.bm is None or self.bm.num_blocks < num_blocks or self.bm.block_size != block_size:
+            self.bm = BlockManager(num_blocks, block_size)
+            self.cache = PagedKVCache(1, num_blocks, block_size)
+
+    def prefill(self, seq_ids: list[int], prompts: list[torch.Tensor], features=None) -> None:
+        if features is None:
+            raise RuntimeError("EAGLE needs the target's features at the prompt (the engine provides them)")
+        for s, f in zip(seq_ids, features, strict=True):
+            self.pending[s] = [f]  # consumed lazily by the first propose, once the first token is known
+
+    def update(self, ctx: ProposeContext, tree: DraftTree, result: VerifyResult) -> None:
+        """Keep the target's features along the accepted path (root first): the next catch-up's input."""
+        feats = ctx.features  # [B, N, F]
+        if feats is None:
+            raise RuntimeError("EAGLE needs the target's features of the verified tree (the engine provides them)")
+        B, _, Fw = feats.shape
+        acc = result.accepted_indices.to(feats.device).clamp(min=0)
+        idx = torch.cat([torch.zeros(B, 1, dtype=torch.long, device=feats.device), acc], 1)
+        path = feats.gather(1, idx[:, :, None].expand(-1, -1, Fw))  # [B, E, F]
+        for b, (s, n) in enumerate(zip(ctx.seq_ids, result.num_accepted.tolist(), strict=True)):
+            self.pending.setdefault(s, []).append(path[b, : n + 1])
+
+    def release(self, seq_ids: list[int]) -> None:
+        for s in seq_ids:
+            self.pending.pop(s, None)
+            if s in self.bm:
+                self.bm.free(s)
+
+    def finish(self) -> None:
+        self.pending.clear()
+
+    # ----------------------------------------------------------------------------- drafting
+
+    def _catch_up(self, ctx: ProposeContext) -> torch.Tensor:
+        """Run the drafter over every entry it has not seen (paged, committed); -> root hidden [B, H]."""
+        dev = self.embed.weight.device
+        seqs = ctx.seq_ids
+        toks = [h[1:] for h in ctx.histories]  # entry e reads token e + 1
+        feats = [torch.cat(self.pending.pop(s)) for s in seqs]
+        done = []
+        for s, t, f in zip(seqs, toks, feats, strict=True):
+            n = len(t) - len(f)
+            if s not in self.bm:
+                self.bm.allocate(s, t.tolist(), share=False)
+            else:
+                _, copies = self.bm.reserve(s, len(f))
+                self.cache.copy_blocks(copies)
+            if self.bm.num_tokens(s) != n:
+                raise RuntimeError(f"EAGLE row {s}: {self.bm.num_tokens(s)} entries cached, expected {n}")
+            done.append(n)
+        ids, pos, meta = prefill_metadata(self.cache, self.bm, seqs, toks, done, dev, self.kernels)
+        B, T = ids.shape
+        x = torch.zeros(B, T, feats[0].shape[-1], dtype=feats[0].dtype, device=dev)
+        for b, f in enumerate(feats):
+            x[b, T - len(f) :] = f
+
+        def attend(module, q, k, v):
+            return paged_attention(module, q, k, v, None, scaling=module.scaling, specdec_meta=meta)[0]
+
+        h = self.drafter(self.embed(ids), x, pos, attend, from_target=True)
+        for s, t, n in zip(seqs, toks, done, strict=True):
+            self.bm.commit(s, t[n:].tolist())
+        return h[:, -1]
+
+    def _tree_attend(self, seqs: list[int], dev: torch.device) -> tuple[_TreeAttend, torch.Tensor]:
+        """The committed entries' K/V gathered once per proposal; also the root entry's positions [B]."""
+        lengths = [self.bm.num_tokens(s) for s in seqs]
+        P = max(lengths)
+        committed = to_device(torch.tensor(lengths), dev)
+        tables = to_device(self.bm.block_tables(seqs, width=self.bm.blocks_needed(P)), dev)
+        pos = torch.arange(P, device=dev).expand(len(seqs), P)
+        pos = torch.where(pos < committed[:, None], pos, -1)
+        k, v = self.cache.gather(0, slots_of(tables, pos, self.bm.block_size))
+        return _TreeAttend(k, v, pos >= 0), committed - 1
+
+    def _draft_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.drafter.logits(hidden, self.lm_head).float()
+
+    def _to_target_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """[..., Vd] draft-vocabulary logits -> [..., V] (-inf outside the draft vocabulary)."""
+        if self._draft_ids is None:
+            return logits
+        full = logits.new_full((*logits.shape[:-1], int(self.drafter.config.vocab_size)), float("-inf"))
+        full[..., self._draft_ids] = logits
+        return full
+
+    @torch.inference_mode()
+    def propose(self, ctx: ProposeContext) -> DraftTree:
+        dev = self.embed.weight.device
+        B = ctx.batch_size
+        roots = to_device(ctx.roots(), dev)
+        if int(ctx.max_drafts.max()) < 1:  # every row emits its last token: nothing to draft
+            return DraftTree.chain(roots, torch.zeros(B, 0, dtype=torch.long, device=dev))
+        h_root = self._catch_up(ctx)  # [B, H]
+        attend, root_pos = self._tree_attend(ctx.seq_ids, dev)
+        if self.chain:
+            return self._chain(ctx, roots, h_root, attend, root_pos)
+        H = h_root.shape[-1]
+        state = {"hidden": h_root[:, None], "anc": torch.zeros(B, 1, 0, dtype=torch.bool, device=dev), "step": 0}
+
+        def expand(tokens: torch.Tensor, parent: torch.Tensor) -> torch.Tensor:
+            k = tokens.shape[1]
+            state["step"] += 1
+            feats = state["hidden"].gather(1, parent[:, :, None].expand(-1, -1, H))
+            prev = state["anc"]
+            anc = prev.gather(1, parent[:, :, None].expand(-1, -1, prev.shape[2]))
+            anc = torch.cat([anc, torch.eye(k, dtype=torch.bool, device=dev).expand(B, k, k)], 2)
+            attend.mask = anc
+            positions = (root_pos + state["step"])[:, None].expand(B, k)
+            emb = self.embed(self.drafter.target_ids(tokens))
+            h = self.drafter(emb, feats, positions, attend, from_target=False)
+            state["hidden"], state["anc"] = h, anc
+            return torch.log_softmax(self._draft_logits(h), -1)
+
+        root_lp = torch.log_softmax(self._draft_logits(h_root), -1)
+        tree = DraftTree.from_topk_expansion(roots, root_lp, expand, self.depth, self.top_k, self.total_tokens)
+        if self.drafter.version == 3:
+            tree.tokens[:, 1:] = self.drafter.target_ids(tree.tokens[:, 1:])
+        return tree
+
+    def _chain(self, ctx, roots, h, attend: _TreeAttend, root_pos) -> DraftTree:
+        dev = roots.device
+        B = ctx.batch_size
+        K = int(min(self.depth, int(ctx.max_drafts.max())))
+        params = ctx.params.to(dev)
+        greedy = params.greedy
+        drafts, qs = [], []
+        logits = self._draft_logits(h)
+        for j in range(K):
+            q = process_logits(self._to_target_vocab(logits), params)  # [B, V]
+            u = uniform(ctx.rng, B, 1, STREAM_DRAFT + j, device=dev)[:, 0]
+            tok = torch.where(greedy, q.argmax(-1), sample_from_probs(q, u))
+            drafts.append(tok)
+            qs.append(q)
+            if j == K - 1:
+                break
+            attend.mask = torch.ones(B, 1, j + 1, dtype=torch.bool, device=dev)  # every earlier draft + itself
+            h = self.drafter(self.embed(tok[:, None]), h[:, None], (root_pos + j + 1)[:, None], attend, False)[:, 0]
+            logits = self._draft_logits(h)
+        law = torch.where(greedy, int(Law.POINT), int(Law.IID))
+        num = to_device(ctx.max_drafts, dev).clamp(max=K)
+        return DraftTree.chain(roots, torch.stack(drafts, 1), law, torch.stack(qs, 1), num_drafts=num)

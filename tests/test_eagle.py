@@ -1,0 +1,268 @@
+"""EAGLE: drafter modules, checkpoint layouts, feature hooks, and greedy equality with plain decoding."""
+
+import json
+
+import pytest
+import torch
+from models import tiny
+from safetensors.torch import save_file
+from transformers import LlamaConfig
+
+import specdec
+from specdec import Eagle
+from specdec.heads.eagle import EagleDrafter, load_eagle
+from specdec.runtime.hf import capture_features, decoder_layers
+
+V = 16
+
+
+def drafter_config(**over) -> LlamaConfig:
+    base = dict(
+        hidden_size=64,
+        intermediate_size=96,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=V,
+        num_hidden_layers=1,
+        draft_vocab_size=10,
+        eagle_aux_hidden_state_layer_ids=[0, 2, 3],
+    )
+    return LlamaConfig(**{**base, **over})
+
+
+def make_drafter(version: int, seed: int = 0, **over) -> EagleDrafter:
+    torch.manual_seed(seed)
+    d = EagleDrafter(drafter_config(**over), version=version)
+    if version == 3:
+        d.set_vocab_map(torch.tensor([0, 1, 2, 3, 5, 8, 9, 11, 12, 15]))
+    return d.eval()
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny("llama", vocab=V, init=0.5, seed=2, num_hidden_layers=4, eos_token_id=None)
+
+
+def _hooks(model) -> int:
+    mods = [model, *decoder_layers(model), model.model, model.get_output_embeddings()]
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in mods)
+
+
+# ------------------------------------------------------------------------------- the drafter
+
+
+def test_eagle3_vocab_map_round_trips():
+    d = make_drafter(3)
+    ids = torch.tensor([0, 1, 2, 3, 5, 8, 9, 11, 12, 15])
+    assert d.target_ids(torch.arange(10)).tolist() == ids.tolist()
+    assert d.t2d.nonzero().flatten().tolist() == ids.tolist()
+    with pytest.raises(ValueError, match="strictly increasing"):
+        d.set_vocab_map(torch.tensor([3, 1, 2, 4, 5, 6, 7, 8, 9, 10]))
+
+
+def test_eagle1_predicts_with_the_targets_lm_head(target):
+    d = make_drafter(1)
+    h = d(torch.randn(2, 3, 64), torch.randn(2, 3, 64), torch.arange(3).expand(2, 3))
+    assert d.logits(h, target.lm_head).shape == (2, 3, V)
+    with pytest.raises(ValueError, match="lm_head"):
+        d.logits(h)
+    with pytest.raises(ValueError, match="version"):
+        EagleDrafter(drafter_config(), version=2)
+
+
+def test_features_are_layer_inputs_and_the_final_hidden(target):
+    ids = torch.randint(0, V, (2, 7))
+    with torch.no_grad():
+        ref = target(ids, output_hidden_states=True)  # transformers may keep hooks of its own
+        base = target.model(ids).last_hidden_state
+        before = _hooks(target)
+        with capture_features(target, (0, 2, 4)) as read:
+            target(ids)
+            feats = read()
+    assert torch.equal(feats[..., :64], ref.hidden_states[0])  # layer 0's input: the embeddings
+    assert torch.equal(feats[..., 64:128], ref.hidden_states[2])
+    assert torch.allclose(feats[..., 128:], base)  # index L: after the final norm (the lm_head's input)
+    assert _hooks(target) == before
+    with pytest.raises(ValueError, match=r"in \[0, 4\]"):
+        with capture_features(target, (0, 5)):
+            pass
+
+
+# ------------------------------------------------------------------------------- checkpoints
+
+
+@pytest.mark.parametrize("version", [1, 3])
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_checkpoint_round_trip(tmp_path, version, fmt):
+    d = make_drafter(version)
+    d.save_pretrained(tmp_path)
+    if fmt == "bin":
+        state = {k: v for k, v in d.state_dict().items()}
+        torch.save(state, tmp_path / "pytorch_model.bin")
+        (tmp_path / "model.safetensors").unlink()
+    back = load_eagle(tmp_path, hidden_size=64, vocab_size=V)
+    assert back.version == version
+    for k, v in d.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert (cfg["architectures"] == ["LlamaForCausalLMEagle3"]) == (version == 3)
+
+
+def test_safeailab_eagle1_layout_with_embedding_and_no_bias(tmp_path):
+    d = make_drafter(1, bias=False)
+    state = {k: v for k, v in d.state_dict().items()}
+    assert "fc.bias" not in state
+    state["embed_tokens.weight"] = torch.randn(V, 64)
+    cfg = drafter_config().to_dict()
+    cfg.pop("draft_vocab_size")
+    cfg.update(architectures=["LlamaForCausalLM"], bias=False)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    back = load_eagle(tmp_path)
+    assert back.version == 1 and back.fc.bias is None
+    assert torch.equal(back.embed_tokens.weight, state["embed_tokens.weight"])
+
+
+def test_vllm_and_sglang_key_names(tmp_path):
+    d = make_drafter(3)
+    renamed = {"model." + k.replace("midlayer.", "layers.0."): v for k, v in d.state_dict().items()}
+    d.save_pretrained(tmp_path)
+    save_file({k: v.contiguous() for k, v in renamed.items()}, str(tmp_path / "model.safetensors"))
+    back = load_eagle(tmp_path)
+    for k, v in d.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+
+
+def test_t2d_is_rebuilt_from_d2t(tmp_path):
+    d = make_drafter(3)
+    d.save_pretrained(tmp_path)
+    state = {k: v for k, v in d.state_dict().items() if k != "t2d"}
+    save_file(state, str(tmp_path / "model.safetensors"))
+    assert torch.equal(load_eagle(tmp_path).t2d, d.t2d)
+
+
+def test_checkpoint_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_eagle(tmp_path)
+    d = make_drafter(3)
+    d.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="target has 32"):
+        load_eagle(tmp_path, hidden_size=32)
+    with pytest.raises(ValueError, match="vocab_size=16 but the target has 50"):
+        load_eagle(tmp_path, vocab_size=50)
+    state = {k: v for k, v in d.state_dict().items() if k != "norm.weight"}
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="lacks"):
+        load_eagle(tmp_path)
+    state["norm.weight"] = torch.ones(32)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="shape"):
+        load_eagle(tmp_path)
+    state["norm.weight"] = torch.ones(64)
+    state["extra.weight"] = torch.ones(2)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="unexpected"):
+        load_eagle(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 2}))
+    with pytest.raises(ValueError, match="one layer"):
+        load_eagle(tmp_path)
+
+
+# ------------------------------------------------------------------------------- the proposer
+
+
+def test_bad_arguments_are_named():
+    d = make_drafter(1)
+    with pytest.raises(ValueError, match="depth"):
+        Eagle(d, depth=0)
+    with pytest.raises(ValueError, match="total_tokens=99"):
+        Eagle(d, depth=2, top_k=3, total_tokens=99)
+    with pytest.raises(ValueError, match="top_k=20 exceeds"):
+        Eagle(make_drafter(3), depth=2, top_k=20, total_tokens=20)
+    with pytest.raises(TypeError, match="EagleDrafter"):
+        Eagle("path")
+
+
+def test_a_drafter_for_another_target_is_refused(target):
+    before = _hooks(target)
+    ids = torch.randint(0, V, (1, 5))
+    small = make_drafter(1, hidden_size=32, intermediate_size=32)
+    with pytest.raises(ValueError, match="hidden size 32 != target hidden size 64"):
+        specdec.generate(target, ids, proposer=Eagle(small, depth=2, top_k=2, total_tokens=3), max_new_tokens=4)
+    deep = make_drafter(3, eagle_aux_hidden_state_layer_ids=[0, 2, 9])
+    with pytest.raises(ValueError, match="3 target layers"):
+        specdec.generate(target, ids, proposer=Eagle(deep, depth=2, top_k=2, total_tokens=3), max_new_tokens=4)
+    assert _hooks(target) == before
+
+
+CONFIGS = {
+    "eagle2-tree": dict(version=1, depth=3, top_k=4, total_tokens=12, chain=False),
+    "eagle2-chain": dict(version=1, depth=4, chain=True),
+    "eagle3-tree": dict(version=3, depth=4, top_k=3, total_tokens=15, chain=False),
+    "eagle3-chain": dict(version=3, depth=3, chain=True),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_greedy_equality_ragged_batch(target, name):
+    cfg = dict(CONFIGS[name])
+    before = _hooks(target)
+    drafter = make_drafter(cfg.pop("version"))
+    torch.manual_seed(3)
+    ids = torch.randint(0, V, (4, 11))
+    mask = torch.ones_like(ids)
+    mask[0, :6], mask[2, :9] = 0, 0
+    plain = specdec.generate(target, ids, mask, max_new_tokens=24)
+    out = specdec.generate(
+        target, ids, mask, proposer=Eagle(drafter, **cfg), max_new_tokens=24, return_dict_in_generate=True
+    )
+    assert torch.equal(out.sequences, plain)
+    assert out.stats.accepted > 0  # accepted paths were compacted, and the drafter caught up after them
+    assert _hooks(target) == before
+
+
+def test_eagle3_drafts_only_its_vocabulary(target):
+    drafter = make_drafter(3)
+    seen = []
+
+    class Spy(Eagle):
+        def propose(self, ctx):
+            tree = super().propose(ctx)
+            seen.append(tree.tokens[:, 1:][tree.valid()[:, 1:]])
+            return tree
+
+    specdec.generate(target, torch.randint(0, V, (2, 6)), proposer=Spy(drafter, depth=2, top_k=3, total_tokens=6))
+    drafted = torch.cat(seen)
+    assert drafted.numel() > 0 and drafter.t2d[drafted].all()
+
+
+def test_hooks_are_removed_after_an_error(target):
+    drafter = make_drafter(1)
+    before = _hooks(target)
+
+    class Boom(Eagle):
+        calls = 0
+
+        def update(self, ctx, tree, result):
+            assert _hooks(target) == before  # features come from hooks that live for one forward only
+            Boom.calls += 1
+            if Boom.calls == 2:
+                raise RuntimeError("boom")
+            super().update(ctx, tree, result)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        specdec.generate(target, torch.randint(0, V, (1, 6)), proposer=Boom(drafter, depth=2, top_k=2, total_tokens=3))
+    assert _hooks(target) == before
+
+
+def test_from_pretrained_detects_the_version(tmp_path, target):
+    make_drafter(3).save_pretrained(tmp_path / "e3")
+    make_drafter(1).save_pretrained(tmp_path / "e1")
+    assert Eagle.from_pretrained(tmp_path / "e3", depth=2, top_k=2, total_tokens=4).version == 3
+    e1 = Eagle.from_pretrained(tmp_path / "e1", depth=2, top_k=2, total_tokens=4)
+    assert e1.version == 1 and e1.max_nodes == 5
+    ids = torch.randint(0, V, (1, 5))
+    assert torch.equal(
+        specdec.generate(target, ids, proposer=e1, max_new_tokens=8), specdec.generate(target, ids, max_new_tokens=8)
+    )

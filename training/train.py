@@ -1,4 +1,4 @@
-"""Entry point: `python -m specdec.training.train head=medusa target=PATH data=PATH out=DIR`.
+"""Entry point: `python -m specdec.training.train head=medusa|eagle|eagle3 target=PATH data=PATH out=DIR`.
 
 Hydra composes conf/ (groups head, optim, logger); everything below the entry point takes typed
 arguments. Under `torchrun --nproc_per_node N` the heads train with DDP.
@@ -12,17 +12,51 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
+from ..heads.eagle import EagleDrafter
 from ..heads.medusa import MedusaConfig, MedusaHeads
 from .data import distill, load_sequences, read_prompts
+from .eagle_trainer import EagleTrainConfig, build_draft_vocab, train_eagle
 from .logging import make_logger
 from .medusa_trainer import TrainConfig, _world, init_distributed, train_medusa
 
+HEADS = ("medusa", "eagle", "eagle3")
+
+
+def eagle_drafter(target: torch.nn.Module, version: int, sequences, head: DictConfig) -> EagleDrafter:
+    """A fresh drafter shaped like one layer of the target (EAGLE-3: with the data's draft vocabulary)."""
+    tc = target.config
+    V = target.get_output_embeddings().weight.shape[0]
+    fields = dict(
+        hidden_size=tc.hidden_size,
+        intermediate_size=tc.intermediate_size,
+        num_attention_heads=tc.num_attention_heads,
+        num_key_value_heads=getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads,
+        head_dim=getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads,
+        hidden_act=getattr(tc, "hidden_act", "silu"),
+        rms_norm_eps=getattr(tc, "rms_norm_eps", 1e-6),
+        max_position_embeddings=getattr(tc, "max_position_embeddings", 4096),
+        vocab_size=V,
+        num_hidden_layers=1,
+    )
+    rope = getattr(tc, "rope_parameters", None) or getattr(tc, "rope_scaling", None)
+    if isinstance(rope, dict):
+        fields["rope_parameters"] = dict(rope)
+    if version == 3:
+        fields["draft_vocab_size"] = min(int(head.draft_vocab_size), V)
+        fields["target_hidden_size"] = tc.hidden_size
+        if head.aux_layers is not None:
+            fields["eagle_aux_hidden_state_layer_ids"] = [int(i) for i in head.aux_layers]
+    drafter = EagleDrafter(LlamaConfig(**fields), version=version)
+    if version == 3:
+        drafter.set_vocab_map(build_draft_vocab(sequences, V, fields["draft_vocab_size"]))
+    return drafter
+
 
 def run(cfg: DictConfig) -> Path:
-    if cfg.head.name != "medusa":
-        raise ValueError(f"head={cfg.head.name!r} is not available yet; choose head=medusa")
+    if cfg.head.name not in HEADS:
+        raise ValueError(f"head={cfg.head.name!r} is not a known head; choose one of {', '.join(HEADS)}")
     init_distributed()
     rank, world = _world()
     device = torch.device(
@@ -37,8 +71,12 @@ def run(cfg: DictConfig) -> Path:
     target = AutoModelForCausalLM.from_pretrained(target_path).to(device).eval()
     out = Path(cfg.out)
     cache = Path(cfg.cache) if cfg.cache else out / "distill.safetensors"
+    eval_n = int(cfg.head.get("eval_prompts", 0) or 0)
+    all_prompts = read_prompts(cfg.data, cfg.limit + eval_n if cfg.limit else None)
+    if eval_n and len(all_prompts) <= eval_n:
+        raise ValueError(f"{cfg.data} has {len(all_prompts)} prompts; need more than head.eval_prompts={eval_n}")
+    prompts, held_out = (all_prompts[:-eval_n], all_prompts[-eval_n:]) if eval_n else (all_prompts, [])
     if rank == 0:
-        prompts = read_prompts(cfg.data, cfg.limit)
         distill(
             target,
             tokenizer,
@@ -53,6 +91,42 @@ def run(cfg: DictConfig) -> Path:
         torch.distributed.barrier()
     sequences = load_sequences(cache)
     torch.manual_seed(cfg.seed)
+    logger_cfg = OmegaConf.to_container(cfg.logger, resolve=True)
+    kind = logger_cfg.pop("kind")
+    if kind == "wandb":
+        logger_cfg["config"] = OmegaConf.to_container(cfg, resolve=True)
+    logger = make_logger(kind if rank == 0 else "none", **(logger_cfg if rank == 0 else {}))
+    if cfg.head.name in ("eagle", "eagle3"):
+        drafter = eagle_drafter(target, int(cfg.head.version), sequences, cfg.head)
+        h = cfg.head
+        train_cfg = EagleTrainConfig(
+            steps=cfg.steps,
+            batch_size=cfg.batch_size,
+            lr=cfg.optim.lr,
+            weight_decay=cfg.optim.weight_decay,
+            noise=h.get("noise", 0.2),
+            feature_weight=h.get("feature_weight", 1.0),
+            ce_weight=h.get("ce_weight", 0.1),
+            ttt_steps=h.get("ttt_steps", 3),
+            step_decay=h.get("step_decay", 0.8),
+            checkpoint_every=cfg.checkpoint_every,
+            log_every=cfg.log_every,
+            eval_tokens=h.eval_tokens,
+            eval_depth=h.eval_depth,
+            eval_top_k=h.eval_top_k,
+            eval_total_tokens=h.eval_total_tokens,
+            seed=cfg.seed,
+        )
+        eval_ids = [tokenizer(t, return_tensors="pt").input_ids[0, : cfg.max_prompt_tokens] for t in held_out]
+        try:
+            drafter = train_eagle(
+                target, drafter, sequences, out, train_cfg, logger, [e for e in eval_ids if len(e)], h.feature_cache
+            )
+        finally:
+            logger.close()
+        if world > 1:
+            torch.distributed.destroy_process_group()
+        return out / ("best" if eval_n else "final")
     heads = MedusaHeads(
         MedusaConfig(
             num_heads=cfg.head.num_heads,
@@ -62,11 +136,6 @@ def run(cfg: DictConfig) -> Path:
             own_lm_head=cfg.head.own_lm_head,
         )
     )
-    logger_cfg = OmegaConf.to_container(cfg.logger, resolve=True)
-    kind = logger_cfg.pop("kind")
-    if kind == "wandb":
-        logger_cfg["config"] = OmegaConf.to_container(cfg, resolve=True)
-    logger = make_logger(kind if rank == 0 else "none", **(logger_cfg if rank == 0 else {}))
     train_cfg = TrainConfig(
         steps=cfg.steps,
         batch_size=cfg.batch_size,

@@ -45,18 +45,20 @@ def load_target(path: str | None, dtype: str, device: str):
     return model, tok
 
 
-PROPOSER_NAMES = ("none", "ngram", "draft", "medusa")
+PROPOSER_NAMES = ("none", "ngram", "draft", "medusa", "eagle")
 
 
 def check_proposer_args(args) -> None:
     """The cheap checks, before any model is loaded."""
     name = args.proposer
     if name is not None and name not in PROPOSER_NAMES:
-        raise CliError(f"unknown proposer {name!r}; choose none, ngram, draft or medusa (eagle is not available yet)")
+        raise CliError(f"unknown proposer {name!r}; choose one of {', '.join(PROPOSER_NAMES)}")
     if name == "draft" and (not args.draft or not (Path(args.draft) / "config.json").is_file()):
         raise CliError(f"--proposer draft needs --draft PATH to a model folder (got {args.draft})")
     if name == "medusa" and (not args.heads or not (Path(args.heads) / "config.json").is_file()):
         raise CliError(f"--proposer medusa needs --heads PATH to a checkpoint folder (got {args.heads})")
+    if name == "eagle" and (not args.heads or not (Path(args.heads) / "config.json").is_file()):
+        raise CliError(f"--proposer eagle needs --heads PATH to an EAGLE checkpoint folder (got {args.heads})")
 
 
 def make_proposer(args, target):
@@ -85,7 +87,18 @@ def make_proposer(args, target):
             return specdec.Medusa.from_pretrained(args.heads, tree=_tree(args.tree))
         except FileNotFoundError as e:
             raise CliError(str(e)) from None
-    raise CliError(f"unknown proposer {name!r}; choose none, ngram, draft or medusa (eagle is not available yet)")
+    if name == "eagle":
+        try:
+            return specdec.Eagle.from_pretrained(
+                args.heads,
+                depth=args.depth,
+                top_k=args.top_k,
+                total_tokens=args.total_tokens,
+                chain=args.chain,
+            )
+        except (FileNotFoundError, ValueError) as e:
+            raise CliError(f"--heads {args.heads}: {e}") from None
+    raise CliError(f"unknown proposer {name!r}; choose one of {', '.join(PROPOSER_NAMES)}")
 
 
 def _tree(spec: str | None):
@@ -528,11 +541,15 @@ def cmd_tune(args) -> dict:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target")
-    p.add_argument("--proposer", help="none, ngram, draft or medusa")
+    p.add_argument("--proposer", help="none, ngram, draft, medusa or eagle")
     p.add_argument("--draft")
-    p.add_argument("--heads")
+    p.add_argument("--heads", help="Medusa or EAGLE checkpoint folder")
     p.add_argument("--tree", help="node count or a JSON file of Medusa choices")
     p.add_argument("--num-tokens", type=int, default=4, help="drafts per step (draft, ngram)")
+    p.add_argument("--depth", type=int, default=6, help="EAGLE: drafting steps")
+    p.add_argument("--top-k", type=int, default=10, help="EAGLE-2 tree: expansion width")
+    p.add_argument("--total-tokens", type=int, default=60, help="EAGLE-2 tree: draft nodes kept")
+    p.add_argument("--chain", action="store_true", help="EAGLE: draft a chain of --depth tokens")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=None)

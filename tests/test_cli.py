@@ -253,3 +253,28 @@ def test_tune_builds_a_tree_from_a_medusa_profile_and_remeasures(zoo, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"tau": 1.0}))
     assert main(["tune", "--report", str(bad), *common, "--out", str(tmp_path / "t2.json")]) == 2
+
+
+def test_profile_eagle_tree_and_chain(zoo, tmp_path):
+    from transformers import LlamaConfig
+
+    from specdec.heads.eagle import EagleDrafter
+
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=json.loads((zoo / "target" / "config.json").read_text())["vocab_size"],
+        num_hidden_layers=1,
+    )
+    EagleDrafter(cfg, version=1).save_pretrained(tmp_path / "eagle")
+    for extra in (["--depth", "3", "--top-k", "4", "--total-tokens", "10"], ["--chain", "--depth", "3"]):
+        out = tmp_path / ("prof" + str(len(extra)))
+        argv = ["profile", "--target", str(zoo / "target"), "--proposer", "eagle", "--heads", str(tmp_path / "eagle")]
+        argv += ["--prompts", str(zoo / "lines.txt"), "--max-new-tokens", "10", "--out", str(out), "--quiet", *extra]
+        assert main(argv) == 0
+        r = json.loads((out / "report.json").read_text())
+        assert r["greedy_identical"] is True and r["proposer"] == "eagle"
+    argv = ["profile", "--target", str(zoo / "target"), "--proposer", "eagle", "--heads", str(zoo / "target")]
+    assert main([*argv, "--prompts", str(zoo / "lines.txt"), "--out", str(tmp_path / "x")]) == 2

@@ -37,7 +37,12 @@ def load_target(path: str | None, dtype: str, device: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if path is None:
-        raise CliError("--target is required (the bundled demo models are not built yet)")
+        from .demo import demo_dir
+
+        try:
+            path = str(demo_dir() / "target")
+        except FileNotFoundError as e:
+            raise CliError(f"--target is required here: {e}") from None
     if not (Path(path) / "config.json").is_file():
         raise CliError(f"--target {path}: no config.json there (expected a transformers model folder)")
     tok = AutoTokenizer.from_pretrained(path)
@@ -48,9 +53,22 @@ def load_target(path: str | None, dtype: str, device: str):
 PROPOSER_NAMES = ("none", "ngram", "draft", "medusa", "eagle")
 
 
+DEMO_HEADS = {"draft": ("draft", "draft"), "medusa": ("heads", "medusa"), "eagle": ("heads", "eagle")}
+
+
 def check_proposer_args(args) -> None:
-    """The cheap checks, before any model is loaded."""
+    """The cheap checks, before any model is loaded. Without --target, the demo models stand in
+    (assets/demo), and so do their draft / Medusa / EAGLE checkpoints when no path is given."""
     name = args.proposer
+    if getattr(args, "target", "") is None and name in DEMO_HEADS:
+        from .demo import demo_dir
+
+        field, folder = DEMO_HEADS[name]
+        if getattr(args, field, None) is None:
+            try:
+                setattr(args, field, str(demo_dir() / folder))
+            except FileNotFoundError:
+                pass
     if name is not None and name not in PROPOSER_NAMES:
         raise CliError(f"unknown proposer {name!r}; choose one of {', '.join(PROPOSER_NAMES)}")
     if name == "draft" and (not args.draft or not (Path(args.draft) / "config.json").is_file()):
@@ -277,9 +295,10 @@ def cmd_profile(args) -> dict:
         return_dict_in_generate=True,
     )
     warm = encode(tok, prompts[0], args.max_prompt_tokens).to(model.device)
-    for engine in (plain_engine, spec_engine):  # warm-up: allocation, compilation, graph capture
-        specdec.generate(model, warm, engine=engine, **{**kw, "max_new_tokens": 4})
+    for engine in (plain_engine, spec_engine):  # warm-up at full length: allocation, Triton compilation and
+        specdec.generate(model, warm, engine=engine, **kw)  # the graph captures of every step shape it meets
     rows, plain_parts, spec_parts = [], [], []
+    by_category: dict[str, list[int]] = {}  # category -> the batches holding its prompts
     if args.batch_size < 1:
         raise CliError(f"--batch-size {args.batch_size} must be >= 1")
     B = args.batch_size  # with B > 1, a prompt's numbers are those of its batch
@@ -298,6 +317,8 @@ def cmd_profile(args) -> dict:
         spec = specdec.generate(model, ids, mask, engine=spec_engine, **kw)
         plain_parts.append(plain.stats)
         spec_parts.append(spec.stats)
+        for c in {p.category for p in group}:
+            by_category.setdefault(c, []).append(len(spec_parts) - 1)
         for b, p in enumerate(group):
             div = first_divergence(plain.sequences[b, T:], spec.sequences[b, T:])
             rows.append(
@@ -351,7 +372,7 @@ def cmd_profile(args) -> dict:
             for i, r in enumerate(rows)
             if greedy and not r["identical"]
         ],
-        "per_category": _per_category(rows),
+        "per_category": _per_category(rows, by_category, plain_parts, spec_parts),
         "per_choice": {
             ",".join(map(str, c)): {"offered": o, "accepted": a}
             for c, (o, a) in sorted(getattr(proposer, "path_stats", {}).items())
@@ -362,22 +383,26 @@ def cmd_profile(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     _plots(report, out)
-    _table(report)
+    if getattr(args, "table", True):
+        _table(report)
     return report
 
 
-def _per_category(rows: list[dict]) -> dict:
-    cats: dict[str, list[dict]] = {}
-    for r in rows:
-        cats.setdefault(r["category"], []).append(r)
-    return {
-        c: {
-            "prompts": len(rs),
-            "tau": sum(r["tau"] for r in rs) / len(rs),
-            "speedup": sum(r["tokens_per_s"] for r in rs) / max(sum(r["plain_tokens_per_s"] for r in rs), 1e-9),
+def _per_category(rows: list[dict], by_category: dict, plain_parts: list, spec_parts: list) -> dict:
+    """Pooled like the overall numbers: tau = tokens / forwards and speedup = tokens/s ratio over the
+    category's batches (a batch that mixes categories counts for each of them)."""
+    from specdec.metrics import SpecStats
+
+    out = {}
+    for c, idx in by_category.items():
+        plain = SpecStats.merge([plain_parts[i] for i in idx])
+        spec = SpecStats.merge([spec_parts[i] for i in idx])
+        out[c] = {
+            "prompts": sum(1 for r in rows if r["category"] == c),
+            "tau": spec.tau,
+            "speedup": spec.tokens_per_s / plain.tokens_per_s if plain.tokens_per_s else 0.0,
         }
-        for c, rs in cats.items()
-    }
+    return out
 
 
 def _plots(report: dict, out: Path) -> None:
@@ -540,7 +565,7 @@ def cmd_tune(args) -> dict:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target")
+    p.add_argument("--target", help="a transformers model folder (default: the demo target in assets/demo)")
     p.add_argument("--proposer", help="none, ngram, draft, medusa or eagle")
     p.add_argument("--draft")
     p.add_argument("--heads", help="Medusa or EAGLE checkpoint folder")

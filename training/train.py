@@ -24,7 +24,9 @@ from .medusa_trainer import TrainConfig, _world, init_distributed, train_medusa
 HEADS = ("medusa", "eagle", "eagle3")
 
 
-def eagle_drafter(target: torch.nn.Module, version: int, sequences, head: DictConfig) -> EagleDrafter:
+def eagle_drafter(
+    target: torch.nn.Module, version: int, sequences, draft_vocab_size: int = 2048, aux_layers=None
+) -> EagleDrafter:
     """A fresh drafter shaped like one layer of the target (EAGLE-3: with the data's draft vocabulary)."""
     tc = target.config
     V = target.get_output_embeddings().weight.shape[0]
@@ -44,10 +46,10 @@ def eagle_drafter(target: torch.nn.Module, version: int, sequences, head: DictCo
     if isinstance(rope, dict):
         fields["rope_parameters"] = dict(rope)
     if version == 3:
-        fields["draft_vocab_size"] = min(int(head.draft_vocab_size), V)
+        fields["draft_vocab_size"] = min(int(draft_vocab_size), V)
         fields["target_hidden_size"] = tc.hidden_size
-        if head.aux_layers is not None:
-            fields["eagle_aux_hidden_state_layer_ids"] = [int(i) for i in head.aux_layers]
+        if aux_layers is not None:
+            fields["eagle_aux_hidden_state_layer_ids"] = [int(i) for i in aux_layers]
     drafter = EagleDrafter(LlamaConfig(**fields), version=version)
     if version == 3:
         drafter.set_vocab_map(build_draft_vocab(sequences, V, fields["draft_vocab_size"]))
@@ -97,7 +99,13 @@ def run(cfg: DictConfig) -> Path:
         logger_cfg["config"] = OmegaConf.to_container(cfg, resolve=True)
     logger = make_logger(kind if rank == 0 else "none", **(logger_cfg if rank == 0 else {}))
     if cfg.head.name in ("eagle", "eagle3"):
-        drafter = eagle_drafter(target, int(cfg.head.version), sequences, cfg.head)
+        drafter = eagle_drafter(
+            target,
+            int(cfg.head.version),
+            sequences,
+            cfg.head.get("draft_vocab_size", 2048),
+            cfg.head.get("aux_layers"),
+        )
         h = cfg.head
         train_cfg = EagleTrainConfig(
             steps=cfg.steps,

@@ -1,0 +1,74 @@
+"""The reference-model recipe end to end at its smoke size (CPU, every stage), its resume, and the split."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import specdec
+from specdec.training.lm import held_out
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _recipe(out, *extra):
+    cmd = [sys.executable, "-m", "specdec.training.lm", "size=smoke", f"out={out}",
+           f"humaneval={ROOT / 'data' / 'HumanEval.jsonl.gz'}", *extra]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lm") / "smoke"
+    res = _recipe(out)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out, res.stdout
+
+
+def test_every_stage_produces_loadable_artifacts(smoke):
+    out, log = smoke
+    for stage in ("collecting the corpus", "training the tokenizer", "training the target", "training the draft",
+                  "distilling", "training Medusa", "training the EAGLE", "evaluating"):  # fmt: skip
+        assert stage in log, stage
+    target = AutoModelForCausalLM.from_pretrained(out / "target").eval()
+    tok = AutoTokenizer.from_pretrained(out / "target")
+    assert tok.eos_token == "<|endoftext|>" and target.config.eos_token_id == tok.eos_token_id
+    record = json.loads((out / "target" / "training.json").read_text())
+    assert record["steps"] == 30 and record["tokens_seen"] == 30 * 8 * 64
+    assert record["corpus"]["train_files"] > 0 and record["corpus"]["held_out_files"] > 0
+    card = (out / "target" / "README.md").read_text()
+    assert "held-out loss / perplexity" in card and "size=smoke" in card
+    results = json.loads((out / "eval.json").read_text())["results"]
+    assert {k.split("/")[1] for k in results} == {"draft", "ngram", "medusa", "eagle"}
+    assert all(r["tau"] >= 1 for r in results.values())
+    assert "| held-out code (3) | eagle |" in (out / "README.md").read_text()
+    ids = tok("def f(x):", return_tensors="pt").input_ids
+    eagle = specdec.Eagle.from_pretrained(out / "eagle", depth=3, top_k=4, total_tokens=8)
+    spec = specdec.generate(target, ids, proposer=eagle, max_new_tokens=12)
+    assert torch.equal(spec, target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12))
+
+
+def test_a_rerun_resumes_without_retraining(smoke):
+    out, _ = smoke
+    before = (out / "target" / "model.safetensors").stat().st_mtime_ns
+    res = _recipe(out, "stages=[corpus,tokenizer,target,draft,distill,medusa,eagle]")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "training the target" not in res.stdout and "training the EAGLE" not in res.stdout
+    assert (out / "target" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_unknown_stage_is_named(tmp_path):
+    res = _recipe(tmp_path / "x", "stages=[corpus,train]")
+    assert res.returncode != 0 and "unknown stages ['train']" in res.stderr
+
+
+def test_the_split_is_a_stable_hash_of_the_path():
+    assert held_out("stdlib/os.py", 0.5) == held_out("stdlib/os.py", 0.5)
+    picks = [held_out(f"site/pkg/m{i}.py", 0.1) for i in range(2000)]
+    assert 100 < sum(picks) < 300

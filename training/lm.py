@@ -282,6 +282,15 @@ def save_lm(model, tokenizer, out: Path, record: dict, meta: dict, name: str) ->
     (out / "README.md").write_text(lm_card(name, record, meta))
 
 
+def _data_line(meta: dict) -> str:
+    c = meta["corpus"]
+    return (
+        f"{c['train_files']} train / {c['held_out_files']} held-out .py files of Python {c['python']}'s standard "
+        f"library and installed packages ({c['used_bytes'] / 1e6:.0f} MB), "
+        f"{meta['train_tokens'] / 1e6:.1f} M train tokens"
+    )
+
+
 def lm_card(name: str, r: dict, meta: dict) -> str:
     return f"""# specdec reference model: {name}
 
@@ -292,7 +301,7 @@ useful code model.
 | | |
 | --- | --- |
 | parameters | {r["parameters"] / 1e6:.2f} M |
-| data | {meta["corpus"]["train_files"]} train / {meta["corpus"]["held_out_files"]} held-out .py files of Python {meta["corpus"]["python"]}'s standard library and installed packages ({meta["corpus"]["used_bytes"] / 1e6:.0f} MB), {meta["train_tokens"] / 1e6:.1f} M train tokens |
+| data | {_data_line(meta)} |
 | tokenizer | byte-level BPE, vocabulary {meta["vocab_size"]} (`tokenizers`) |
 | steps | {r["steps"]} x {r["batch_size"]} x {r["seq_len"]} tokens = {r["tokens_seen"] / 1e6:.0f} M tokens seen |
 | final train loss | {r["final_train_loss"]} nats/token |
@@ -462,7 +471,8 @@ def write_card(out: Path, name: str, results: dict, ev: DictConfig, meta: dict, 
         f"BPE, {meta['vocab_size']} tokens) | {rec['target']['tokens_seen'] / 1e6:.0f} M tokens of Python source, "
         f"held-out perplexity {rec['target']['held_out_perplexity']} |",
         f"| draft/ | Llama, {rec['draft']['parameters'] / 1e6:.2f} M parameters, same tokenizer | "
-        f"{rec['draft']['tokens_seen'] / 1e6:.0f} M tokens, held-out perplexity {rec['draft']['held_out_perplexity']} |",
+        f"{rec['draft']['tokens_seen'] / 1e6:.0f} M tokens, "
+        f"held-out perplexity {rec['draft']['held_out_perplexity']} |",
         f"| medusa/ | {h.num_heads} Medusa-1 heads ({h.num_layers} residual block each) sharing the target's lm_head | "
         f"{h.steps} steps x {h.batch_size} sequences of the target's greedy continuations "
         f"({d.num_sequences} snippets: {d.prompt_tokens} prompt + {d.new_tokens} generated tokens) |",

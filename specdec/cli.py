@@ -295,6 +295,11 @@ def cmd_profile(args) -> dict:
         return_dict_in_generate=True,
     )
     warm = encode(tok, prompts[0], args.max_prompt_tokens).to(model.device)
+    # pools sized once for the longest prompt: a pool that grows mid-run re-captures the CUDA graphs
+    # inside the timed region (seen on the H200 as single prompts at 4 tokens/s)
+    longest = max(len(encode(tok, p, args.max_prompt_tokens)[0]) for p in prompts)
+    for engine in (plain_engine, spec_engine):
+        engine.fixed_blocks = max(args.batch_size, 1) * engine._row_need(longest, args.max_new_tokens)
     for engine in (plain_engine, spec_engine):  # warm-up at full length: allocation, Triton compilation and
         specdec.generate(model, warm, engine=engine, **kw)  # the graph captures of every step shape it meets
     rows, plain_parts, spec_parts = [], [], []

@@ -106,4 +106,5 @@ def test_eagle_is_exact_on_the_gpu(demo):
     ):
         out = specdec.generate(target, enc.input_ids, enc.attention_mask, proposer=proposer, **kw)
         assert torch.equal(out.sequences, plain)
-        assert out.stats.tau > (2.0 if proposer.version == 1 else 1.0)
+        if proposer.version == 1:  # the trained drafter is accepted (the random EAGLE-3 one need not be)
+            assert out.stats.tau > 2.0

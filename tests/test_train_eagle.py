@@ -5,10 +5,12 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from models import tiny
+from safetensors.torch import load_file
 from test_eagle import make_drafter
 from test_generate_greedy import byte_bpe_tokenizer
 from transformers import AutoModelForCausalLM
@@ -128,3 +130,33 @@ def test_eagle3_trains_with_the_training_time_test_and_loads(target_dir, tmp_pat
     counts = torch.bincount(torch.cat(seqs), minlength=drafter.t2d.numel())
     assert counts[drafter.t2d].min() >= counts[~drafter.t2d].max()  # the most frequent tokens
     _check_proposer(target_dir, tmp_path / "run" / "best", version=3)
+
+
+def test_torchrun_keeps_ranks_identical(target_dir, tmp_path):
+    """Two processes, different batches, gradients averaged: both ranks end with the same weights
+    (the training-time test runs several drafter forwards per step)."""
+    cmd = [
+        str(Path(sys.executable).parent / "torchrun"),
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "specdec.training.train",
+        "head=eagle3",
+        "head.aux_layers=[0,1,1]",
+        "head.draft_vocab_size=48",
+        "head.eval_prompts=0",
+        f"target={target_dir / 'target'}",
+        f"data={target_dir / 'prompts.txt'}",
+        f"out={tmp_path / 'ddp'}",
+        "limit=8",
+        "max_new_tokens=12",
+        "steps=6",
+        "save_rank_weights=true",
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=400)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a = load_file(str(tmp_path / "ddp" / "rank0.safetensors"))
+    b = load_file(str(tmp_path / "ddp" / "rank1.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "ddp" / "final" / "config.json").exists()

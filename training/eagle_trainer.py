@@ -132,7 +132,6 @@ def eagle_loss(
     """ids / mask [B, T], feats [B, T, F], final [B, T, H] -> (loss, metrics). See the module doc."""
     B, T = ids.shape
     E = T - 1
-    core = getattr(drafter, "module", drafter)  # under DDP the wrapper runs forward, the module the rest
     with torch.no_grad():
         emb_all = embed(ids).float()  # [B, T, H]
         logits_t = F.linear(final.float(), lm_head_weight.float())  # [B, T, V]: target logits
@@ -164,7 +163,7 @@ def eagle_loss(
             break
         tok_emb = _shift(emb_all[:, 1:], i)
         h = drafter(tok_emb, h, positions + i, attend, from_target=(i == 0))
-        logp = torch.log_softmax(core.logits(h).float(), -1)  # [B, E, Vd]
+        logp = torch.log_softmax(drafter.logits(h).float(), -1)  # [B, E, Vd]
         p = torch.softmax(_shift(logits_t[:, 1:], i), -1)[..., draft_ids]
         p = p / p.sum(-1, keepdim=True).clamp(min=1e-12)
         ce = -(p[ok] * logp[ok]).sum(-1).mean()
@@ -259,7 +258,6 @@ def train_eagle(
     if latest is not None:
         drafter.load_state_dict(load_eagle(latest).to(device).state_dict())
         start = json.loads((latest / "trainer_state.json").read_text())["step"]
-    model = torch.nn.parallel.DistributedDataParallel(drafter) if world > 1 else drafter
     opt = torch.optim.AdamW(drafter.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if latest is not None:
         opt.load_state_dict(torch.load(latest / "optimizer.pt", map_location=device, weights_only=True))
@@ -271,7 +269,7 @@ def train_eagle(
     mine = [sequences[i] for i in index]
     bar = tqdm(
         range(start, cfg.steps), disable=rank != 0, desc=f"eagle{drafter.version}", initial=start, total=cfg.steps
-    )
+    )  # under torchrun: same initial weights on every rank (same seed), gradients averaged every step
     for step in bar:
         pick, ids, mask = _batches(mine, cfg.batch_size, g)
         ids, mask = ids.to(device), mask.to(device)
@@ -280,9 +278,11 @@ def train_eagle(
         else:
             feats = _stack_padded([cached[f"f{index[i]}"] for i in pick], ids.shape[1]).to(device)
             final = _stack_padded([cached[f"g{index[i]}"] for i in pick], ids.shape[1]).to(device)
-        loss, metrics = eagle_loss(model, drafter.version, embed, lm_w, ids, mask, feats, final, cfg, draft_ids)
+        loss, metrics = eagle_loss(drafter, drafter.version, embed, lm_w, ids, mask, feats, final, cfg, draft_ids)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if world > 1:  # data parallel by hand: the training-time test runs several forwards per step,
+            _average_gradients(drafter, world)  # which DistributedDataParallel's reducer does not allow
         opt.step()
         done = step + 1
         if rank == 0:
@@ -306,6 +306,22 @@ def train_eagle(
     if world > 1:
         dist.barrier()
     return drafter
+
+
+def _average_gradients(module: torch.nn.Module, world: int) -> None:
+    """All-reduce (mean) every gradient across the process group, in one flat buffer."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.flatten() for p in params])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad.copy_(flat[offset : offset + n].view_as(p))
+        offset += n
 
 
 def _save(drafter: EagleDrafter, opt, path: Path, step: int) -> None:

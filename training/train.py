@@ -132,6 +132,11 @@ def run(cfg: DictConfig) -> Path:
             )
         finally:
             logger.close()
+        if cfg.save_rank_weights:
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in drafter.state_dict().items()},
+                str(out / f"rank{rank}.safetensors"),
+            )
         if world > 1:
             torch.distributed.destroy_process_group()
         return out / ("best" if eval_n else "final")

@@ -284,9 +284,8 @@ def load_eagle(path: str | Path, hidden_size: int | None = None, vocab_size: int
         raise ValueError(f"EAGLE drafters have one layer; {path} has num_hidden_layers={cfg['num_hidden_layers']}")
     fields = {k: v for k, v in cfg.items() if k not in ("architectures", "model_type", "transformers_version")}
     config = LlamaConfig(**fields)
-    for key, want in (("vocab_size", vocab_size),):
-        if want is not None and int(cfg[key]) != want:
-            raise ValueError(f"EAGLE drafter has {key}={cfg[key]} but the target has {want}")
+    if vocab_size is not None and int(cfg["vocab_size"]) != vocab_size:
+        raise ValueError(f"EAGLE drafter has vocab_size={cfg['vocab_size']} but the target has {vocab_size}")
     target_hidden = int(cfg.get("target_hidden_size") or cfg["hidden_size"])
     if hidden_size is not None and target_hidden != hidden_size:
         raise ValueError(f"EAGLE drafter expects target hidden size {target_hidden} but the target has {hidden_size}")

@@ -64,8 +64,9 @@ class Eagle(Proposer):
     total_tokens : draft nodes kept per tree (root excluded), <= top_k + (depth - 1) * top_k**2.
     chain : draft a chain of `depth` tokens instead of a tree (top_k / total_tokens unused).
 
-    EAGLE-2's published defaults are depth 6, top_k 10, total_tokens 60 (a 61-node tree; our
-    verification pads it to 64 nodes).
+    The defaults are the EAGLE repository's setting `depth=5, top_k=10, total_token=60`: its depth
+    counts the expansions after the root's top-k, ours the tree levels. The tree has 61 nodes, which
+    verification pads to 64.
     """
 
     needs = frozenset({"features"})

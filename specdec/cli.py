@@ -494,6 +494,10 @@ def cmd_tune(args) -> dict:
     from specdec.proposers.medusa import default_choices, expected_accepted
     from specdec.tree import DEFAULT_NODE_BUCKETS
 
+    if args.proposer == "eagle":
+        return tune_eagle(args)
+    if not args.report:
+        raise CliError("tune --proposer medusa needs --report (a report.json of `specdec profile --proposer medusa`)")
     report_path = Path(args.report)
     if not report_path.is_file():
         raise CliError(f"--report {report_path}: file not found (run `specdec profile --proposer medusa` first)")
@@ -564,6 +568,69 @@ def cmd_tune(args) -> dict:
     return result
 
 
+def parse_grid(spec: str) -> list[tuple[int, int, int]]:
+    """ "depth:top_k:total_tokens,..." -> settings; each must be a valid EAGLE-2 tree."""
+    out = []
+    for item in spec.split(","):
+        parts = item.strip().split(":")
+        if len(parts) != 3 or not all(p.isdigit() for p in parts):
+            raise CliError(f"--grid item {item!r} is not depth:top_k:total_tokens (three integers)")
+        d, k, n = (int(p) for p in parts)
+        pool = k + (d - 1) * k * k
+        if d < 1 or k < 1 or not 1 <= n <= pool:
+            raise CliError(f"--grid item {item!r}: need depth, top_k >= 1 and 1 <= total_tokens <= {pool}")
+        out.append((d, k, n))
+    return out
+
+
+def tune_eagle(args) -> dict:
+    """Measure every --grid setting with `profile` (plain and speculative decoding in the same run)
+    and keep the one with the highest measured speedup."""
+    grid = parse_grid(args.grid)
+    if not args.prompts:
+        raise CliError("tune --proposer eagle measures on prompts: pass --prompts")
+    out = Path(args.out)
+    candidates = []
+    for d, k, n in grid:
+        prof = argparse.Namespace(
+            **{
+                **vars(args),
+                "proposer": "eagle",
+                "draft": None,
+                "depth": d,
+                "top_k": k,
+                "total_tokens": n,
+                "chain": False,
+                "tree": None,
+                "out": str(out.parent / f"{out.stem}_profiles" / f"d{d}_k{k}_n{n}"),
+                "category": None,
+                "batch_size": 1,
+                "max_prompt_tokens": 512,
+                "quiet": True,
+                "num_tokens": 4,
+                "table": False,
+            }
+        )
+        r = cmd_profile(prof)
+        candidates.append(
+            {"depth": d, "top_k": k, "total_tokens": n, "tau": r["tau"], "speedup": r["speedup"],
+             "tokens_per_s": r["tokens_per_s"], "plain_tokens_per_s": r["plain_tokens_per_s"]}
+        )  # fmt: skip
+        print(f"depth {d} top_k {k} total_tokens {n}: tau {r['tau']:.2f}, speedup {r['speedup']:.2f}")
+    best = max(candidates, key=lambda c: c["speedup"])
+    result = {
+        "best": {key: best[key] for key in ("depth", "top_k", "total_tokens")},
+        "flags": f"--depth {best['depth']} --top-k {best['top_k']} --total-tokens {best['total_tokens']}",
+        "measured_on": str(args.prompts),
+        "candidates": candidates,
+        "conventions": {"speedup": "tokens/s with speculation / tokens/s of the same engine without it, same run"},
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"best: {result['flags']} (tau {best['tau']:.2f}, speedup {best['speedup']:.2f}) -> {out}")
+    return result
+
+
 # ---------------------------------------------------------------------------------------------
 # entry point
 # ---------------------------------------------------------------------------------------------
@@ -605,11 +672,19 @@ def parser() -> argparse.ArgumentParser:
     prof.add_argument("--max-prompt-tokens", type=int, default=512)
     prof.add_argument("--out", required=True)
     prof.add_argument("--quiet", action="store_true")
-    tune = sub.add_parser("tune", help="the Medusa tree that maximises predicted tokens/s, from a profile")
-    tune.add_argument("--report", required=True, help="report.json of `specdec profile --proposer medusa`")
+    tune = sub.add_parser(
+        "tune", help="Medusa: the tree that maximises predicted tokens/s, from a profile; EAGLE: measured tree sizes"
+    )
+    tune.add_argument("--proposer", choices=["medusa", "eagle"], default="medusa")
+    tune.add_argument("--report", help="Medusa: report.json of `specdec profile --proposer medusa`")
     tune.add_argument("--target", required=True)
     tune.add_argument("--heads", required=True)
-    tune.add_argument("--out", required=True, help="the tree file (accepted by --tree)")
+    tune.add_argument("--out", required=True, help="Medusa: the tree file (accepted by --tree); EAGLE: the results")
+    tune.add_argument(
+        "--grid",
+        default="3:4:8,5:4:12,5:8:32,6:10:60",
+        help="EAGLE: depth:top_k:total_tokens settings to measure, comma-separated",
+    )
     tune.add_argument("--max-nodes", type=int, default=64)
     tune.add_argument("--prompts", help="re-measure the tuned tree on these prompts")
     tune.add_argument("--profile-out")

@@ -278,3 +278,25 @@ def test_profile_eagle_tree_and_chain(zoo, tmp_path):
         assert r["greedy_identical"] is True and r["proposer"] == "eagle"
     argv = ["profile", "--target", str(zoo / "target"), "--proposer", "eagle", "--heads", str(zoo / "target")]
     assert main([*argv, "--prompts", str(zoo / "lines.txt"), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_tune_eagle_measures_each_setting(zoo, tmp_path):
+    from transformers import LlamaConfig
+
+    from specdec.heads.eagle import EagleDrafter
+
+    vocab = json.loads((zoo / "target" / "config.json").read_text())["vocab_size"]
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                      vocab_size=vocab, num_hidden_layers=1)  # fmt: skip
+    EagleDrafter(cfg, version=1).save_pretrained(tmp_path / "eagle")
+    argv = ["tune", "--proposer", "eagle", "--target", str(zoo / "target"), "--heads", str(tmp_path / "eagle")]
+    argv += ["--prompts", str(zoo / "lines.txt"), "--max-new-tokens", "8", "--out", str(tmp_path / "tune.json")]
+    assert main([*argv, "--grid", "2:2:3,3:4:8"]) == 0
+    r = json.loads((tmp_path / "tune.json").read_text())
+    assert [(c["depth"], c["top_k"], c["total_tokens"]) for c in r["candidates"]] == [(2, 2, 3), (3, 4, 8)]
+    best = max(r["candidates"], key=lambda c: c["speedup"])
+    assert r["flags"] == f"--depth {best['depth']} --top-k {best['top_k']} --total-tokens {best['total_tokens']}"
+    assert main([*argv, "--grid", "2:2:99"]) == 2
+    assert main([*argv, "--grid", "2:2"]) == 2
+    no_report = ["tune", "--target", str(zoo / "target"), "--heads", str(tmp_path / "eagle"), "--out", "x.json"]
+    assert main(no_report) == 2  # Medusa's tuner needs a profile report

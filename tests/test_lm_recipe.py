@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import specdec
-from specdec.training.lm import held_out
+from specdec.training.corpus import held_out
 
 ROOT = Path(__file__).resolve().parents[1]
 

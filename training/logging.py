@@ -64,3 +64,10 @@ def make_logger(kind: str, **kwargs) -> Logger:
     if kind == "wandb":
         return WandbLogger(**kwargs)
     raise ValueError(f"unknown logger {kind!r}; choose null, stdout or wandb")
+
+
+def stage(msg: str) -> None:
+    """One timestamped progress line of a long recipe (stdout, flushed)."""
+    import time
+
+    print(f"[lm {time.strftime('%H:%M:%S')}] {msg}", flush=True)

@@ -81,3 +81,13 @@ def load_sequences(path: str | Path) -> list[torch.Tensor]:
     d = load_file(str(path))
     o = d["offsets"].tolist()
     return [d["ids"][a:b].long() for a, b in zip(o[:-1], o[1:], strict=True)]
+
+
+def pad_batch(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[L_i] token ids -> ids, mask [B, T] (right-padded with 0, mask 1 on real tokens)."""
+    T = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), T, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, s in enumerate(seqs):
+        ids[b, : len(s)], mask[b, : len(s)] = s, 1
+    return ids, mask

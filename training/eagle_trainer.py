@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from ..heads.eagle import EagleDrafter, causal_attend, load_eagle
 from ..runtime.hf import capture_features, decoder_layers
+from .data import pad_batch
 from .logging import Logger, NullLogger
 from .medusa_trainer import _latest_checkpoint, _world
 
@@ -175,17 +176,6 @@ def eagle_loss(
     return loss, metrics
 
 
-def _batches(sequences: list[torch.Tensor], batch_size: int, g: torch.Generator):
-    pick = torch.randint(0, len(sequences), (batch_size,), generator=g).tolist()
-    batch = [sequences[i] for i in pick]
-    T = max(len(s) for s in batch)
-    ids = torch.zeros(len(batch), T, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for b, s in enumerate(batch):
-        ids[b, : len(s)], mask[b, : len(s)] = s, 1
-    return pick, ids, mask
-
-
 def _stack_padded(rows: list[torch.Tensor], T: int) -> torch.Tensor:
     """[L_i, F] rows -> [B, T, F], zero-padded at the end."""
     return torch.stack([F.pad(x, (0, 0, 0, T - x.shape[0])) for x in rows])
@@ -271,7 +261,8 @@ def train_eagle(
         range(start, cfg.steps), disable=rank != 0, desc=f"eagle{drafter.version}", initial=start, total=cfg.steps
     )  # under torchrun: same initial weights on every rank (same seed), gradients averaged every step
     for step in bar:
-        pick, ids, mask = _batches(mine, cfg.batch_size, g)
+        pick = torch.randint(0, len(mine), (cfg.batch_size,), generator=g).tolist()
+        ids, mask = pad_batch([mine[i] for i in pick])
         ids, mask = ids.to(device), mask.to(device)
         if cached is None:
             feats, final = target_features(target, ids, mask, layers)

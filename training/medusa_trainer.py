@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..heads.medusa import MedusaHeads, load_medusa
+from .data import pad_batch
 from .logging import Logger, NullLogger
 
 
@@ -109,12 +110,7 @@ def train_medusa(
     bar = tqdm(range(start, cfg.steps), disable=rank != 0, desc="medusa", initial=start, total=cfg.steps)
     for step in bar:
         pick = torch.randint(0, len(mine), (cfg.batch_size,), generator=g).tolist()
-        batch = [mine[i] for i in pick]
-        T = max(len(s) for s in batch)
-        ids = torch.zeros(len(batch), T, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for b, s in enumerate(batch):
-            ids[b, : len(s)], mask[b, : len(s)] = s, 1
+        ids, mask = pad_batch([mine[i] for i in pick])
         ids, mask = ids.to(device), mask.to(device)
         hidden = target_hidden(target, ids, mask).float()
         logits = model(hidden, lambda h: F.linear(h, lm_head.weight.float()))

@@ -72,9 +72,8 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for name, (extra, label) in PROPOSERS.items():
-            path = {"draft": ["--draft", str(root / "draft")], "medusa": ["--heads", str(root / "medusa")],
-                    "eagle": ["--heads", str(root / "eagle")]}.get(name, [])  # fmt: skip
-            argv = ["profile", "--target", str(root / "target"), "--proposer", name, *path, *extra]
+            # no --target: the command takes the demo target and its draft / Medusa / EAGLE checkpoints
+            argv = ["profile", "--proposer", name, *extra]
             argv += ["--prompts", str(prompts), "--limit", str(args.prompts), "--device", "cpu", "--quiet"]
             argv += ["--max-new-tokens", str(args.max_new_tokens), "--temperature", str(args.temperature)]
             ns = parser().parse_args([*argv, "--out", str(Path(tmp) / name)])

@@ -9,10 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from models import tiny
 from safetensors.torch import load_file
 from test_eagle import make_drafter
-from test_generate_greedy import byte_bpe_tokenizer
 from transformers import AutoModelForCausalLM
 
 import specdec
@@ -48,18 +46,6 @@ def test_training_time_test_attends_like_a_drafted_node():
     tree.mask = torch.ones(1, 1, 1, dtype=torch.bool)
     node = d(emb[:, e + 1 : e + 2], h0[:, e : e + 1], pos[:, e : e + 1] + 1, tree, from_target=False)
     assert torch.allclose(node[0, 0], h1[0, e], atol=1e-5)
-
-
-@pytest.fixture(scope="module")
-def target_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("zoo")
-    tok = byte_bpe_tokenizer()
-    model = tiny("llama", vocab=len(tok), eos_token_id=None, init=0.3)
-    model.save_pretrained(root / "target")
-    tok.save_pretrained(root / "target")
-    lines = ["def f(x):", "for i in range(10):", "return x + 1", "print(i)"] * 4 + ["x = 1", "while x:"]
-    (root / "prompts.txt").write_text("\n".join(lines))
-    return root
 
 
 def _train(target_dir, out, *extra):

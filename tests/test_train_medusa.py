@@ -9,24 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from models import tiny
 from safetensors.torch import load_file
-from test_generate_greedy import byte_bpe_tokenizer
 
 import specdec
 from specdec import Medusa
 from specdec.training.data import load_sequences, read_prompts
-
-
-@pytest.fixture(scope="module")
-def target_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("zoo")
-    tok = byte_bpe_tokenizer()
-    model = tiny("llama", vocab=len(tok), eos_token_id=None, init=0.3)
-    model.save_pretrained(root / "target")
-    tok.save_pretrained(root / "target")
-    (root / "prompts.txt").write_text("\n".join(["def f(x):", "for i in range(10):", "return x + 1", "print(i)"] * 4))
-    return root
 
 
 def _train(target_dir, out, *extra, torchrun=False):

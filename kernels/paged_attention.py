@@ -1,8 +1,12 @@
 """Paged tree attention (Triton): split-KV over the committed prefix pages, a tree mask on the new keys.
 
 One kernel serves plain decode (T = 1), tree verification (T = nodes) and prefill chunks (a causal
-mask). GQA groups are folded into query rows: row r of a program is (query t = r // G, head g = r % G)
-of one KV head. Pass 1 writes per-split partial softmax states; pass 2 merges them.
+mask). GQA groups are folded into query rows: row r of a query tile is (query t = r // G, head
+g = r % G) of one KV head; tiles of BLOCK_M rows cover T x G. Pass 1 writes per-split partial softmax
+states; pass 2 merges them. What transformers' attention layers may ask for besides the mask: a
+sliding window (key visible iff q_pos - k_pos < window; Mistral, Qwen2, Gemma2), logit softcapping
+(s <- c tanh(s / c); Gemma2) and attention sinks (one extra logit per head in the softmax
+denominator; GPT-OSS). Head sizes need not be powers of two (padded to one).
 Dims: B rows, T new tokens, H query heads, Hkv KV heads, G = H / Hkv, D head size, S cache slots.
 """
 
@@ -14,6 +18,12 @@ import triton.language as tl
 
 
 @triton.jit
+def _softcap(s, cap):
+    """cap * tanh(s / cap), through exp (the interpreter has no tanh)."""
+    return cap * (1.0 - 2.0 / (tl.exp(2.0 * s / cap) + 1.0))
+
+
+@triton.jit
 def _split_kernel(
     Q,
     K,
@@ -22,6 +32,7 @@ def _split_kernel(
     PrefixLens,
     NewSlots,
     TreeMask,
+    QPos,
     Acc,
     M,
     L,
@@ -34,6 +45,7 @@ def _split_kernel(
     sn_b,
     sm_b,
     sm_q,
+    sp_b,
     sa_b,
     sa_s,
     sa_r,
@@ -43,29 +55,43 @@ def _split_kernel(
     sml_r,
     sml_h,
     scale,
+    softcap,
+    window,
     T,
-    keys_per_split,
+    num_splits,
+    num_q_tiles,
     G: tl.constexpr,
     PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_T: tl.constexpr,
     D: tl.constexpr,
+    D_PAD: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0)
-    kvh = tl.program_id(1)
+    kvh = tl.program_id(1) // num_q_tiles
+    q_tile = tl.program_id(1) % num_q_tiles
     split = tl.program_id(2)
-    rows = tl.arange(0, BLOCK_M)
+    rows = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
     t = rows // G
     h = kvh * G + rows % G
     row_ok = t < T
-    d = tl.arange(0, D)
-    q = tl.load(Q + b * sq_b + t[:, None] * sq_t + h[:, None] * sq_h + d[None, :], mask=row_ok[:, None], other=0.0)
+    d = tl.arange(0, D_PAD)
+    d_ok = d < D
+    q = tl.load(
+        Q + b * sq_b + t[:, None] * sq_t + h[:, None] * sq_h + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0
+    )
+    q_pos = tl.load(QPos + b * sp_b + t, mask=row_ok, other=0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     prefix = tl.load(PrefixLens + b)
+    # this row's prefix split evenly (in BLOCK_N steps) over the splits: the grid may be sized for a
+    # longer prefix than this row has (CUDA graphs), and the work still spreads
+    keys_per_split = tl.cdiv(tl.cdiv(prefix, num_splits), BLOCK_N) * BLOCK_N
     lo = split * keys_per_split
     hi = tl.minimum(lo + keys_per_split, prefix)
     for start in range(lo, hi, BLOCK_N):
@@ -73,40 +99,55 @@ def _split_kernel(
         ok = pos < hi
         page = tl.load(Tables + b * st_b + pos // PAGE, mask=ok, other=0)
         slot = page.to(tl.int64) * PAGE + pos % PAGE
-        k = tl.load(K + slot[:, None] * sk_s + kvh * sk_h + d[None, :], mask=ok[:, None], other=0.0)
-        v = tl.load(V + slot[:, None] * sk_s + kvh * sk_h + d[None, :], mask=ok[:, None], other=0.0)
+        kv_ok = ok[:, None] & d_ok[None, :]
+        k = tl.load(K + slot[:, None] * sk_s + kvh * sk_h + d[None, :], mask=kv_ok, other=0.0)
+        v = tl.load(V + slot[:, None] * sk_s + kvh * sk_h + d[None, :], mask=kv_ok, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        s = tl.where(ok[None, :], s, float("-inf"))
+        if HAS_SOFTCAP:
+            s = _softcap(s, softcap)
+        vis = ok[None, :]
+        if HAS_WINDOW:
+            vis = vis & ((q_pos[:, None] - pos[None, :]) < window)
+        s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
-    if split == 0:  # the new keys (tree nodes / prefill chunk), visible through the mask
-        j = tl.arange(0, BLOCK_T)
-        j_ok = j < T
-        slot = tl.load(NewSlots + b * sn_b + j, mask=j_ok, other=-1).to(tl.int64)
-        j_ok = j_ok & (slot >= 0)  # padding tokens have no slot: never read through one
-        k = tl.load(K + slot[:, None] * sk_s + kvh * sk_h + d[None, :], mask=j_ok[:, None], other=0.0)
-        v = tl.load(V + slot[:, None] * sk_s + kvh * sk_h + d[None, :], mask=j_ok[:, None], other=0.0)
-        vis = tl.load(
-            TreeMask + b * sm_b + t[:, None] * sm_q + j[None, :], mask=row_ok[:, None] & j_ok[None, :], other=0
-        )
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        s = tl.where((vis != 0) & j_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that sees nothing yet
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
+    if split == 0:  # the new keys (tree nodes / prefill chunk), visible through the mask
+        for j0 in range(0, T, BLOCK_T):
+            j = j0 + tl.arange(0, BLOCK_T)
+            j_ok = j < T
+            slot = tl.load(NewSlots + b * sn_b + j, mask=j_ok, other=-1).to(tl.int64)
+            j_ok = j_ok & (slot >= 0)  # padding tokens have no slot: never read through one
+            kv_ok = j_ok[:, None] & d_ok[None, :]
+            k = tl.load(K + slot[:, None] * sk_s + kvh * sk_h + d[None, :], mask=kv_ok, other=0.0)
+            v = tl.load(V + slot[:, None] * sk_s + kvh * sk_h + d[None, :], mask=kv_ok, other=0.0)
+            vis = tl.load(
+                TreeMask + b * sm_b + t[:, None] * sm_q + j[None, :], mask=row_ok[:, None] & j_ok[None, :], other=0
+            )
+            vis = (vis != 0) & j_ok[None, :]
+            if HAS_WINDOW:
+                k_pos = tl.load(QPos + b * sp_b + j, mask=j_ok, other=0)
+                vis = vis & ((q_pos[:, None] - k_pos[None, :]) < window)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            if HAS_SOFTCAP:
+                s = _softcap(s, softcap)
+            s = tl.where(vis, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
     base = b * sml_b + split * sml_s + t * sml_r + h * sml_h
     tl.store(M + base, m_i, mask=row_ok)
     tl.store(L + base, l_i, mask=row_ok)
     a_ptr = Acc + b * sa_b + split * sa_s + t[:, None] * sa_r + h[:, None] * sa_h + d[None, :]
-    tl.store(a_ptr, acc, mask=row_ok[:, None])
+    tl.store(a_ptr, acc, mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -114,6 +155,7 @@ def _merge_kernel(
     Acc,
     M,
     L,
+    Sinks,
     Out,
     sa_b,
     sa_s,
@@ -130,6 +172,8 @@ def _merge_kernel(
     H,
     BLOCK_S: tl.constexpr,
     D: tl.constexpr,
+    D_PAD: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
 ):
     b = tl.program_id(0)
     t = tl.program_id(1)
@@ -139,14 +183,22 @@ def _merge_kernel(
     base = b * sml_b + s * sml_s + t * sml_r + h * sml_h
     m = tl.load(M + base, mask=s_ok, other=float("-inf"))
     l = tl.load(L + base, mask=s_ok, other=0.0)
-    m_max = tl.max(m, 0)
+    sink = tl.full([], float("-inf"), tl.float32)
+    if HAS_SINKS:  # the sink's logit joins the softmax denominator and contributes no value
+        sink = tl.load(Sinks + h).to(tl.float32)
+    m_max = tl.maximum(tl.max(m, 0), sink)
     m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
     w = tl.where(s_ok, tl.exp(m - m_max), 0.0)
-    denom = tl.sum(w * l, 0)
-    d = tl.arange(0, D)
-    acc = tl.load(Acc + b * sa_b + s[:, None] * sa_s + t * sa_r + h * sa_h + d[None, :], mask=s_ok[:, None], other=0.0)
+    denom = tl.sum(w * l, 0) + tl.exp(sink - m_max)
+    d = tl.arange(0, D_PAD)
+    d_ok = d < D
+    acc = tl.load(
+        Acc + b * sa_b + s[:, None] * sa_s + t * sa_r + h * sa_h + d[None, :],
+        mask=s_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
     out = tl.sum(acc * w[:, None], 0) / tl.where(denom > 0, denom, 1.0)
-    tl.store(Out + b * so_b + t * so_t + h * so_h + d, out.to(Out.dtype.element_ty))
+    tl.store(Out + b * so_b + t * so_t + h * so_h + d, out.to(Out.dtype.element_ty), mask=d_ok)
 
 
 def _next_pow2(x: int) -> int:
@@ -165,6 +217,10 @@ def paged_tree_attention(
     page_size: int,
     max_prefix: int,
     num_splits: int | None = None,
+    q_positions: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of T new tokens per row over their committed prefix and each other.
 
@@ -173,13 +229,18 @@ def paged_tree_attention(
     q : [B, T, H, D] queries (after RoPE).
     k_cache, v_cache : [S, Hkv, D] one layer's pools; the new tokens' K/V are already stored.
     block_tables : [B, max_blocks] int, page ids of each row.
-    prefix_lens : [B] int, committed keys per row (all visible to every new token).
+    prefix_lens : [B] int, committed keys per row (visible to every new token, within the window).
     new_slots : [B, T] int, slots of the new tokens' K/V.
     tree_mask : [B, T, T] bool, new token t may see new token j (ancestors or causal).
     scale : softmax scale.
     page_size : tokens per page.
     max_prefix : an upper bound of prefix_lens (sizes the split; a python int, no device sync).
     num_splits : prefix splits (None: enough programs to fill the GPU).
+    q_positions : [B, T] int, position ids of the new tokens (committed key p has position p);
+        needed with sliding_window.
+    sliding_window : key visible to query only if q_pos - k_pos < sliding_window (None: no window).
+    softcap : logits s become softcap * tanh(s / softcap) before masking (None: off).
+    sinks : [H] per-head sink logits added to the softmax denominator (None: off).
 
     Returns
     -------
@@ -188,23 +249,28 @@ def paged_tree_attention(
     B, T, H, D = q.shape
     S, Hkv, Dk = k_cache.shape
     assert Dk == D and H % Hkv == 0 and v_cache.shape == k_cache.shape, "cache layout must be [S, Hkv, D]"
-    assert D >= 16 and D & (D - 1) == 0, f"head size {D} must be a power of two >= 16"
     assert block_tables.dim() == 2 and tree_mask.shape == (B, T, T) and new_slots.shape == (B, T)
     assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    assert sliding_window is None or q_positions is not None, "a sliding window needs q_positions"
+    assert sinks is None or sinks.shape == (H,), f"sinks must be [H={H}]"
     G = H // Hkv
-    BLOCK_M = max(16, _next_pow2(T * G))
-    BLOCK_T = max(16, _next_pow2(T))
+    D_PAD = max(16, _next_pow2(D))
+    BLOCK_M = max(16, min(_next_pow2(T * G), 256, 32768 // D_PAD))
+    num_q_tiles = triton.cdiv(T * G, BLOCK_M)
+    BLOCK_T = max(16, min(_next_pow2(T), 64))
     BLOCK_N = 64 if BLOCK_M <= 64 else 32
     if num_splits is None:
         target_programs = 132 * 2
-        num_splits = max(1, min(triton.cdiv(max(max_prefix, 1), BLOCK_N), target_programs // max(B * Hkv, 1)))
-    keys_per_split = triton.cdiv(max(max_prefix, 1), num_splits)
-    keys_per_split = triton.cdiv(keys_per_split, BLOCK_N) * BLOCK_N
+        num_splits = max(
+            1, min(triton.cdiv(max(max_prefix, 1), BLOCK_N), target_programs // max(B * Hkv * num_q_tiles, 1))
+        )
+    if q_positions is None:
+        q_positions = torch.zeros(B, T, dtype=torch.long, device=q.device)
     acc = torch.empty(B, num_splits, T, H, D, dtype=torch.float32, device=q.device)
     m = torch.empty(B, num_splits, T, H, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
     mask = tree_mask.to(torch.int8)
-    _split_kernel[(B, Hkv, num_splits)](
+    _split_kernel[(B, Hkv * num_q_tiles, num_splits)](
         q,
         k_cache,
         v_cache,
@@ -212,6 +278,7 @@ def paged_tree_attention(
         prefix_lens,
         new_slots,
         mask,
+        q_positions,
         acc,
         m,
         l,
@@ -224,6 +291,7 @@ def paged_tree_attention(
         new_slots.stride(0),
         mask.stride(0),
         mask.stride(1),
+        q_positions.stride(0),
         acc.stride(0),
         acc.stride(1),
         acc.stride(2),
@@ -233,21 +301,29 @@ def paged_tree_attention(
         m.stride(2),
         m.stride(3),
         scale,
+        float(softcap or 1.0),
+        int(sliding_window or 0),
         T,
-        keys_per_split,
+        num_splits,
+        num_q_tiles,
         G=G,
         PAGE=page_size,
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_T=BLOCK_T,
         D=D,
+        D_PAD=D_PAD,
+        HAS_WINDOW=sliding_window is not None,
+        HAS_SOFTCAP=softcap is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 inputs: no tf32 rounding
+        num_warps=8 if D_PAD >= 256 else 4,
     )
     out = torch.empty(B, T, H, D, dtype=q.dtype, device=q.device)
     _merge_kernel[(B, T, H)](
         acc,
         m,
         l,
+        sinks if sinks is not None else m,  # unused without sinks
         out,
         acc.stride(0),
         acc.stride(1),
@@ -264,6 +340,8 @@ def paged_tree_attention(
         H,
         BLOCK_S=max(2, _next_pow2(num_splits)),
         D=D,
+        D_PAD=D_PAD,
+        HAS_SINKS=sinks is not None,
     )
     return out
 
@@ -278,6 +356,10 @@ def paged_tree_attention_reference(
     tree_mask: torch.Tensor,
     scale: float,
     page_size: int,
+    q_positions: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain-torch oracle of `paged_tree_attention` (gather pages, one masked softmax), fp32."""
     B, T, H, D = q.shape
@@ -291,9 +373,16 @@ def paged_tree_attention_reference(
     visible = torch.cat(
         [(pos[None, :] < prefix_lens[:, None]).expand(B, P)[:, None, :].expand(B, T, P), tree_mask.bool()], 2
     )  # [B, T, P + T]
+    if sliding_window is not None:
+        k_pos = torch.cat([pos.expand(B, P), q_positions.long()], 1)  # [B, P + T]
+        visible = visible & ((q_positions.long()[:, :, None] - k_pos[:, None, :]) < sliding_window)
     k = k.repeat_interleave(H // Hkv, dim=2)
     v = v.repeat_interleave(H // Hkv, dim=2)
     s = torch.einsum("bthd,bshd->bhts", q.float(), k) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
     s = s.masked_fill(~visible[:, None], float("-inf"))
-    w = torch.nan_to_num(s.softmax(-1), nan=0.0)
+    if sinks is not None:  # one more logit per head in the denominator, with no value
+        s = torch.cat([s, sinks.float()[None, :, None, None].expand(B, H, T, 1)], -1)
+    w = torch.nan_to_num(s.softmax(-1), nan=0.0)[..., : P + T]
     return torch.einsum("bhts,bshd->bthd", w, v).to(q.dtype)

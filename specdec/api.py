@@ -29,14 +29,20 @@ class GenerateOutput:
     stats: SpecStats
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def _eos_list(eos) -> tuple[int, ...]:
     if eos is None:
         return ()
     if isinstance(eos, torch.Tensor):
         eos = eos.flatten().tolist()
-    if isinstance(eos, int):
-        return (eos,)
-    return tuple(int(e) for e in eos)
+    ids = [eos] if not isinstance(eos, (list, tuple)) else list(eos)
+    bad = [e for e in ids if not _is_int(e)]
+    if bad:
+        raise ValueError(f"eos_token_id must be an int or a list of ints, got {eos!r}")
+    return tuple(ids)
 
 
 def _prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[torch.Tensor]:
@@ -146,8 +152,10 @@ def generate(
     B = len(prompts)
     longest = max(len(p) for p in prompts)
     max_new = gc.max_new_tokens if gc.max_new_tokens is not None else (gc.max_length or 20) - input_ids.shape[1]
-    if max_new is None or max_new < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new}")
+    if not _is_int(max_new) or max_new < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new!r}")
+    if gc.min_new_tokens is not None and (not _is_int(gc.min_new_tokens) or gc.min_new_tokens < 0):
+        raise ValueError(f"min_new_tokens must be an int >= 0, got {gc.min_new_tokens!r}")
     if engine is None:
         engine = Engine(model, proposer)
     elif engine.target.model is not model or (proposer is not None and proposer is not engine.proposer):

@@ -7,6 +7,8 @@ goes back to the pool when a row finishes.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -90,8 +92,13 @@ class Engine:
         cuda_graphs: bool | None = None,
         time_split: bool | None = None,
     ):
+        if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
+            raise ValueError(f"block_size must be an int >= 1 (tokens per KV page), got {block_size!r}")
+        if num_blocks is not None and (not isinstance(num_blocks, int) or isinstance(num_blocks, bool) or num_blocks < 1):
+            raise ValueError(f"num_blocks must be None (sized per call) or an int >= 1, got {num_blocks!r}")
         self.target = HFModel(model)
         self.proposer = resolve_proposer(proposer)
+        self._busy = threading.Lock()  # one run at a time: an Engine's pool and proposer are not shared
         self.block_size = block_size
         self.fixed_blocks = num_blocks
         self.bm: BlockManager | None = None
@@ -172,7 +179,42 @@ class Engine:
     def run(
         self, prompts: list[torch.Tensor], gp: GenerationParams, streamer=None
     ) -> tuple[list[list[int]], SpecStats]:
-        """Generate for every prompt [P_b] (CPU long tensors); returns the new tokens per row and the stats."""
+        """Generate for every prompt [P_b] (CPU long tensors); returns the new tokens per row and the stats.
+
+        One call at a time: a second call while one runs (another thread, or a streamer calling
+        back in) raises RuntimeError instead of sharing the pool. Several Engines may run in
+        threads of their own, also on one model (their forwards take turns, see runtime.hf).
+        """
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError(
+                "this Engine is already generating (in another thread, or re-entered from a streamer); an Engine "
+                "serves one call at a time: build one Engine per thread"
+            )
+        try:
+            self._check_ids(prompts, gp)
+            return self._run(prompts, gp, streamer)
+        finally:
+            self._busy.release()
+
+    def _check_ids(self, prompts: list[torch.Tensor], gp: GenerationParams) -> None:
+        """Token ids must index the embedding and EOS ids the logits: out of range, torch fails deep
+        inside (an IndexError on the CPU, a device-side assert that breaks the process's CUDA on a GPU)."""
+        V_in, V_out = self.target.input_vocab_size, self.target.vocab_size
+        for b, p in enumerate(prompts):
+            bad = ((p < 0) | (p >= V_in)).nonzero()
+            if len(bad):
+                t = int(bad[0, 0])
+                raise ValueError(
+                    f"row {b}: token id {int(p[t])} at position {t} of its prompt (padding excluded) is outside "
+                    f"the model's vocabulary [0, {V_in})"
+                )
+        for e in gp.eos_token_ids:
+            if not 0 <= e < V_out:
+                raise ValueError(f"eos_token_id {e} is outside the model's vocabulary [0, {V_out})")
+
+    def _run(
+        self, prompts: list[torch.Tensor], gp: GenerationParams, streamer=None
+    ) -> tuple[list[list[int]], SpecStats]:
         dev = self.target.device
         stats = SpecStats(
             proposer=self.proposer.name if self.proposer else "none",
@@ -216,6 +258,7 @@ class Engine:
         self._call = (gp.sampling.to(dev), gp.seeds.to(dev), bool(gp.sampling.greedy.all()))
         t_start = sync_time(dev)
         waiting, active, used = deque(zip(rows, needs, strict=True)), [], 0
+        finished = False
         try:
             while waiting or active:
                 new = []
@@ -235,11 +278,15 @@ class Engine:
                             self._finish(r)
                             used -= r.budget
                     active = [r for r in active if not r.done]
+            finished = True
         finally:
             for r in rows:  # normally a no-op; after an error nothing stays allocated
                 self._finish(r)
             if self.proposer is not None:
                 self.proposer.finish()
+            if streamer is not None and not finished:  # a consumer waiting on the stream must wake up
+                with contextlib.suppress(Exception):
+                    streamer.end()
         stats.total_time_s = sync_time(dev) - t_start
         stats.generated_tokens = sum(len(r.generated) for r in rows)
         stats.ttft_s = [r.t_first - t_start for r in rows]
@@ -300,8 +347,9 @@ class Engine:
                 if self._features is not None:  # left-padded [B, T, F]: row b's prompt is its last P_b
                     T = out.features.shape[1]
                     feats = [out.features[r_i, T - len(r.prompt) :] for r_i, r in enumerate(rows) if not r.done]
-                self.proposer.prefill([r.seq_id for r in live], [r.prompt for r in live], features=feats)
+                # registered first: a prefill that fails half-way is still released by _finish
                 self._proposer_rows.update(r.seq_id for r in live)
+                self.proposer.prefill([r.seq_id for r in live], [r.prompt for r in live], features=feats)
 
     # ----------------------------------------------------------------------------- one step
 

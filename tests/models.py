@@ -2,7 +2,13 @@
 
 import torch
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     GPT2Config,
+    GptOssConfig,
+    GptOssForCausalLM,
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
@@ -37,10 +43,24 @@ def tiny(arch: str = "llama", vocab: int = 96, seed: int = 0, init: float = 0.1,
             "mistral": (MistralConfig, MistralForCausalLM),
             "qwen2": (Qwen2Config, Qwen2ForCausalLM),
             "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+            "gemma2": (Gemma2Config, Gemma2ForCausalLM),
+            "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM),
+            "gpt_oss": (GptOssConfig, GptOssForCausalLM),
         }[arch]
-        extra = dict(head_dim=16) if arch == "qwen3" else {}
+        extra = dict(head_dim=16) if arch in ("qwen3", "gemma2", "gemma3", "gpt_oss") else {}
+        if arch == "gemma2":  # a soft cap that bites and a window shorter than the prompts
+            extra.update(attn_logit_softcapping=1.0, sliding_window=4, final_logit_softcapping=None)
+        if arch == "gemma3":
+            extra.update(sliding_window=4)
+        if arch == "gpt_oss":
+            extra.update(sliding_window=4, num_local_experts=4, num_experts_per_tok=2)
         cfg = cfg_cls(vocab_size=vocab, initializer_range=init, **{**COMMON, **extra, **over})
-    return cls(cfg).eval()
+    model = cls(cfg).eval()
+    if arch == "gpt_oss":  # sinks large enough to change the attention (their init is tiny)
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.sinks.normal_(0.0, 2.0, generator=torch.Generator().manual_seed(seed))
+    return model
 
 
 def noisy_copy(model: torch.nn.Module, scale: float = 0.1, seed: int = 1) -> torch.nn.Module:

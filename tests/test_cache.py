@@ -163,3 +163,18 @@ def test_no_block_leaks_over_200_mixed_calls():
         assert engine.bm.num_free_blocks == engine.bm.num_blocks, call
         dbm = getattr(engine.proposer, "bm", None)
         assert dbm is None or dbm.num_free_blocks == dbm.num_blocks, call
+
+
+def test_a_prompt_block_is_shared_only_once_its_kv_is_written():
+    """allocate() hashes prompt blocks for rows of the same prefill; if that prefill fails (its rows are
+    freed before any commit) the hashes go too, so no later prompt reads K/V that were never computed."""
+    bm = BlockManager(num_blocks=8, block_size=4)
+    prompt = list(range(9))
+    bm.allocate(0, prompt)
+    assert bm.allocate(1, prompt) == 8  # same prefill: shares the pending blocks
+    bm.free(0)
+    bm.free(1)  # the forward failed: nothing was committed
+    assert bm.allocate(2, prompt) == 0
+    bm.commit(2, prompt)  # this time the prefill finished
+    bm.free(2)
+    assert bm.allocate(3, prompt) == 8  # written blocks stay cached after their holder is freed

@@ -50,6 +50,54 @@ def test_paged_tree_attention_matches_reference(B, T, H, Hkv, D, page, prefixes,
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "B, T, H, Hkv, D, page, prefixes, window, softcap, sinks",
+    [
+        (2, 5, 4, 2, 16, 4, [9, 30], 6, None, False),  # a window shorter than the prefix
+        (2, 5, 4, 2, 16, 4, [9, 30], None, 0.7, False),  # Gemma2's soft cap
+        (2, 5, 4, 2, 16, 4, [9, 0], None, None, True),  # GPT-OSS sinks, an empty prefix
+        (1, 3, 4, 1, 16, 2, [20], 2, 1.5, True),  # all three; a window of 2 hides most keys
+        (2, 4, 4, 2, 24, 4, [7, 13], None, None, False),  # a head size that is no power of two
+        (1, 80, 4, 1, 16, 8, [10], None, None, False),  # T x G = 320 query rows: two query tiles, 2 key tiles
+    ],
+)
+def test_window_softcap_sinks_and_shapes_match_reference(B, T, H, Hkv, D, page, prefixes, window, softcap, sinks):
+    g = torch.Generator().manual_seed(T * 7 + D)
+    num_pages = B * 64
+    k = torch.randn(num_pages * page, Hkv, D, generator=g).to(DEV)
+    v = torch.randn(num_pages * page, Hkv, D, generator=g).to(DEV)
+    prefix = torch.tensor(prefixes)
+    tables, new_slots = _layout(B, prefix, T, page, num_pages, g)
+    parents = [[-1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, T)] for _ in range(B)]
+    tree = DraftTree.from_parents([[0] * T] * B, parents)
+    q_pos = tree.positions(prefix).to(DEV)  # node i sits at prefix + its depth
+    q = torch.randn(B, T, H, D, generator=g).to(DEV)
+    sink = (2 * torch.randn(H, generator=g)).to(DEV) if sinks else None
+    args = (q, k, v, tables.to(DEV), prefix.int().to(DEV), new_slots.to(DEV), tree.ancestor_mask().to(DEV), 0.3, page)
+    extra = dict(q_positions=q_pos, sliding_window=window, softcap=softcap, sinks=sink)
+    out = paged_tree_attention(*args, max_prefix=max(prefixes), **extra)
+    ref = paged_tree_attention_reference(*args, **extra)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    if window is not None or softcap is not None or sinks:  # the feature changed the result
+        assert not torch.allclose(out, paged_tree_attention_reference(*args, q_positions=q_pos), atol=1e-3)
+
+
+def test_the_prefix_spreads_over_splits_sized_for_a_longer_one():
+    """CUDA graphs size the split grid for the longest prefix a graph may see; a shorter prefix must
+    still give the same result (each row divides its own prefix among the splits)."""
+    g = torch.Generator().manual_seed(4)
+    B, T, H, D, page = 2, 2, 2, 16, 4
+    k = torch.randn(512, H, D, generator=g).to(DEV)
+    v = torch.randn(512, H, D, generator=g).to(DEV)
+    prefix = torch.tensor([3, 70])
+    tables, new_slots = _layout(B, prefix, T, page, 128, g)
+    mask = torch.tril(torch.ones(T, T, dtype=torch.bool)).expand(B, T, T).contiguous()
+    q = torch.randn(B, T, H, D, generator=g).to(DEV)
+    args = (q, k, v, tables.to(DEV), prefix.int().to(DEV), new_slots.to(DEV), mask.to(DEV), 0.25, page)
+    out = paged_tree_attention(*args, max_prefix=256, num_splits=8)
+    torch.testing.assert_close(out, paged_tree_attention_reference(*args), atol=2e-5, rtol=1e-4)
+
+
 def test_paged_tree_attention_causal_prefill_chunk():
     g = torch.Generator().manual_seed(5)
     B, T, H, D, page = 2, 6, 2, 16, 4

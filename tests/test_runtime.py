@@ -1,4 +1,7 @@
-"""The transformers adapter on the paged cache gives the unmodified model's logits (fp32, atol 1e-5)."""
+"""The transformers adapter on the paged cache gives the unmodified model's logits (fp32, atol 1e-5), through
+the gathered torch attention and through the paged Triton kernel (interpreted on the CPU), including the
+features some layers ask for: sliding windows (Mistral, Gemma2/3, GPT-OSS), softcapping (Gemma2), sinks
+(GPT-OSS)."""
 
 import pytest
 import torch
@@ -10,7 +13,7 @@ from specdec.runtime import HFModel
 from specdec.runtime.metadata import prefill_metadata, tree_metadata
 from specdec.tree import DraftTree
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gpt2"]
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gpt2", "gemma2", "gemma3", "gpt_oss"]
 ATOL = 1e-5
 
 
@@ -21,8 +24,12 @@ def _plain_logits(model, ids):
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("block_size", [1, 4, 16])
-def test_prefill_decode_and_tree_match_the_unmodified_model(arch, block_size):
-    model = tiny(arch)
+@pytest.mark.parametrize("kernels", [False, True], ids=["torch", "triton"])
+def test_prefill_decode_and_tree_match_the_unmodified_model(arch, block_size, kernels):
+    if kernels and block_size == 4:
+        pytest.skip("the kernel runs interpreted: two page sizes suffice")
+    model = tiny(arch, sliding_window=4) if arch == "mistral" else tiny(arch)
+    paged = dict(kernels=kernels, gathered=not kernels)  # gathered=False: only the kernel can attend
     rt = HFModel(model)
     bm = BlockManager(num_blocks=200, block_size=block_size)
     cache = rt.new_cache(200, block_size)
@@ -30,7 +37,7 @@ def test_prefill_decode_and_tree_match_the_unmodified_model(arch, block_size):
     prompts = [torch.randint(0, 96, (n,), generator=g) for n in (7, 12)]
     ids = [0, 1]
     cached = [bm.allocate(s, p.tolist()) for s, p in zip(ids, prompts, strict=True)]
-    input_ids, pos, meta = prefill_metadata(cache, bm, ids, prompts, cached, torch.device("cpu"))
+    input_ids, pos, meta = prefill_metadata(cache, bm, ids, prompts, cached, torch.device("cpu"), **paged)
     out = rt.forward(input_ids, pos, meta).logits
     for b, p in enumerate(prompts):
         n = len(p)
@@ -40,7 +47,7 @@ def test_prefill_decode_and_tree_match_the_unmodified_model(arch, block_size):
     tree = DraftTree.from_parents([[5, 6, 7, 8, 9], [1, 2, 3, 4, 4]], [[-1, 0, 0, 1, 3], [-1, 0, 1, 0, 3]])
     for s in ids:
         bm.reserve(s, tree.width)
-    positions, meta, _ = tree_metadata(cache, bm, ids, tree, torch.device("cpu"))
+    positions, meta, _ = tree_metadata(cache, bm, ids, tree, torch.device("cpu"), **paged)
     logits = rt.forward(tree.tokens, positions, meta).logits
     anc = tree.ancestor_mask()
     for b, p in enumerate(prompts):
@@ -54,7 +61,7 @@ def test_prefill_decode_and_tree_match_the_unmodified_model(arch, block_size):
     step = DraftTree.chain(torch.tensor([11, 12]), torch.zeros(2, 0, dtype=torch.long))
     for s in ids:
         bm.reserve(s, 1)
-    positions, meta, _ = tree_metadata(cache, bm, ids, step, torch.device("cpu"))
+    positions, meta, _ = tree_metadata(cache, bm, ids, step, torch.device("cpu"), **paged)
     logits = rt.forward(step.tokens, positions, meta).logits
     for b, p in enumerate(prompts):
         seq = torch.cat([p, tree.tokens[b, :2], step.tokens[b]])

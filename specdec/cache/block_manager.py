@@ -1,8 +1,11 @@
 """BlockManager: the bookkeeping of a paged KV cache (pages, refcounts, prefix hashing, forks).
 
 A sequence owns a block table; position t of the sequence lives in slot
-`table[t // block_size] * block_size + t % block_size`. Only committed, full blocks are hashed
-and shared; speculative (reserved) slots never are.
+`table[t // block_size] * block_size + t % block_size`. Only full prompt / committed blocks are hashed
+and shared; speculative (reserved) slots never are. A prompt block is hashed when it is allocated (so
+rows of the same prefill share it) but is *pending* until a commit says its K/V were written: a
+pending block whose last holder lets go (the prefill forward failed) loses its hash, so no later
+prompt can read K/V that were never computed.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ class _Block:
     ref_count: int = 0
     hash: int | None = None
     token_ids: tuple[int, ...] = ()
+    written: bool = False  # its K/V were computed (a commit covered it); False: pending
 
 
 @dataclass(slots=True)
@@ -32,6 +36,7 @@ class _Seq:
     token_ids: list[int] = field(default_factory=list)  # committed ids, for hashing full blocks
     hashes: list[int] = field(default_factory=list)  # chained hash of each full block so far
     shared: bool = True  # publish full blocks for prefix sharing
+    num_written: int = 0  # leading blocks known to hold computed K/V (marked written)
 
 
 def _chain_hash(prev: int, token_ids: tuple[int, ...]) -> int:
@@ -117,7 +122,7 @@ class BlockManager:
         block = self._blocks[block_id]
         if block.hash is not None and self._by_hash.get(block.hash) == block_id:
             del self._by_hash[block.hash]  # evict its cached contents
-        block.hash, block.token_ids, block.ref_count = None, (), 1
+        block.hash, block.token_ids, block.ref_count, block.written = None, (), 1, False
         return block_id
 
     def _ref(self, block_id: int) -> None:
@@ -131,16 +136,26 @@ class BlockManager:
         block.ref_count -= 1
         assert block.ref_count >= 0, f"block {block_id} released twice"
         if block.ref_count == 0:
+            if block.hash is not None and not block.written:  # its prefill never finished: forget it
+                self._unhash(block_id)
             self._free[block_id] = None
+
+    def _unhash(self, block_id: int) -> None:
+        block = self._blocks[block_id]
+        if self._by_hash.get(block.hash) == block_id:
+            del self._by_hash[block.hash]
+        block.hash, block.token_ids = None, ()
 
     # ----------------------------------------------------------------------------- lifecycle
 
     def allocate(self, seq_id: int, token_ids: Sequence[int], share: bool = True) -> int:
         """Create a sequence with room for `token_ids`; return how many leading tokens are cached.
 
-        Full blocks of the prompt are hashed now, so later sequences (in the same batch too) share
-        them; the caller must compute every token at or after the returned count. At least the
-        last token is always left to compute (its logits are needed). share=False neither reuses
+        Full blocks of the prompt are hashed now, so later sequences of the same prefill share
+        them; they stay pending (shareable, never written) until `commit` covers them, and lose
+        their hash if every holder is freed first. The caller must compute every token at or after
+        the returned count, in one forward with the other rows allocated since the last commit.
+        At least the last token is always left to compute (its logits are needed). share=False neither reuses
         nor publishes blocks (returns 0): for callers that need every position computed, e.g. a
         proposer that reads the target's features at every prompt position.
         """
@@ -171,6 +186,7 @@ class BlockManager:
             seq.table.append(block_id)
         seq.table += [self._take_free() for _ in range(fresh)]
         seq.num_tokens = len(hits) * bs
+        seq.num_written = len(hits)
         seq.token_ids = ids[: seq.num_tokens]
         seq.hashes = hashes
         seq.shared = share
@@ -223,6 +239,10 @@ class BlockManager:
             raise ValueError(f"sequence {seq_id}: committing {n} tokens beyond its reserved slots")
         seq.token_ids += [int(t) for t in token_ids]
         seq.num_tokens += n
+        full = seq.num_tokens // self.block_size
+        for i in range(seq.num_written, full):  # their K/V are computed now: safe to share later
+            self._blocks[seq.table[i]].written = True
+        seq.num_written = max(seq.num_written, full)
         if seq.shared:
             self._hash_full_blocks(seq, seq.token_ids, upto=seq.num_tokens // self.block_size)
         self.truncate(seq_id, seq.num_tokens)
@@ -239,13 +259,13 @@ class BlockManager:
             self._unref(block_id)
         del seq.table[keep:]
         del seq.hashes[num_tokens // self.block_size :]
+        seq.num_written = min(seq.num_written, num_tokens // self.block_size)
         if num_tokens % self.block_size:  # the last block is partial again and will be written
             block_id = seq.table[-1]
             block = self._blocks[block_id]
             if block.hash is not None and block.ref_count == 1:
-                if self._by_hash.get(block.hash) == block_id:
-                    del self._by_hash[block.hash]
-                block.hash, block.token_ids = None, ()
+                self._unhash(block_id)
+                block.written = False
 
     def fork(self, src_id: int, dst_id: int) -> None:
         """dst shares every block of src (copy-on-write on its next reserve)."""
@@ -254,7 +274,9 @@ class BlockManager:
         src = self._seq(src_id)
         for block_id in src.table:
             self._ref(block_id)
-        self._seqs[dst_id] = _Seq(list(src.table), src.num_tokens, list(src.token_ids), list(src.hashes), src.shared)
+        self._seqs[dst_id] = _Seq(
+            list(src.table), src.num_tokens, list(src.token_ids), list(src.hashes), src.shared, src.num_written
+        )
 
     def free(self, seq_id: int) -> None:
         seq = self._seqs.pop(seq_id, None)

@@ -141,5 +141,6 @@ class DraftModel(Proposer):
             self.num_tokens = min(self.max_tokens, self.num_tokens + 2) if full else max(1, self.num_tokens - 1)
 
     def release(self, seq_ids: list[int]) -> None:
-        for s in seq_ids:
-            self.bm.free(s)
+        for s in seq_ids:  # a row whose prefill failed before its allocation has nothing to free
+            if self.bm is not None and s in self.bm:
+                self.bm.free(s)

@@ -64,10 +64,11 @@ class GraphedForward:
 
     def _static(self, B: int, T: int) -> _Captured:
         dev = self.runtime.device
+        positions = torch.zeros(B, T, dtype=torch.long, device=dev)  # also the kernel's q_positions (windows)
         meta = AttentionMetadata(
             cache=self.cache,
             write_slots=torch.full((B, T), -1, dtype=torch.long, device=dev),
-            q_positions=torch.zeros(B, T, dtype=torch.long, device=dev),
+            q_positions=positions,
             block_tables=torch.zeros(B, self.max_blocks, dtype=torch.int32, device=dev),
             prefix_lens=torch.zeros(B, dtype=torch.int32, device=dev),
             new_slots=torch.full((B, T), -1, dtype=torch.int32, device=dev),
@@ -75,7 +76,7 @@ class GraphedForward:
             max_prefix=self.max_blocks * self.cache.block_size,
         )
         ids = torch.zeros(B, T, dtype=torch.long, device=dev)
-        return _Captured(None, ids, torch.zeros_like(ids), meta, None)
+        return _Captured(None, ids, positions, meta, None)
 
     def _capture(self, B: int, T: int) -> _Captured:
         c = self._static(B, T)

@@ -8,6 +8,8 @@ No modeling file is copied or changed; the model's attention setting is swapped 
 from __future__ import annotations
 
 import contextlib
+import threading
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +21,30 @@ from .base import AttentionMetadata, ModelOutput
 ATTENTION_NAME = "specdec"
 
 
+# keywords transformers' attention layers pass that do not change the attention's result
+_NEUTRAL_KWARGS = frozenset(
+    {"position_ids", "output_hidden_states", "use_cache", "output_router_logits", "cache_position", "is_causal"}
+)
+
+
+def _check_kwargs(module: torch.nn.Module, dropout: float, kwargs: dict) -> None:
+    """An attention keyword specdec does not implement would change the output silently: refuse it."""
+    if dropout:
+        raise ValueError(
+            f"{type(module).__name__} asks for attention dropout {dropout} (the model is in training mode): "
+            "call model.eval() before generating"
+        )
+    if kwargs.get("is_causal") is False:
+        raise ValueError(f"{type(module).__name__} runs bidirectional attention (is_causal=False); specdec is causal")
+    unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in _NEUTRAL_KWARGS)
+    if unknown:
+        raise ValueError(
+            f"{type(module).__name__} passes attention keyword(s) {', '.join(unknown)} that specdec's paged "
+            "attention does not implement, so its output would differ from the model's own; implemented: the "
+            "mask, scaling, sliding_window, softcap (Gemma2), s_aux sinks (GPT-OSS)"
+        )
+
+
 def paged_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -28,22 +54,31 @@ def paged_attention(
     scaling: float | None = None,
     dropout: float = 0.0,
     sliding_window: int | None = None,
+    softcap: float | None = None,
+    s_aux: torch.Tensor | None = None,
     specdec_meta: AttentionMetadata | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """Reference paged attention: query [B, H, T, D], key/value [B, Hkv, T, D] -> [B, T, H, D]."""
+    """Paged attention: query [B, H, T, D], key/value [B, Hkv, T, D] -> [B, T, H, D].
+
+    Stores the new K/V at the metadata's slots, then attends over each row's committed prefix and
+    the new tokens (tree / causal mask), with the layer's sliding window, logit softcapping (Gemma2)
+    and sinks (GPT-OSS, `s_aux` [H]). On the GPU the Triton kernel does it (always under CUDA
+    graphs, whose metadata has only the paged form); otherwise a gathered torch reference.
+    """
     meta = specdec_meta
     if meta is None:
-        raise RuntimeError("specdec attention was called without specdec_meta (use specdec's runtime to run it)")
+        raise RuntimeError(
+            f"{type(module).__name__}: specdec's paged attention was called without specdec metadata: the model "
+            "was called directly (e.g. model(...) or model.generate from another thread) while specdec ran a "
+            "forward of it; use one model from one thread at a time, or wait for specdec to finish"
+        )
+    _check_kwargs(module, dropout, kwargs)
     layer = module.layer_idx
     B, H, T, D = query.shape
-    if (
-        meta.block_tables is not None
-        and sliding_window is None
-        and T * H // key.shape[1] <= 256
-        and D >= 16
-        and D & (D - 1) == 0
-    ):
+    Hkv = key.shape[1]
+    scale = scaling if scaling is not None else D**-0.5
+    if meta.block_tables is not None and (meta.kv_slots is None or T * H // Hkv <= 256):
         from specdec.kernels import paged_tree_attention, store_kv
 
         k_pool, v_pool = meta.cache.layer(layer, key)
@@ -56,11 +91,17 @@ def paged_attention(
             meta.prefix_lens,
             meta.new_slots,
             meta.new_mask,
-            scaling if scaling is not None else D**-0.5,
+            scale,
             meta.cache.block_size,
             meta.max_prefix,
+            q_positions=meta.q_positions,
+            sliding_window=sliding_window,
+            softcap=softcap,
+            sinks=s_aux,
         )
         return out, None
+    if meta.kv_slots is None:
+        raise RuntimeError("the metadata has neither a paged nor a gathered form")
     if key.is_cuda and meta.new_slots is not None:  # the store kernel: no boolean indexing, no sync
         from specdec.kernels import store_kv
 
@@ -72,17 +113,26 @@ def paged_attention(
     mask = meta.mask
     if sliding_window is not None:
         mask = mask & ((meta.q_positions[:, :, None] - meta.kv_positions[:, None, :]) < sliding_window)
-    # a padding query that sees nothing looks at key 0, so that it stays finite (its output is unused)
-    first = torch.zeros_like(mask)
-    first[..., 0] = True
-    mask = torch.where(mask.any(-1, keepdim=True), mask, first)
-    H, Hkv = query.shape[1], k.shape[1]
     if H != Hkv:
         k = k.repeat_interleave(H // Hkv, dim=1)
         v = v.repeat_interleave(H // Hkv, dim=1)
-    out = F.scaled_dot_product_attention(
-        query, k.to(query.dtype), v.to(query.dtype), attn_mask=mask[:, None], scale=scaling
-    )
+    if softcap is None and s_aux is None:
+        # a padding query that sees nothing looks at key 0, so that it stays finite (its output is unused)
+        first = torch.zeros_like(mask)
+        first[..., 0] = True
+        mask = torch.where(mask.any(-1, keepdim=True), mask, first)
+        out = F.scaled_dot_product_attention(
+            query, k.to(query.dtype), v.to(query.dtype), attn_mask=mask[:, None], scale=scaling
+        )
+        return out.transpose(1, 2).contiguous(), None
+    s = torch.matmul(query.float(), k.float().transpose(2, 3)) * scale  # [B, H, T, S]
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    s = s.masked_fill(~mask[:, None], float("-inf"))
+    if s_aux is not None:  # one more logit per head in the denominator, with no value
+        s = torch.cat([s, s_aux.float()[None, :, None, None].expand(B, H, T, 1)], -1)
+    w = torch.nan_to_num(s.softmax(-1), nan=0.0)[..., : k.shape[2]]
+    out = torch.matmul(w, v.float()).to(query.dtype)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -160,6 +210,19 @@ def capture_features(model: torch.nn.Module, layers: tuple[int, ...]):
             h.remove()
 
 
+_MODEL_LOCKS: weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_MODEL_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model: torch.nn.Module) -> threading.RLock:
+    """The one lock of a model that serialises specdec forwards on it (re-entrant within a thread)."""
+    with _MODEL_LOCKS_GUARD:
+        lock = _MODEL_LOCKS.get(model)
+        if lock is None:
+            lock = _MODEL_LOCKS[model] = threading.RLock()
+        return lock
+
+
 class HFModel:
     """A transformers causal LM behind the TargetModel interface.
 
@@ -177,7 +240,8 @@ class HFModel:
         self.model = model
         cfg = model.config
         self.num_layers = int(cfg.num_hidden_layers)
-        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])  # logits width
+        self.input_vocab_size = int(model.get_input_embeddings().weight.shape[0])  # valid input ids
         max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
         self.max_positions = int(max_pos) if max_pos else None
         param = next(model.parameters())
@@ -188,13 +252,19 @@ class HFModel:
 
     @contextlib.contextmanager
     def _paged_attention(self):
-        cfg = self.model.config
-        previous = cfg._attn_implementation
-        cfg._attn_implementation = ATTENTION_NAME
-        try:
-            yield
-        finally:
-            cfg._attn_implementation = previous
+        """Route the model's attention to specdec for one forward. The switch lives on the model's
+        config, which every user of the model shares: specdec forwards of one model take turns
+        (a lock per model, held for the whole forward), so threads that each run an Engine on
+        one model get their own outputs; a plain `model(...)` that runs into a specdec forward
+        from another thread raises (see `paged_attention`) instead of computing garbage."""
+        with model_lock(self.model):
+            cfg = self.model.config
+            previous = cfg._attn_implementation
+            cfg._attn_implementation = ATTENTION_NAME
+            try:
+                yield
+            finally:
+                cfg._attn_implementation = previous
 
     @torch.inference_mode()
     def forward(

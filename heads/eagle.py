@@ -28,11 +28,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from transformers import LlamaConfig
 from transformers.activations import ACT2FN
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+from .checkpoint import read_config, read_weights
 
 EAGLE3_ARCH = "LlamaForCausalLMEagle3"
 
@@ -248,11 +250,7 @@ class EagleDrafter(nn.Module):
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    if (path / "model.safetensors").exists():
-        return load_file(str(path / "model.safetensors"))
-    if (path / "pytorch_model.bin").exists():
-        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"no EAGLE weights in {path}: expected model.safetensors or pytorch_model.bin")
+    return read_weights(path, ("model.safetensors", "pytorch_model.bin"), "EAGLE")
 
 
 def is_eagle3(cfg: dict) -> bool:
@@ -274,9 +272,7 @@ def load_eagle(path: str | Path, hidden_size: int | None = None, vocab_size: int
     mismatch raises ValueError naming both.
     """
     path = Path(path)
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"{path / 'config.json'} not found: an EAGLE checkpoint is a folder with config.json")
-    cfg = json.loads((path / "config.json").read_text())
+    cfg = read_config(path, "an EAGLE")
     version = 3 if is_eagle3(cfg) else 1
     if "hidden_size" not in cfg or "vocab_size" not in cfg:
         raise ValueError(f"{path / 'config.json'} is not an EAGLE (Llama-style) config: keys {sorted(cfg)[:12]}")

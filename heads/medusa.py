@@ -13,8 +13,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
+
+from .checkpoint import read_config, read_weights
 
 FORMAT = "specdec-medusa"
 
@@ -91,16 +93,8 @@ class MedusaHeads(nn.Module):
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    for name in ("model.safetensors", "medusa_lm_head.safetensors"):
-        if (path / name).exists():
-            return load_file(str(path / name))
-    for name in ("medusa_lm_head.pt", "pytorch_model.bin"):
-        if (path / name).exists():
-            return torch.load(path / name, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(
-        f"no Medusa weights in {path}: expected model.safetensors, medusa_lm_head.safetensors, "
-        "medusa_lm_head.pt or pytorch_model.bin"
-    )
+    names = ("model.safetensors", "medusa_lm_head.safetensors", "medusa_lm_head.pt", "pytorch_model.bin")
+    return read_weights(path, names, "Medusa")
 
 
 def _from_faster_decoding(cfg: dict, weights: dict, hidden: int, vocab: int) -> tuple[MedusaConfig, dict]:
@@ -145,9 +139,7 @@ def load_medusa(path: str | Path, hidden_size: int, vocab_size: int) -> MedusaHe
     A shape or vocabulary mismatch with the target raises ValueError naming both.
     """
     path = Path(path)
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"{path / 'config.json'} not found: a Medusa checkpoint is a folder with config.json")
-    cfg = json.loads((path / "config.json").read_text())
+    cfg = read_config(path, "a Medusa")
     weights = _read_weights(path)
     if cfg.get("format") == FORMAT:
         fields = {k: cfg[k] for k in MedusaConfig.__dataclass_fields__}

@@ -81,9 +81,8 @@ def _split_kernel(
     row_ok = t < T
     d = tl.arange(0, D_PAD)
     d_ok = d < D
-    q = tl.load(
-        Q + b * sq_b + t[:, None] * sq_t + h[:, None] * sq_h + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0
-    )
+    q_ptr = Q + b * sq_b + t[:, None] * sq_t + h[:, None] * sq_h + d[None, :]
+    q = tl.load(q_ptr, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     q_pos = tl.load(QPos + b * sp_b + t, mask=row_ok, other=0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)

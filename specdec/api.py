@@ -17,7 +17,9 @@ from transformers import GenerationConfig
 from .engine import Engine, GenerationParams
 from .metrics import SpecStats
 from .proposers.base import Proposer
+from .runtime.hf import check_supported
 from .sampling import SamplingParams
+from .validation import is_int, require_int
 from .verify import TypicalParams, VerifyMode
 
 
@@ -29,17 +31,13 @@ class GenerateOutput:
     stats: SpecStats
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def _eos_list(eos) -> tuple[int, ...]:
     if eos is None:
         return ()
     if isinstance(eos, torch.Tensor):
         eos = eos.flatten().tolist()
     ids = [eos] if not isinstance(eos, (list, tuple)) else list(eos)
-    bad = [e for e in ids if not _is_int(e)]
+    bad = [e for e in ids if not is_int(e)]
     if bad:
         raise ValueError(f"eos_token_id must be an int or a list of ints, got {eos!r}")
     return tuple(ids)
@@ -130,6 +128,7 @@ def generate(
     --------
     >>> out = generate(model, ids, proposer=Ngram(num_tokens=4), max_new_tokens=32)  # doctest: +SKIP
     """
+    check_supported(model)  # before reading model.generation_config: a plain nn.Module gets the clear error
     gc = copy.deepcopy(generation_config or model.generation_config or GenerationConfig())
     overrides = dict(
         max_new_tokens=max_new_tokens,
@@ -152,10 +151,9 @@ def generate(
     B = len(prompts)
     longest = max(len(p) for p in prompts)
     max_new = gc.max_new_tokens if gc.max_new_tokens is not None else (gc.max_length or 20) - input_ids.shape[1]
-    if not _is_int(max_new) or max_new < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new!r}")
-    if gc.min_new_tokens is not None and (not _is_int(gc.min_new_tokens) or gc.min_new_tokens < 0):
-        raise ValueError(f"min_new_tokens must be an int >= 0, got {gc.min_new_tokens!r}")
+    require_int("max_new_tokens", max_new, 1)
+    if gc.min_new_tokens is not None:
+        require_int("min_new_tokens", gc.min_new_tokens, 0)
     if engine is None:
         engine = Engine(model, proposer)
     elif engine.target.model is not model or (proposer is not None and proposer is not engine.proposer):

@@ -25,6 +25,7 @@ from .runtime.hf import HFModel
 from .runtime.metadata import prefill_metadata, to_device, tree_metadata
 from .sampling import RowSeeds, SamplingParams
 from .tree import DraftTree, node_bucket
+from .validation import require_int
 from .verify import TypicalParams, VerifyMode, VerifyResult, verify
 
 
@@ -92,10 +93,9 @@ class Engine:
         cuda_graphs: bool | None = None,
         time_split: bool | None = None,
     ):
-        if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
-            raise ValueError(f"block_size must be an int >= 1 (tokens per KV page), got {block_size!r}")
-        if num_blocks is not None and (not isinstance(num_blocks, int) or isinstance(num_blocks, bool) or num_blocks < 1):
-            raise ValueError(f"num_blocks must be None (sized per call) or an int >= 1, got {num_blocks!r}")
+        require_int("block_size", block_size, 1, "tokens per KV page")
+        if num_blocks is not None:
+            require_int("num_blocks", num_blocks, 1, "or None: sized per call")
         self.target = HFModel(model)
         self.proposer = resolve_proposer(proposer)
         self._busy = threading.Lock()  # one run at a time: an Engine's pool and proposer are not shared
@@ -193,6 +193,11 @@ class Engine:
         try:
             self._check_ids(prompts, gp)
             return self._run(prompts, gp, streamer)
+        except BaseException:
+            if streamer is not None:  # a consumer waiting on the stream (TextIteratorStreamer) must wake up
+                with contextlib.suppress(Exception):
+                    streamer.end()
+            raise
         finally:
             self._busy.release()
 
@@ -258,7 +263,6 @@ class Engine:
         self._call = (gp.sampling.to(dev), gp.seeds.to(dev), bool(gp.sampling.greedy.all()))
         t_start = sync_time(dev)
         waiting, active, used = deque(zip(rows, needs, strict=True)), [], 0
-        finished = False
         try:
             while waiting or active:
                 new = []
@@ -278,15 +282,11 @@ class Engine:
                             self._finish(r)
                             used -= r.budget
                     active = [r for r in active if not r.done]
-            finished = True
         finally:
             for r in rows:  # normally a no-op; after an error nothing stays allocated
                 self._finish(r)
             if self.proposer is not None:
                 self.proposer.finish()
-            if streamer is not None and not finished:  # a consumer waiting on the stream must wake up
-                with contextlib.suppress(Exception):
-                    streamer.end()
         stats.total_time_s = sync_time(dev) - t_start
         stats.generated_tokens = sum(len(r.generated) for r in rows)
         stats.ttft_s = [r.t_first - t_start for r in rows]

@@ -70,7 +70,7 @@ def test_proposer_by_name(model):
         (dict(input_ids=torch.zeros(1, 0, dtype=torch.long)), "empty prompt"),
         (dict(attention_mask=torch.tensor([[0, 0, 0]])), "empty prompt: row 0"),
         (dict(input_ids=torch.zeros(1, 600, dtype=torch.long)), "prompt length 600 .* 512 positions"),
-        (dict(max_new_tokens=0), "max_new_tokens must be >= 1, got 0"),
+        (dict(max_new_tokens=0), "max_new_tokens must be an int >= 1, got 0"),
         (dict(do_sample=True, temperature=-0.5), "temperature=-0.5"),
         (dict(do_sample=True, top_p=0.0), "top_p=0.0"),
         (dict(do_sample=True, top_p=1.5), "top_p=1.5"),
@@ -99,7 +99,7 @@ def test_draft_vocabulary_mismatch_is_named(model):
 def test_bad_proposer_settings_are_named():
     with pytest.raises(ValueError, match="num_tokens must be an int >= 1 or 'auto', got 0"):
         DraftModel(tiny("llama"), num_tokens=0)
-    with pytest.raises(ValueError, match="num_tokens >= 1"):
+    with pytest.raises(ValueError, match="num_tokens must be an int >= 1, got 0"):
         Ngram(num_tokens=0)
 
 
@@ -116,3 +116,77 @@ def test_typical_mode_is_marked_lossy(model):
         return_dict_in_generate=True,
     )
     assert out.stats.lossy and "LOSSY" in str(out.stats)
+
+
+@pytest.mark.parametrize(
+    "make, fragment",
+    [
+        (lambda: DraftModel(tiny("llama"), num_tokens="auto", max_tokens=0), "max_tokens must be an int >= 1"),
+        (lambda: DraftModel(tiny("llama"), num_tokens=2.5), "num_tokens must be an int >= 1 or 'auto', got 2.5"),
+        (lambda: Ngram(num_tokens=2.5), "num_tokens must be an int >= 1, got 2.5"),
+        (lambda: specdec.Medusa(_medusa_heads(), tree=[]), r"tree=\[\] has no nodes"),
+        (lambda: specdec.Medusa(_medusa_heads(), tree=[(0,), (-1,)]), r"rank outside \[0, 1\)"),
+        (lambda: specdec.Medusa(_medusa_heads(), tree=[(0, 0, 0)]), "valid depths are 1..2"),
+        (lambda: specdec.Medusa(_medusa_heads(), tree=[(1, 0)]), r"needs its prefix \[1\]"),
+        (lambda: specdec.Medusa(_medusa_heads(), tree=0), "tree must be an int >= 1"),
+        (lambda: specdec.Engine(tiny("llama"), block_size=0), "block_size must be an int >= 1"),
+        (lambda: specdec.Engine(tiny("llama"), num_blocks=2.0), "num_blocks must be an int >= 1"),
+    ],
+)
+def test_bad_settings_fail_where_they_are_given(make, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        make()
+
+
+def _medusa_heads():
+    from specdec.heads.medusa import MedusaConfig, MedusaHeads
+
+    return MedusaHeads(MedusaConfig(2, 1, 64, V, own_lm_head=False))
+
+
+def test_the_auto_draft_length_starts_within_its_ceiling():
+    assert DraftModel(tiny("llama"), num_tokens="auto", max_tokens=2).num_tokens == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        (dict(input_ids=torch.tensor([[5, V, 7]])), r"row 0: token id 96 at position 1 .* vocabulary \[0, 96\)"),
+        (dict(input_ids=torch.tensor([[5, 6, 7], [1, -3, 2]])), r"row 1: token id -3 at position 1"),
+        (dict(eos_token_id=-1, min_new_tokens=2), r"eos_token_id -1 is outside the model's vocabulary \[0, 96\)"),
+        (dict(eos_token_id=V + 5, min_new_tokens=2), "eos_token_id 101 is outside"),
+        (dict(eos_token_id=2.5), "eos_token_id must be an int or a list of ints"),
+        (dict(max_new_tokens=2.5), "max_new_tokens must be an int >= 1, got 2.5"),
+        (dict(min_new_tokens=-1), "min_new_tokens must be an int >= 0"),
+    ],
+)
+def test_ids_and_lengths_are_checked_where_they_enter(model, kwargs, fragment):
+    """Out-of-range ids would be an IndexError deep in torch on the CPU and a device-side assert (which
+    breaks every later CUDA call of the process) on a GPU; eos_token_id=-1 would ban token V - 1."""
+    args = dict(input_ids=torch.tensor([[5, 6, 7]]), max_new_tokens=4)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=fragment):
+        specdec.generate(model, **args)
+
+
+def test_a_module_that_is_not_a_transformers_model_is_named():
+    with pytest.raises(ValueError, match="Linear is not a transformers PreTrainedModel"):
+        specdec.generate(torch.nn.Linear(2, 2), torch.tensor([[1, 2]]), max_new_tokens=2)
+
+
+def test_a_text_iterator_streamer_ends_when_generation_fails(model):
+    """A consumer iterating a TextIteratorStreamer in another thread must not hang on an error."""
+    import threading
+
+    from test_generate_greedy import byte_bpe_tokenizer
+    from transformers import TextIteratorStreamer
+
+    tok = byte_bpe_tokenizer()
+    streamer = TextIteratorStreamer(tok, timeout=30)
+    chunks = []
+    consumer = threading.Thread(target=lambda: chunks.extend(streamer))
+    consumer.start()
+    with pytest.raises(ValueError, match="token id 500"):
+        specdec.generate(model, torch.tensor([[5, 500]]), max_new_tokens=4, streamer=streamer)
+    consumer.join(timeout=30)
+    assert not consumer.is_alive()

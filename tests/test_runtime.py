@@ -15,6 +15,7 @@ from specdec.tree import DraftTree
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gpt2", "gemma2", "gemma3", "gpt_oss"]
 ATOL = 1e-5
+CPU = torch.device("cpu")
 
 
 def _plain_logits(model, ids):
@@ -100,3 +101,97 @@ def test_the_model_is_left_as_it_was():
     cache = rt.new_cache(10, 16)
     rt.forward(*prefill_metadata(cache, bm, [0], [torch.tensor([1, 2, 3])], [0], torch.device("cpu")))
     assert model.config._attn_implementation == before
+
+
+def test_attention_keywords_specdec_does_not_implement_are_refused():
+    model = tiny("llama")
+    rt = HFModel(model)
+    bm = BlockManager(10, 16)
+    bm.allocate(0, [1, 2, 3])
+    cache = rt.new_cache(10, 16)
+    ids, pos, meta = prefill_metadata(cache, bm, [0], [torch.tensor([1, 2, 3])], [0], torch.device("cpu"))
+    with rt._paged_attention(), pytest.raises(ValueError, match="LlamaAttention passes attention keyword.* alibi"):
+        model(input_ids=ids, position_ids=pos, use_cache=False, specdec_meta=meta, alibi=torch.ones(1))
+    model.train()  # dropout would be applied by the model's own attention: refuse rather than ignore it
+    model.config.attention_dropout = 0.1
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.1
+    with pytest.raises(ValueError, match=r"dropout 0.1 .* call model.eval\(\)"):
+        rt.forward(ids, pos, meta)
+    assert model.config._attn_implementation != "specdec"
+
+
+def test_threads_sharing_one_model_get_their_own_outputs():
+    """Engines in several threads on one model: specdec forwards take turns (the attention switch on
+    the shared config is never flipped under another thread), so every output is the reference and the
+    model is left as it was; a direct call of the model during a specdec forward raises."""
+    import threading
+
+    import specdec
+
+    model = tiny("llama", vocab=96)
+    before = model.config._attn_implementation
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 96, (1, 6 + i), generator=g) for i in range(4)]
+    refs = [model.generate(p, attention_mask=torch.ones_like(p), max_new_tokens=10, do_sample=False) for p in prompts]
+    wrong, errors = [], []
+
+    def worker(i):
+        engine = specdec.Engine(model, specdec.Ngram(num_tokens=2) if i % 2 else None)
+        try:
+            for _ in range(6):
+                out = specdec.generate(model, prompts[i], max_new_tokens=10, do_sample=False, engine=engine)
+                if not torch.equal(out, refs[i]):
+                    wrong.append(i)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and not wrong
+    assert model.config._attn_implementation == before
+    # a plain call that runs into a specdec forward (here: from a hook inside it) is refused clearly
+    rt = HFModel(model)
+    hook = model.model.layers[0].register_forward_hook(lambda *a: model(input_ids=torch.tensor([[1, 2]])))
+    bm = BlockManager(10, 16)
+    bm.allocate(0, [1, 2, 3])
+    try:
+        with pytest.raises(RuntimeError, match="called without specdec metadata"):
+            rt.forward(*prefill_metadata(rt.new_cache(10, 16), bm, [0], [torch.tensor([1, 2, 3])], [0], CPU))
+    finally:
+        hook.remove()
+    assert model.config._attn_implementation == before
+
+
+def test_one_engine_refuses_a_second_concurrent_call():
+    import threading
+
+    import specdec
+
+    model = tiny("llama", vocab=96)
+    engine = specdec.Engine(model, None)
+    started, release = threading.Event(), threading.Event()
+
+    class Blocking:  # a streamer that holds the first call open
+        def put(self, value):
+            started.set()
+            release.wait(30)
+
+        def end(self):
+            pass
+
+    ids = torch.tensor([[1, 2]])
+    first = threading.Thread(
+        target=lambda: specdec.generate(model, ids, max_new_tokens=2, engine=engine, streamer=Blocking())
+    )
+    first.start()
+    started.wait(30)
+    try:
+        with pytest.raises(RuntimeError, match="already generating"):
+            specdec.generate(model, torch.tensor([[1, 2]]), max_new_tokens=2, engine=engine)
+    finally:
+        release.set()
+        first.join()

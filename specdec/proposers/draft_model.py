@@ -17,6 +17,7 @@ from ..runtime.hf import HFModel
 from ..runtime.metadata import prefill_metadata, to_device, tree_metadata
 from ..sampling import process_logits, sample_from_probs, uniform
 from ..tree import DraftTree, Law
+from ..validation import is_int, require_int
 from ..verify import VerifyResult
 from .base import STREAM_DRAFT, ProposeContext, Proposer, register_proposer
 
@@ -34,13 +35,14 @@ class DraftModel(Proposer):
     """
 
     def __init__(self, model: torch.nn.Module, num_tokens: int | str = 4, max_tokens: int = 16):
-        if num_tokens != "auto" and (not isinstance(num_tokens, int) or num_tokens < 1):
+        if num_tokens != "auto" and (not is_int(num_tokens) or num_tokens < 1):
             raise ValueError(f"num_tokens must be an int >= 1 or 'auto', got {num_tokens!r}")
+        require_int("max_tokens", max_tokens, 1, "the ceiling of num_tokens='auto'")
         self.model = model
         self.runtime = HFModel(model)
         self.adaptive = num_tokens == "auto"
         self.max_tokens = max_tokens
-        self.num_tokens = 4 if self.adaptive else int(num_tokens)
+        self.num_tokens = min(4, max_tokens) if self.adaptive else num_tokens
         self.bm: BlockManager | None = None
         self.cache: PagedKVCache | None = None
         self.kernels = self.runtime.device.type == "cuda"  # Triton paged attention on the GPU

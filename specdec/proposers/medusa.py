@@ -14,6 +14,7 @@ import torch
 from ..heads.medusa import MedusaHeads, load_medusa
 from ..runtime.base import TargetModel
 from ..tree import DraftTree
+from ..validation import is_int, require_int
 from .base import ProposeContext, Proposer, register_proposer
 
 # Assumed acceptance of the rank-r candidate of head d (for choosing default trees): decays with
@@ -96,8 +97,7 @@ class Medusa(Proposer):
         self.choices: list[tuple[int, ...]] | None = None
         self.path_stats: dict[tuple[int, ...], tuple[int, int]] = {}  # choice -> (offered, accepted)
         self.lm_head = None
-        if heads is not None:
-            self._set_choices(heads.config.num_heads)
+        self._set_choices(heads.config.num_heads if heads is not None else None)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, tree: Sequence[Sequence[int]] | int | None = None) -> Medusa:
@@ -106,15 +106,27 @@ class Medusa(Proposer):
             raise FileNotFoundError(f"{Path(path) / 'config.json'} not found: pass a Medusa checkpoint folder")
         return cls(path=path, tree=tree)
 
-    def _set_choices(self, num_heads: int) -> None:
+    def _set_choices(self, num_heads: int | None) -> None:
+        """Resolve and check the tree; num_heads None (heads not loaded yet) checks its shape only."""
         tree = self._tree
-        if tree is None or isinstance(tree, int):
+        if tree is None or is_int(tree):
+            require_int("tree", 32 if tree is None else tree, 1, "draft nodes of the default tree, or Medusa choices")
+            if num_heads is None:
+                return
             self.choices = default_choices(32 if tree is None else tree, num_heads)
         else:
-            self.choices = [tuple(int(r) for r in c) for c in tree]
-            if any(len(c) > num_heads for c in self.choices):
-                raise ValueError(f"a choice is deeper than the {num_heads} Medusa heads")
-        self.top_k = max(max(c) for c in self.choices) + 1
+            try:
+                self.choices = [tuple(int(r) for r in c) for c in tree]
+            except (TypeError, ValueError):
+                msg = f"tree must be a node count or Medusa choices (lists of int ranks), got {tree!r}"
+                raise ValueError(msg) from None
+            if not self.choices:
+                raise ValueError("tree=[] has no nodes: give choices such as [(0,), (1,), (0, 0)] or a node count")
+        self.top_k = 1 + max((r for c in self.choices for r in c), default=0)
+        depth = num_heads if num_heads is not None else max(len(c) for c in self.choices)
+        # the tree builder's own checks (depth, rank range, prefixes, duplicates), now rather than mid-call
+        candidates = torch.zeros(1, depth, self.top_k, dtype=torch.long)
+        DraftTree.from_choices(torch.zeros(1, dtype=torch.long), candidates, self.choices)
 
     @property
     def max_nodes(self) -> int:
@@ -127,6 +139,8 @@ class Medusa(Proposer):
         if self.heads is None:
             self.heads = load_medusa(self.path, model.config.hidden_size, target.vocab_size)
             self._set_choices(self.heads.config.num_heads)
+        if self.top_k > target.vocab_size:
+            raise ValueError(f"the Medusa tree uses rank {self.top_k - 1}; the vocabulary has {target.vocab_size}")
         if self.heads.config.vocab_size != target.vocab_size:
             raise ValueError(
                 f"Medusa vocabulary {self.heads.config.vocab_size} != target vocabulary {target.vocab_size}"

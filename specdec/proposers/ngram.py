@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..tree import DraftTree, Law
+from ..validation import require_int
 from .base import ProposeContext, Proposer, register_proposer
 
 
@@ -33,7 +34,10 @@ class Ngram(Proposer):
     """Prompt lookup over prompt + output; drafts a chain (POINT law: the tokens are not sampled)."""
 
     def __init__(self, num_tokens: int = 4, max_ngram: int = 3, min_ngram: int = 1):
-        if num_tokens < 1 or not 1 <= min_ngram <= max_ngram:
+        require_int("num_tokens", num_tokens, 1)
+        require_int("max_ngram", max_ngram, 1)
+        require_int("min_ngram", min_ngram, 1)
+        if not min_ngram <= max_ngram:
             raise ValueError(
                 f"need num_tokens >= 1 and 1 <= min_ngram <= max_ngram; got {num_tokens}, {min_ngram}, {max_ngram}"
             )

@@ -12,8 +12,11 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 EXIT_USAGE = 2
+# what a missing, truncated or mismatched checkpoint raises while transformers loads it
+LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, SafetensorError)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 KV_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "fp8": 1}
 
@@ -30,7 +33,60 @@ class CliError(Exception):
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise CliError(f"--device {name}: not a device name (auto, cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CliError(f"--device {name}: this machine has no CUDA device; use --device cpu or auto")
+    return dev
+
+
+# argument -> the smallest valid value (None values are "not given")
+_MINIMUMS = {
+    "max_new_tokens": 1,
+    "num_tokens": 1,
+    "depth": 1,
+    "top_k": 1,
+    "total_tokens": 1,
+    "limit": 1,
+    "batch_size": 1,
+    "max_prompt_tokens": 1,
+    "seq_len": 1,
+    "batch": 1,
+    "layers": 1,
+    "kv_heads": 1,
+    "head_dim": 1,
+    "max_nodes": 2,
+}
+
+
+def check_args(args) -> None:
+    """Every numeric flag in range, the device present and the output writable, before any work."""
+    for name, low in _MINIMUMS.items():
+        value = getattr(args, name, None)
+        if value is not None and value < low:
+            raise CliError(f"--{name.replace('_', '-')} {value} must be >= {low}")
+    if getattr(args, "temperature", 0) < 0:
+        raise CliError(f"--temperature {args.temperature} must be >= 0 (0 means greedy)")
+    top_p = getattr(args, "top_p", None)
+    if top_p is not None and not 0 < top_p <= 1:
+        raise CliError(f"--top-p {top_p} must be in (0, 1]")
+    if getattr(args, "memory_gib", None) is not None and args.memory_gib < 0:
+        raise CliError(f"--memory-gib {args.memory_gib} must be >= 0")
+    if getattr(args, "device", None) is not None:
+        _device(args.device)
+    out = getattr(args, "out", None)
+    if out is not None:
+        # profile writes a folder, tune a file: find out now, not after the whole run
+        folder = Path(out) if args.command == "profile" else Path(out).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / ".specdec-write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise CliError(f"--out {out}: cannot write there ({e.strerror or e})") from None
 
 
 def load_target(path: str | None, dtype: str, device: str):
@@ -45,9 +101,19 @@ def load_target(path: str | None, dtype: str, device: str):
             raise CliError(f"--target is required here: {e}") from None
     if not (Path(path) / "config.json").is_file():
         raise CliError(f"--target {path}: no config.json there (expected a transformers model folder)")
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(_device(device)).eval()
+    dev = _device(device)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(dev).eval()
+    except LOAD_ERRORS as e:  # missing / truncated weights, bad config
+        raise _load_error("--target", path, e) from None
     return model, tok
+
+
+def _load_error(flag: str, path, e: BaseException) -> CliError:
+    text = str(e).strip()
+    first = text.splitlines()[0] if text else "no message"
+    return CliError(f"{flag} {path}: cannot load the model ({type(e).__name__}: {first})")
 
 
 PROPOSER_NAMES = ("none", "ngram", "draft", "medusa", "eagle")
@@ -93,7 +159,10 @@ def make_proposer(args, target):
 
         if not args.draft or not (Path(args.draft) / "config.json").is_file():
             raise CliError(f"--proposer draft needs --draft PATH to a model folder (got {args.draft})")
-        draft = AutoModelForCausalLM.from_pretrained(args.draft, dtype=target.dtype).to(target.device).eval()
+        try:
+            draft = AutoModelForCausalLM.from_pretrained(args.draft, dtype=target.dtype).to(target.device).eval()
+        except LOAD_ERRORS as e:
+            raise _load_error("--draft", args.draft, e) from None
         d_vocab, t_vocab = draft.get_output_embeddings().weight.shape[0], target.get_output_embeddings().weight.shape[0]
         if d_vocab != t_vocab:
             raise CliError(f"draft vocabulary {d_vocab} != target vocabulary {t_vocab}")
@@ -103,8 +172,8 @@ def make_proposer(args, target):
             raise CliError("--proposer medusa needs --heads PATH")
         try:
             return specdec.Medusa.from_pretrained(args.heads, tree=_tree(args.tree))
-        except FileNotFoundError as e:
-            raise CliError(str(e)) from None
+        except (FileNotFoundError, ValueError) as e:
+            raise CliError(f"--heads {args.heads}: {e}") from None
     if name == "eagle":
         try:
             return specdec.Eagle.from_pretrained(
@@ -127,8 +196,14 @@ def _tree(spec: str | None):
     path = Path(spec)
     if not path.is_file():
         raise CliError(f"--tree {spec}: neither a node count nor a file")
-    data = json.loads(path.read_text())
-    return [tuple(c) for c in (data["choices"] if isinstance(data, dict) else data)]
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CliError(f"--tree {spec}: not JSON ({e})") from None
+    choices = data.get("choices") if isinstance(data, dict) else data
+    if not isinstance(choices, list) or not all(isinstance(c, list) for c in choices):
+        raise CliError(f'--tree {spec}: expected a list of choices or {{"choices": [[0], [1], [0, 0], ...]}}')
+    return [tuple(c) for c in choices]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,12 +223,21 @@ def cmd_kv_size(args) -> dict:
         path = path / "config.json" if path.is_dir() else path
         if not path.is_file():
             raise CliError(f"--config {args.config}: file not found")
-        cfg = json.loads(path.read_text())
+        try:
+            cfg = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CliError(f"--config {path}: not JSON ({e})") from None
+        if not isinstance(cfg, dict):
+            raise CliError(f"--config {path}: expected a JSON object (a transformers config.json)")
         layers = cfg.get("num_hidden_layers", cfg.get("n_layer"))
         heads = cfg.get("num_attention_heads", cfg.get("n_head"))
         kv_heads = cfg.get("num_key_value_heads") or heads
         hidden = cfg.get("hidden_size", cfg.get("n_embd"))
-        head_dim = cfg.get("head_dim") or hidden // heads
+        head_dim = cfg.get("head_dim") or (hidden // heads if hidden and heads else None)
+        missing = [k for k, v in [("num_hidden_layers", layers), ("num_attention_heads", heads)] if not v]
+        if missing or not head_dim:
+            missing += [] if head_dim else ["head_dim or hidden_size"]
+            raise CliError(f"--config {path}: lacks {', '.join(missing)}; or give --layers, --kv-heads, --head-dim")
         weights = _weight_bytes(path, DTYPES.get(args.dtype, torch.bfloat16))
     else:
         if None in (args.layers, args.kv_heads, args.head_dim):
@@ -501,7 +585,12 @@ def cmd_tune(args) -> dict:
     report_path = Path(args.report)
     if not report_path.is_file():
         raise CliError(f"--report {report_path}: file not found (run `specdec profile --proposer medusa` first)")
-    report = json.loads(report_path.read_text())
+    try:
+        report = json.loads(report_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CliError(f"--report {report_path}: not JSON ({e})") from None
+    if not isinstance(report, dict) or not isinstance(report.get("step_ms"), dict) or "draft" not in report["step_ms"]:
+        raise CliError(f"--report {report_path} has no step_ms.draft: pass a report.json of `specdec profile`")
     if not report.get("per_choice"):
         raise CliError(f"--report {report_path} has no per-choice acceptance (profile a Medusa proposer)")
     check_proposer_args(argparse.Namespace(proposer="medusa", draft=None, heads=args.heads))
@@ -713,6 +802,7 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()  # stderr is for one-line errors and the stats line
     try:
+        check_args(args)
         if hasattr(args, "proposer") and hasattr(args, "draft"):
             check_proposer_args(args)
         {"generate": cmd_generate, "profile": cmd_profile, "kv-size": cmd_kv_size, "tune": cmd_tune}[args.command](args)

@@ -22,24 +22,15 @@ def load_prompts(path: str | Path, category: str | None = None, limit: int | Non
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} does not exist")
     out: list[Prompt] = []
-    if path.name.endswith((".jsonl", ".jsonl.gz")):
-        opener = gzip.open if path.name.endswith(".gz") else open
-        with opener(path, "rt") as fh:
-            for n, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n} is not JSON ({e.msg})") from None
-                if "turns" in row:
-                    out.append(Prompt(row["turns"][0], row.get("category", "all"), chat=True))
-                elif "prompt" in row:
-                    out.append(Prompt(row["prompt"], row.get("category", "all")))
-                else:
-                    raise ValueError(f"{path}:{n} has neither 'turns' (Spec-Bench) nor 'prompt' (HumanEval)")
-    else:
-        out = [Prompt(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        if path.name.endswith((".jsonl", ".jsonl.gz")):
+            opener = gzip.open if path.name.endswith(".gz") else open
+            with opener(path, "rt") as fh:
+                out = [p for n, line in enumerate(fh, 1) if line.strip() for p in [_jsonl_prompt(path, n, line)]]
+        else:
+            out = [Prompt(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, EOFError, UnicodeDecodeError) as e:  # e.g. a .gz that is not gzip, a binary file
+        raise ValueError(f"{path}: cannot read prompts ({type(e).__name__}: {e})") from None
     if category is not None:
         out = [p for p in out if p.category == category]
     if limit is not None:
@@ -47,6 +38,25 @@ def load_prompts(path: str | Path, category: str | None = None, limit: int | Non
     if not out:
         raise ValueError(f"no prompts in {path}" + (f" with category {category!r}" if category else ""))
     return out
+
+
+def _jsonl_prompt(path: Path, n: int, line: str) -> Prompt:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{n} is not JSON ({e.msg})") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"{path}:{n} is not a JSON object")
+    if "turns" in row:
+        turns = row["turns"]
+        if not isinstance(turns, list) or not turns or not isinstance(turns[0], str):
+            raise ValueError(f"{path}:{n}: 'turns' must be a non-empty list of strings (Spec-Bench)")
+        return Prompt(turns[0], str(row.get("category", "all")), chat=True)
+    if "prompt" in row:
+        if not isinstance(row["prompt"], str):
+            raise ValueError(f"{path}:{n}: 'prompt' must be a string (HumanEval)")
+        return Prompt(row["prompt"], str(row.get("category", "all")))
+    raise ValueError(f"{path}:{n} has neither 'turns' (Spec-Bench) nor 'prompt' (HumanEval)")
 
 
 def encode(tokenizer, prompt: Prompt, max_tokens: int | None = None):

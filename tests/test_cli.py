@@ -300,3 +300,61 @@ def test_tune_eagle_measures_each_setting(zoo, tmp_path):
     assert main([*argv, "--grid", "2:2"]) == 2
     no_report = ["tune", "--target", str(zoo / "target"), "--heads", str(tmp_path / "eagle"), "--out", "x.json"]
     assert main(no_report) == 2  # Medusa's tuner needs a profile report
+
+
+def _broken(zoo, tmp_path):
+    """Files for the bad-input cases: a truncated checkpoint, a tree without choices, a report without
+    step_ms, a Spec-Bench row without turns, a .jsonl.gz that is not gzip, a config without heads."""
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(zoo / "target", bad / "truncated")
+    weights = bad / "truncated" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    shutil.copytree(zoo / "target", bad / "noweights")
+    (bad / "noweights" / "model.safetensors").unlink()
+    (bad / "tree.json").write_text(json.dumps({"nodes": [[0]]}))
+    (bad / "report.json").write_text(json.dumps({"per_choice": {"0": {"offered": 1, "accepted": 1}}}))
+    (bad / "noturns.jsonl").write_text(json.dumps({"turns": []}) + "\n")
+    (bad / "plain.jsonl.gz").write_text(json.dumps({"prompt": "x"}) + "\n")
+    (bad / "config.json").write_text(json.dumps({"num_hidden_layers": 2, "hidden_size": 64}))
+    (bad / "readonly").mkdir()
+    (bad / "readonly" / "out").write_text("a file where --out wants a folder")
+    return bad
+
+
+PROFILE = ["profile", "--target", "{t}", "--proposer", "ngram", "--prompts", "{z}/lines.txt", "--out", "{o}"]
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (PROFILE[:-1] + ["{b}/readonly/out/sub"], "cannot write there"),
+        (["generate", "--target", "{b}/truncated", "--prompt", "x"], "cannot load the model"),
+        (["generate", "--target", "{b}/noweights", "--prompt", "x"], "cannot load the model"),
+        (["generate", "--target", "{t}", "--prompt", "x", "--proposer", "medusa", "--heads", "{t}", "--tree",
+          "{b}/tree.json"], "expected a list of choices"),  # fmt: skip
+        (PROFILE[:6] + ["{b}/noturns.jsonl", "--out", "{o}"], "'turns' must be a non-empty list"),
+        (PROFILE[:6] + ["{b}/plain.jsonl.gz", "--out", "{o}"], "cannot read prompts"),
+        (["tune", "--target", "{t}", "--heads", "{t}", "--report", "{b}/report.json", "--out", "{o}/t.json"],
+         "has no step_ms.draft"),  # fmt: skip
+        (["generate", "--target", "{t}", "--prompt", "x", "--device", "cuda:7"], "--device cuda:7"),
+        (["generate", "--target", "{t}", "--prompt", "x", "--device", "tpu"], "not a device name"),
+        (["kv-size", "--config", "{b}/config.json", "--seq-len", "8"], "lacks num_attention_heads"),
+        (["kv-size", "--layers", "2", "--kv-heads", "2", "--head-dim", "8", "--seq-len", "-5"], "--seq-len -5 must be"),
+        (PROFILE + ["--limit", "-1"], "--limit -1 must be >= 1"),
+        (PROFILE + ["--max-prompt-tokens", "0"], "--max-prompt-tokens 0 must be >= 1"),
+        (PROFILE + ["--max-new-tokens", "0"], "--max-new-tokens 0 must be >= 1"),
+        (PROFILE + ["--top-p", "1.5"], "--top-p 1.5 must be in (0, 1]"),
+        (PROFILE + ["--temperature", "-1"], "--temperature -1.0 must be >= 0"),
+    ],
+)
+def test_more_bad_input_is_one_line_and_exit_2_before_any_work(zoo, tmp_path, capsys, argv, fragment):
+    bad = _broken(zoo, tmp_path)
+    argv = [a.format(t=zoo / "target", z=zoo, o=tmp_path / "o", b=bad) for a in argv]
+    if "cuda:7" in argv and __import__("torch").cuda.device_count() > 7:
+        pytest.skip("this machine has a GPU 7")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and fragment in err[0] and "Traceback" not in err[0], err
+    assert not (tmp_path / "o" / "report.json").exists()

@@ -81,6 +81,7 @@ def test_make_demo_prints_one_table(capsys):
     assert "tok/s" in out and "False" not in out
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_eagle_is_exact_on_the_gpu(demo):
     """CUDA graphs capture the feature hooks, the drafter's catch-up uses the Triton kernels: greedy

@@ -17,6 +17,7 @@ from specdec.heads.medusa import MedusaConfig, MedusaHeads
 
 V = 96
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.gpu  # CI runs it on the CPU; `make test-gpu` under CUDA graphs
 STAGES = ["target-prefill", "draft-prefill", "propose", "target-forward", "verify", "streamer"]
 PROPOSERS = ["none", "ngram", "draft", "medusa", "eagle"]
 

@@ -14,6 +14,7 @@ from specdec.kernels import (
 from specdec.tree import DraftTree, Law
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.gpu  # CI: Triton's interpreter; `make test-gpu`: compiled for the card
 
 
 def _layout(B, prefix, T, page, num_pages, g):

@@ -69,6 +69,16 @@ def test_unknown_stage_is_named(tmp_path):
 
 
 def test_the_split_is_a_stable_hash_of_the_path():
-    assert held_out("stdlib/os.py", 0.5) == held_out("stdlib/os.py", 0.5)
-    picks = [held_out(f"site/pkg/m{i}.py", 0.1) for i in range(2000)]
+    """The same split in every process: Python's salted hash() would differ between interpreters."""
+    names = [f"site/pkg/m{i}.py" for i in range(2000)]
+    picks = [held_out(n, 0.1) for n in names]
     assert 100 < sum(picks) < 300
+    code = (
+        "from specdec.training.corpus import held_out\n"
+        "print(''.join(str(int(held_out(f'site/pkg/m{i}.py', 0.1))) for i in range(2000)))"
+    )
+    for seed in ("1", "2"):
+        out = subprocess.run(
+            [sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": seed}, capture_output=True, text=True
+        )
+        assert out.stdout.strip() == "".join(str(int(p)) for p in picks), out.stderr[-500:]

@@ -101,6 +101,12 @@ class GraphedForward:
         """input_ids, positions [B, T] -> logits [B, T, V] (a view of a static buffer: use it before the
         next call)."""
         B, T = input_ids.shape
+        if B > BATCH_BUCKETS[-1]:  # beyond the captured sizes: the same forward, eagerly, on the paged metadata
+            out = self.runtime.forward(
+                input_ids, positions, meta, last_hidden=self.last_hidden, features=self.feature_layers
+            )
+            self.hidden, self.features = out.last_hidden, out.features
+            return out.logits
         Bb = batch_bucket(B)
         if meta.block_tables.shape[1] > self.max_blocks:
             raise ValueError(f"block table width {meta.block_tables.shape[1]} exceeds the graphs' {self.max_blocks}")

@@ -19,12 +19,12 @@ test: $(STAMP)
 
 # On a CUDA machine whose python3 has torch, triton and transformers (the device image: no venv, no
 # network): every test marked gpu, under CUDA graphs and the Triton kernels. specdec is put on the path
-# as its installed layout (specdec.heads, .training, .kernels, .conf) without pip.
+# as its installed layout (specdec.heads, .training, .kernels, .conf) without pip (-P: not the checkout).
 GPU_SITE := /tmp/specdec-gpu-site
 test-gpu:
 	rm -rf $(GPU_SITE) && mkdir -p $(GPU_SITE) && cp -r specdec $(GPU_SITE)/
 	for d in heads training kernels conf; do ln -s $(CURDIR)/$$d $(GPU_SITE)/specdec/$$d; done
-	PYTHONPATH=$(GPU_SITE) $(PYTHON) -m pytest -q -p no:cacheprovider -m gpu tests
+	PYTHONPATH=$(GPU_SITE) SPECDEC_DEMO_DIR=$(CURDIR)/assets/demo $(PYTHON) -P -m pytest -q -p no:cacheprovider -m gpu tests
 
 demo: $(STAMP)
 	$(PY) -m specdec.demo

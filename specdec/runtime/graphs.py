@@ -7,6 +7,7 @@ Rows beyond the real batch are padding: no slot is written for them and their lo
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +62,15 @@ class GraphedForward:
         self.features: torch.Tensor | None = None  # [B, T, F] of the latest replay
         self.graphs: dict[tuple[int, int], _Captured] = {}
         self.pool = None
+        self.uncapturable: str | None = None  # why capture failed: every step then runs eagerly
+
+    def _eager(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """The same forward without a graph, on the paged metadata (batches beyond the largest bucket,
+        models that cannot be captured)."""
+        kw = dict(last_hidden=self.last_hidden, features=self.feature_layers)
+        out = self.runtime.forward(input_ids, positions, meta, **kw)
+        self.hidden, self.features = out.last_hidden, out.features
+        return out.logits
 
     def _static(self, B: int, T: int) -> _Captured:
         dev = self.runtime.device
@@ -101,18 +111,26 @@ class GraphedForward:
         """input_ids, positions [B, T] -> logits [B, T, V] (a view of a static buffer: use it before the
         next call)."""
         B, T = input_ids.shape
-        if B > BATCH_BUCKETS[-1]:  # beyond the captured sizes: the same forward, eagerly, on the paged metadata
-            out = self.runtime.forward(
-                input_ids, positions, meta, last_hidden=self.last_hidden, features=self.feature_layers
-            )
-            self.hidden, self.features = out.last_hidden, out.features
-            return out.logits
+        if B > BATCH_BUCKETS[-1] or self.uncapturable:
+            return self._eager(input_ids, positions, meta)
         Bb = batch_bucket(B)
         if meta.block_tables.shape[1] > self.max_blocks:
             raise ValueError(f"block table width {meta.block_tables.shape[1]} exceeds the graphs' {self.max_blocks}")
         key = (Bb, T)
         if key not in self.graphs:
-            self.graphs[key] = self._capture(Bb, T)
+            try:
+                self.graphs[key] = self._capture(Bb, T)
+            except RuntimeError as e:  # e.g. MoE experts that copy routing offsets from the host
+                if "captur" not in str(e).lower():
+                    raise
+                self.uncapturable = str(e).strip().splitlines()[0]
+                warnings.warn(
+                    f"{type(self.runtime.model).__name__} cannot be captured in a CUDA graph "
+                    f"({self.uncapturable}); its steps run eagerly",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                return self._eager(input_ids, positions, meta)
         c = self.graphs[key]
         c.input_ids[:B].copy_(input_ids)
         c.positions[:B].copy_(positions)

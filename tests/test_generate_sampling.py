@@ -152,12 +152,9 @@ def _medusa():
     return Medusa(heads, tree=6)
 
 
-@pytest.mark.parametrize("setting", list(SETTINGS))
-@pytest.mark.parametrize("kind, world", CASES)
-def test_first_tokens_follow_the_target_law(worlds, kind, world, setting):
-    target, draft, prompt = worlds[world]
-    law = exact_law(target, prompt, SamplingParams.make(1, top_k=0, **SETTINGS[setting]))
-    proposer = {
+def law_proposer(kind: str, draft):
+    """The proposer of a CASES kind (draft: the world's draft model)."""
+    return {
         "draft": lambda: DraftModel(draft, num_tokens=3),
         "ngram": lambda: Ngram(num_tokens=3),
         "tree": RandomTree,
@@ -165,6 +162,14 @@ def test_first_tokens_follow_the_target_law(worlds, kind, world, setting):
         "eagle2": lambda: _eagle(1, chain=False),
         "eagle3_chain": lambda: _eagle(3, chain=True),
     }[kind]()
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+@pytest.mark.parametrize("kind, world", CASES)
+def test_first_tokens_follow_the_target_law(worlds, kind, world, setting):
+    target, draft, prompt = worlds[world]
+    law = exact_law(target, prompt, SamplingParams.make(1, top_k=0, **SETTINGS[setting]))
+    proposer = law_proposer(kind, draft)
     out = _run(target, prompt, proposer, setting)
     bound = tv_bound(V * V, N_RUNS)
     tv12, tv23 = tvs(out.sequences, prompt, law)

@@ -8,16 +8,7 @@ import torch
 from models import noisy_copy, tiny
 from replay import ReplayTree
 from test_faults import _proposer
-from test_generate_sampling import (
-    SETTINGS,
-    WORLDS,
-    RandomTree,
-    _eagle,
-    _medusa,
-    exact_law,
-    tv_bound,
-    tvs,
-)
+from test_generate_sampling import CASES, SETTINGS, WORLDS, exact_law, law_proposer, tv_bound, tvs
 
 import specdec
 from specdec import DraftModel, Ngram, SamplingParams
@@ -75,11 +66,7 @@ def test_a_batch_beyond_the_largest_graph_bucket_runs_eagerly():
 N_CALLS, ROWS = 60, 128  # 7680 draws per case, batches of one graph bucket
 
 
-LAW_CASES = [("ngram", "peaky"), ("draft", "spread"), ("tree", "spread"), ("medusa", "spread"), ("eagle2", "spread"),
-             ("eagle3_chain", "spread")]  # fmt: skip
-
-
-@pytest.mark.parametrize("kind, world", LAW_CASES)
+@pytest.mark.parametrize("kind, world", [c for c in CASES if c != ("draft", "peaky")])
 def test_the_sampled_law_under_graphs(kind, world):
     """As test_generate_sampling, on the GPU; false failure <= 1e-6 per comparison."""
     w = WORLDS[world]
@@ -88,14 +75,7 @@ def test_the_sampled_law_under_graphs(kind, world):
     law = exact_law(target, prompt, SamplingParams.make(1, top_k=0, **SETTINGS["t1"]))
     draft = noisy_copy(target, 0.3, seed=4).cuda()
     target = target.cuda()
-    proposer = {
-        "draft": lambda: DraftModel(draft, num_tokens=3),
-        "ngram": lambda: Ngram(num_tokens=3),
-        "tree": RandomTree,
-        "medusa": _medusa,
-        "eagle2": lambda: _eagle(1, chain=False),
-        "eagle3_chain": lambda: _eagle(3, chain=True),
-    }[kind]()
+    proposer = law_proposer(kind, draft)
     engine = specdec.Engine(target, proposer)
     seqs, accepted = [], 0
     for c in range(N_CALLS):

@@ -214,7 +214,8 @@ class Engine:
                     f"the model's vocabulary [0, {V_in})"
                 )
         for e in gp.eos_token_ids:
-            if not 0 <= e < V_out:
+            # an id >= V can never be drawn (harmless, as in transformers) unless min_new_tokens must ban it
+            if e < 0 or (e >= V_out and gp.min_new_tokens > 0):
                 raise ValueError(f"eos_token_id {e} is outside the model's vocabulary [0, {V_out})")
 
     def _run(

@@ -190,3 +190,10 @@ def test_a_text_iterator_streamer_ends_when_generation_fails(model):
         specdec.generate(model, torch.tensor([[5, 500]]), max_new_tokens=4, streamer=streamer)
     consumer.join(timeout=30)
     assert not consumer.is_alive()
+
+
+def test_an_eos_id_beyond_the_vocabulary_is_harmless_without_min_new_tokens(model):
+    """As in transformers (GPT-2 configs carry eos 50256 whatever their vocabulary): never drawn."""
+    ids = torch.tensor([[5, 6, 7]])
+    ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, eos_token_id=V + 5)
+    assert torch.equal(specdec.generate(model, ids, max_new_tokens=4, eos_token_id=V + 5), ref)

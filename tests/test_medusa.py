@@ -210,3 +210,16 @@ def test_typical_acceptance_is_an_explicit_lossy_option():
         return_dict_in_generate=True,
     )
     assert not exact.stats.lossy
+
+
+def test_a_truncated_checkpoint_is_an_error_naming_the_file(tmp_path):
+    from specdec.heads.medusa import load_medusa
+
+    _heads().save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match=f"{weights}: cannot read Medusa weights"):
+        load_medusa(tmp_path, H, V)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        load_medusa(tmp_path, H, V)

@@ -249,6 +249,54 @@ def main() -> None:
             tpot = ((t2 - t1) - (t1 - t0)) / (n - 1)
             rows.append({"context": c, "tpot_ms": tpot * 1e3})
 
+    @section("hf_generate_static")
+    def _():
+        # transformers compiles the forward itself with a static cache; per-token times from a streamer
+        # (generate syncs at every token to hand it over), after a warm-up call of the same shape
+        rows = res["hf_generate_static"] = []
+        c = contexts[0]
+        ids = prompts[c].to(DEV)
+        n = 48
+
+        class Clock:
+            def __init__(self):
+                self.times = []
+
+            def put(self, value):
+                self.times.append(time.perf_counter())
+
+            def end(self):
+                pass
+
+        kw = dict(
+            attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0, max_new_tokens=n,
+            min_new_tokens=n, cache_implementation="static",
+        )  # fmt: skip
+        t0 = time.perf_counter()
+        model.generate(ids, **kw)  # compiles
+        compile_s = time.perf_counter() - t0
+        tpots = []
+        for _ in range(2):
+            clock = Clock()
+            model.generate(ids, streamer=clock, **kw)
+            t = clock.times[1:]  # the first put is the prompt
+            tpots.append((t[-1] - t[0]) / (len(t) - 1))
+        rows.append({"context": c, "tpot_ms": 1e3 * min(tpots), "first_call_s": compile_s})
+
+    @section("engine_reuse")
+    def _():
+        # one Engine, 20 prompts of different lengths: no call may pay for a new pool or new graphs
+        eng = Engine(model, None)
+        gen = torch.Generator().manual_seed(1)
+        lengths = torch.randint(64, 1024, (20,), generator=gen).tolist()
+        tpots = []
+        for n in lengths:
+            ids = torch.randint(0, V, (1, n), generator=gen).to(DEV)
+            out = specdec.generate(model, ids, max_new_tokens=32, engine=eng, return_dict_in_generate=True)
+            tpots.append(out.stats.tpot_ms)
+        steady = sorted(tpots)[len(tpots) // 2]
+        res["engine_reuse"] = {"lengths": lengths, "tpot_ms": tpots, "worst_vs_median": max(tpots) / steady}
+
     @section("verify_cost")
     def _():
         rows = res["verify_cost"] = []
@@ -399,6 +447,14 @@ def summary(res: dict) -> str:
         )
     for r in res.get("hf_generate", []):
         out.append(f"transformers generate ctx {r['context']:>5} TPOT {r['tpot_ms']:7.2f} ms")
+    for r in res.get("hf_generate_static", []):
+        out.append(
+            f"transformers generate static cache (compiled) ctx {r['context']:>5} TPOT {r['tpot_ms']:7.2f} ms "
+            f"(first call {r['first_call_s']:.0f} s)"
+        )
+    if "engine_reuse" in res:
+        r = res["engine_reuse"]
+        out.append(f"one Engine over 20 prompt lengths: worst call TPOT / median = {r['worst_vs_median']:.2f}")
     for r in res.get("verify_cost", []):
         out.append(
             f"step forward ctx {r['context']:>5} nodes {r['nodes']:>3}: {r['ms']:7.2f} ms = "

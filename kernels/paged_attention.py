@@ -145,8 +145,9 @@ def _split_kernel(
     base = b * sml_b + split * sml_s + t * sml_r + h * sml_h
     tl.store(M + base, m_i, mask=row_ok)
     tl.store(L + base, l_i, mask=row_ok)
-    a_ptr = Acc + b * sa_b + split * sa_s + t[:, None] * sa_r + h[:, None] * sa_h + d[None, :]
-    tl.store(a_ptr, acc, mask=row_ok[:, None] & d_ok[None, :])
+    if (split == 0) | (lo < hi):  # an idle split (a short prefix) writes only m = -inf: merge skips its acc
+        a_ptr = Acc + b * sa_b + split * sa_s + t[:, None] * sa_r + h[:, None] * sa_h + d[None, :]
+        tl.store(a_ptr, acc, mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -191,9 +192,10 @@ def _merge_kernel(
     denom = tl.sum(w * l, 0) + tl.exp(sink - m_max)
     d = tl.arange(0, D_PAD)
     d_ok = d < D
+    live = s_ok & (m != float("-inf"))  # splits that saw a key (others never wrote their acc)
     acc = tl.load(
         Acc + b * sa_b + s[:, None] * sa_s + t * sa_r + h * sa_h + d[None, :],
-        mask=s_ok[:, None] & d_ok[None, :],
+        mask=live[:, None] & d_ok[None, :],
         other=0.0,
     )
     out = tl.sum(acc * w[:, None], 0) / tl.where(denom > 0, denom, 1.0)

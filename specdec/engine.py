@@ -62,6 +62,9 @@ class _Row:
     hidden: torch.Tensor | None = None  # [H] the target's final hidden state that produced the root
 
 
+DEFAULT_POOL_TOKENS = 65536  # a graphed Engine's first KV pool, in tokens (capped by free memory)
+
+
 def max_tree_nodes(proposer: Proposer | None) -> int:
     """The widest tree (root included, after bucketing) a proposer may draft."""
     return 1 if proposer is None else node_bucket(proposer.max_nodes)
@@ -122,6 +125,12 @@ class Engine:
         return -(-(prompt_len + max_new + width) // self.block_size) + 1  # +1: copy-on-write
 
     def _ensure_pool(self, needs: list[int]) -> None:
+        """Make the pool hold these rows' worst cases at once (fixed pools: at least the largest).
+
+        A new pool means new K/V tensors, and CUDA graphs captured on the old ones must be captured
+        again; so on a CUDA device an unsized pool starts at DEFAULT_POOL_TOKENS (within a quarter
+        of the free memory) and grows by doubling: a reused Engine re-captures O(log) times in its
+        life, not at every longer prompt."""
         if self.fixed_blocks is not None:
             total = self.fixed_blocks
             worst = max(needs)
@@ -132,9 +141,33 @@ class Engine:
                 )
         else:
             total = sum(needs)
+            if self.bm is not None and self.bm.num_blocks >= total:
+                return
+            if self.cuda_graphs:
+                grown = 2 * self.bm.num_blocks if self.bm is not None else self._default_blocks()
+                total = max(total, grown)
         if self.bm is None or self.bm.num_blocks < total:
             self.bm = BlockManager(total, self.block_size)
             self.cache = self.target.new_cache(total, self.block_size)
+
+    def _default_blocks(self) -> int:
+        """The first pool of a graphed Engine: DEFAULT_POOL_TOKENS, or what a quarter of the free
+        device memory holds if that is less."""
+        blocks = DEFAULT_POOL_TOKENS // self.block_size
+        per_token = self.target.kv_bytes_per_token()
+        if per_token:
+            free, _ = torch.cuda.mem_get_info(self.target.device)
+            blocks = min(blocks, int(free // 4 // (per_token * self.block_size)))
+        return max(blocks, 1)
+
+    def _graph_width(self, needs: list[int]) -> int:
+        """Block-table width of the captured graphs: the longest row the model's positions allow
+        (so a longer prompt never needs new graphs), at most the pool."""
+        limit = self.target.max_positions
+        if limit is None:
+            return self.bm.num_blocks
+        longest = self.bm.blocks_needed(limit + max_tree_nodes(self.proposer)) + 1
+        return min(max(max(needs), longest), self.bm.num_blocks)
 
     @torch.inference_mode()
     def step_costs(self, sizes: list[int], context: int = 128, reps: int = 5) -> dict[int, float]:
@@ -238,7 +271,7 @@ class Engine:
                 self.target,
                 block_size=self.block_size,
                 num_blocks=self.bm.num_blocks,
-                max_blocks_per_row=max(max(needs), 64),
+                max_blocks_per_row=self._graph_width(needs),
             )
             if "features" in self.proposer.needs:
                 if not self.proposer.feature_layers:
@@ -254,7 +287,7 @@ class Engine:
                 or g.feature_layers != self._features
             ):
                 self._graphed = GraphedForward(
-                    self.target, self.cache, max(max(needs), 64), self._hidden, self._features
+                    self.target, self.cache, self._graph_width(needs), self._hidden, self._features
                 )
         use_presence = bool((gp.sampling.repetition_penalty != 1).any())
         if use_presence:

@@ -89,3 +89,21 @@ def test_the_sampled_law_under_graphs(kind, world):
     tv12, tv23 = tvs(torch.cat(seqs), prompt, law)
     assert tv12 < bound and tv23 < bound, (tv12, tv23, bound)
     assert accepted > 0.05 * N_CALLS * ROWS
+
+
+@pytest.mark.parametrize("name", ["none", "draft"])
+def test_a_reused_engine_keeps_its_pool_and_graphs_for_longer_prompts(name):
+    """Graphs hold the pool's tensors and the block-table width: a longer prompt must not rebuild
+    either (it did: 15 tokens/s for prompts of varying length through one Engine)."""
+    model = tiny("llama", vocab=V, eos_token_id=None).cuda()
+    proposer = DraftModel(noisy_copy(model, 0.05).cuda(), num_tokens=3) if name == "draft" else None
+    engine = specdec.Engine(model, proposer)
+    g = torch.Generator().manual_seed(2)
+    seen = None
+    for n in (5, 40, 150, 400, 17):
+        ids = torch.randint(3, V, (1, n), generator=g).cuda()
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
+        assert torch.equal(specdec.generate(model, ids, engine=engine, max_new_tokens=12), ref)
+        now = (engine.cache, engine._graphed, getattr(proposer, "cache", None), getattr(proposer, "_graphed", None))
+        assert seen is None or all(a is b for a, b in zip(now, seen, strict=True)), f"rebuilt at prompt length {n}"
+        seen = now

@@ -247,6 +247,17 @@ class HFModel:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
 
+    def kv_bytes_per_token(self) -> int | None:
+        """K and V bytes one token takes over all layers, from the config (None when it cannot tell)."""
+        cfg = self.model.config
+        heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None)
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
+        head_dim = getattr(cfg, "head_dim", None) or (hidden // heads if hidden and heads else None)
+        if not kv_heads or not head_dim:
+            return None
+        return 2 * self.num_layers * int(kv_heads) * int(head_dim) * self.dtype.itemsize
+
     def new_cache(self, num_blocks: int, block_size: int) -> PagedKVCache:
         return PagedKVCache(self.num_layers, num_blocks, block_size)
 

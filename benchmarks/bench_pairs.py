@@ -1,0 +1,130 @@
+"""End to end on the trained demo pair: specdec's proposers against transformers' own paths, same
+prompts, same run, same card.
+
+Batch 1, greedy, HumanEval prompts (data/HumanEval.jsonl.gz), fp32 demo models (assets/demo). Each
+method runs every prompt once after a warm-up prompt; tokens/s = new tokens / wall time of the call
+(device-synchronised), pooled over prompts. specdec rows reuse one Engine per method across prompts
+of different lengths (the per-call TPOT spread shows whether anything is re-captured mid-run) and
+are checked token for token against specdec's plain decoding.
+
+    python benchmarks/bench_pairs.py --out pairs.json [--prompts 10] [--new-tokens 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import specdec
+from specdec.demo import demo_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sync() -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--prompts", type=int, default=10)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--dtype", default="float32")
+    args = ap.parse_args()
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype)
+    root = demo_dir()
+    tok = AutoTokenizer.from_pretrained(root / "target")
+    target = AutoModelForCausalLM.from_pretrained(root / "target", dtype=dtype).to(dev).eval()
+    draft = AutoModelForCausalLM.from_pretrained(root / "draft", dtype=dtype).to(dev).eval()
+    with gzip.open(ROOT / "data" / "HumanEval.jsonl.gz", "rt") as f:
+        texts = [json.loads(line)["prompt"] for line in f][: args.prompts + 1]
+    prompts = [tok(t, return_tensors="pt").input_ids.to(dev) for t in texts]
+    warm, prompts = prompts[0], prompts[1:]
+    N = args.new_tokens
+    res = {
+        "card": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "dtype": args.dtype,
+        "prompts": len(prompts),
+        "prompt_tokens": [p.shape[1] for p in prompts],
+        "new_tokens": N,
+        "rows": [],
+    }
+    hf_kw = dict(max_new_tokens=N, min_new_tokens=N, do_sample=False, pad_token_id=tok.eos_token_id or 0)
+
+    def hf(name, **extra):
+        target.generate(warm, attention_mask=torch.ones_like(warm), **hf_kw, **extra)
+        tokens, seconds = 0, 0.0
+        for p in prompts:
+            t0 = sync()
+            out = target.generate(p, attention_mask=torch.ones_like(p), **hf_kw, **extra)
+            seconds += sync() - t0
+            tokens += out.shape[1] - p.shape[1]
+        res["rows"].append({"method": name, "tokens_per_s": tokens / seconds})
+        print(f"{name:42s} {tokens / seconds:8.1f} tok/s", flush=True)
+
+    hf("transformers generate")
+    hf("transformers generate, assistant_model=draft", assistant_model=draft)
+    hf("transformers generate, prompt_lookup_num_tokens=4", prompt_lookup_num_tokens=4)
+
+    proposers = {
+        "specdec plain": lambda: None,
+        "specdec DraftModel(4)": lambda: specdec.DraftModel(draft, num_tokens=4),
+        "specdec Ngram(4)": lambda: specdec.Ngram(num_tokens=4),
+        "specdec Medusa(32)": lambda: specdec.Medusa.from_pretrained(root / "medusa", tree=32),
+        "specdec Eagle(6, 10, 60)": lambda: specdec.Eagle.from_pretrained(root / "eagle"),
+        "specdec Eagle chain(5)": lambda: specdec.Eagle.from_pretrained(root / "eagle", depth=5, chain=True),
+    }
+    plain_out = {}
+    for name, make in proposers.items():
+        engine = specdec.Engine(target, make())
+        kw = dict(engine=engine, max_new_tokens=N, min_new_tokens=N, do_sample=False, return_dict_in_generate=True)
+        specdec.generate(target, warm, **kw)
+        tokens, seconds, forwards, tpots, identical = 0, 0.0, 0, [], True
+        for i, p in enumerate(prompts):
+            t0 = sync()
+            out = specdec.generate(target, p, **kw)
+            seconds += sync() - t0
+            tokens += out.stats.generated_tokens
+            forwards += out.stats.target_forwards
+            tpots.append(out.stats.tpot_ms)
+            if name == "specdec plain":
+                plain_out[i] = out.sequences
+            else:
+                identical &= torch.equal(out.sequences, plain_out[i])
+        tau = tokens / forwards
+        steady = sorted(tpots)[len(tpots) // 2]
+        row = {
+            "method": name,
+            "tokens_per_s": tokens / seconds,
+            "tau": tau,
+            "greedy_identical": identical,
+            "tpot_ms_per_call": tpots,
+            "worst_call_vs_median_tpot": max(tpots) / steady,
+        }
+        res["rows"].append(row)
+        print(
+            f"{name:42s} {row['tokens_per_s']:8.1f} tok/s  tau {tau:.2f}  identical {identical}  "
+            f"worst call / median TPOT {row['worst_call_vs_median_tpot']:.2f}",
+            flush=True,
+        )
+    json.dump(res, open(args.out, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()

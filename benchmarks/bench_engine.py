@@ -295,7 +295,12 @@ def main() -> None:
             out = specdec.generate(model, ids, max_new_tokens=32, engine=eng, return_dict_in_generate=True)
             tpots.append(out.stats.tpot_ms)
         steady = sorted(tpots)[len(tpots) // 2]
-        res["engine_reuse"] = {"lengths": lengths, "tpot_ms": tpots, "worst_vs_median": max(tpots) / steady}
+        res["engine_reuse"] = {
+            "lengths": lengths,
+            "tpot_ms": tpots,
+            "worst_vs_median": max(tpots) / steady,
+            "worst_after_first_vs_median": max(tpots[1:]) / steady,  # the first call captures the graphs
+        }
 
     @section("verify_cost")
     def _():
@@ -454,7 +459,10 @@ def summary(res: dict) -> str:
         )
     if "engine_reuse" in res:
         r = res["engine_reuse"]
-        out.append(f"one Engine over 20 prompt lengths: worst call TPOT / median = {r['worst_vs_median']:.2f}")
+        out.append(
+            f"one Engine over 20 prompt lengths: worst call TPOT / median = {r['worst_vs_median']:.2f} "
+            f"(after the first, capturing call: {r.get('worst_after_first_vs_median', 0):.2f})"
+        )
     for r in res.get("verify_cost", []):
         out.append(
             f"step forward ctx {r['context']:>5} nodes {r['nodes']:>3}: {r['ms']:7.2f} ms = "

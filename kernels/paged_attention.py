@@ -23,7 +23,9 @@ def _softcap(s, cap):
     return cap * (1.0 - 2.0 / (tl.exp(2.0 * s / cap) + 1.0))
 
 
-@triton.jit
+# the sizes that change with every prompt or tree are not specialised on: a new prompt length must
+# not compile a new kernel inside a timed call
+@triton.jit(do_not_specialize=["T", "num_splits", "num_q_tiles", "window"])
 def _split_kernel(
     Q,
     K,
@@ -150,7 +152,7 @@ def _split_kernel(
         tl.store(a_ptr, acc, mask=row_ok[:, None] & d_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits", "H"])
 def _merge_kernel(
     Acc,
     M,

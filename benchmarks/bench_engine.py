@@ -138,6 +138,7 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--contexts", default="1024,4096")
     ap.add_argument("--new-tokens", type=int, default=96)
+    ap.add_argument("--only", help="comma-separated sections to run (default: all)")
     args = ap.parse_args()
     shape = TINY if args.tiny else EIGHT_B
     contexts = [int(c) for c in args.contexts.split(",")]
@@ -153,8 +154,12 @@ def main() -> None:
     }
     errors = res.setdefault("errors", {})
 
+    only = set(args.only.split(",")) if args.only else None
+
     def section(name):
         def wrap(fn):
+            if only is not None and name not in only:
+                return
             t0 = time.time()
             try:
                 fn()
@@ -463,6 +468,13 @@ def summary(res: dict) -> str:
             f"one Engine over 20 prompt lengths: worst call TPOT / median = {r['worst_vs_median']:.2f} "
             f"(after the first, capturing call: {r.get('worst_after_first_vs_median', 0):.2f})"
         )
+    replay = {r["context"]: r["ms"] for r in res.get("verify_cost", []) if r["nodes"] == 1}
+    for r in res.get("plain_decode", []):
+        if r["cuda_graphs"] and r["context"] in replay:  # what the host adds to the replayed forward
+            out.append(
+                f"host time per plain-decode step ctx {r['context']:>5}: TPOT {r['tpot_ms']:.2f} - graph replay "
+                f"{replay[r['context']]:.2f} = {r['tpot_ms'] - replay[r['context']]:.2f} ms"
+            )
     for r in res.get("verify_cost", []):
         out.append(
             f"step forward ctx {r['context']:>5} nodes {r['nodes']:>3}: {r['ms']:7.2f} ms = "

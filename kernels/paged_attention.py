@@ -258,9 +258,12 @@ def paged_tree_attention(
     assert sinks is None or sinks.shape == (H,), f"sinks must be [H={H}]"
     G = H // Hkv
     D_PAD = max(16, _next_pow2(D))
-    BLOCK_M = max(16, min(_next_pow2(T * G), 256, 32768 // D_PAD))
-    num_q_tiles = triton.cdiv(T * G, BLOCK_M)
-    BLOCK_T = max(16, min(_next_pow2(T), 64))
+    # few tile shapes (each one is a compile): 16 query rows for decode, 64 or 128 for trees and
+    # prefill chunks (more rows are more tiles); 16 or 64 new keys a step
+    rows = T * G
+    BLOCK_M = min(16 if rows <= 16 else 64 if rows <= 64 else 128, max(16, 16384 // D_PAD))
+    num_q_tiles = triton.cdiv(rows, BLOCK_M)
+    BLOCK_T = 16 if T <= 16 else 64
     BLOCK_N = 64 if BLOCK_M <= 64 else 32
     if num_splits is None:
         target_programs = 132 * 2

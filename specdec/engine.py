@@ -19,10 +19,10 @@ import torch
 from .cache.block_manager import BlockManager, OutOfBlocksError
 from .cache.paged_kv import PagedKVCache
 from .metrics import SpecStats, sync_time
-from .proposers.base import ProposeContext, Proposer, resolve_proposer
-from .runtime.graphs import GraphedForward
-from .runtime.hf import HFModel
-from .runtime.metadata import prefill_metadata, to_device, tree_metadata
+from .proposers.base import Needs, ProposeContext, Proposer, resolve_proposer
+from .runtime.base import ModelOutput
+from .runtime.metadata import to_device
+from .runtime.runner import PagedRunner
 from .sampling import RowSeeds, SamplingParams
 from .tree import DraftTree, node_bucket
 from .validation import require_int
@@ -62,9 +62,6 @@ class _Row:
     hidden: torch.Tensor | None = None  # [H] the target's final hidden state that produced the root
 
 
-DEFAULT_POOL_TOKENS = 65536  # a graphed Engine's first KV pool, in tokens (capped by free memory)
-
-
 def max_tree_nodes(proposer: Proposer | None) -> int:
     """The widest tree (root included, after bucketing) a proposer may draft."""
     return 1 if proposer is None else node_bucket(proposer.max_nodes)
@@ -99,24 +96,39 @@ class Engine:
         require_int("block_size", block_size, 1, "tokens per KV page")
         if num_blocks is not None:
             require_int("num_blocks", num_blocks, 1, "or None: sized per call")
-        self.target = HFModel(model)
+        self.runner = PagedRunner(model, cuda_graphs)  # the target, its pool and its graphs
+        self.target = self.runner.model
         self.proposer = resolve_proposer(proposer)
         self._busy = threading.Lock()  # one run at a time: an Engine's pool and proposer are not shared
         self.block_size = block_size
         self.fixed_blocks = num_blocks
-        self.bm: BlockManager | None = None
-        self.cache: PagedKVCache | None = None
         self._next_seq = 0
         self._proposer_rows: set[int] = set()
-        self.kernels = self.target.device.type == "cuda"  # Triton paged attention on the GPU
-        self.cuda_graphs = self.kernels if cuda_graphs is None else cuda_graphs
-        if self.cuda_graphs and not self.kernels:
-            raise ValueError("cuda_graphs=True needs the model on a CUDA device")
-        self._graphed: GraphedForward | None = None
-        self.time_split = not self.kernels if time_split is None else time_split
-        self._hidden = self.proposer is not None and "last_hidden" in self.proposer.needs
+        self.time_split = not self.runner.kernels if time_split is None else time_split
+        self._hidden = self.proposer is not None and Needs.LAST_HIDDEN in self.proposer.needs
         self._features: tuple[int, ...] | None = None  # the proposer's feature layers (set per call)
         self._call: tuple[SamplingParams, torch.Tensor, bool] | None = None  # this call's params on the device
+
+    @property
+    def bm(self) -> BlockManager | None:
+        return self.runner.bm
+
+    @property
+    def cache(self) -> PagedKVCache | None:
+        return self.runner.cache
+
+    @property
+    def kernels(self) -> bool:
+        """Triton paged attention (on by default on a CUDA device; settable to test it interpreted)."""
+        return self.runner.kernels
+
+    @kernels.setter
+    def kernels(self, value: bool) -> None:
+        self.runner.kernels = value
+
+    @property
+    def cuda_graphs(self) -> bool:
+        return self.runner.cuda_graphs
 
     # ----------------------------------------------------------------------------- pool
 
@@ -125,87 +137,44 @@ class Engine:
         return -(-(prompt_len + max_new + width) // self.block_size) + 1  # +1: copy-on-write
 
     def _ensure_pool(self, needs: list[int]) -> None:
-        """Make the pool hold these rows' worst cases at once (fixed pools: at least the largest).
-
-        A new pool means new K/V tensors, and CUDA graphs captured on the old ones must be captured
-        again; so on a CUDA device an unsized pool starts at DEFAULT_POOL_TOKENS (within a quarter
-        of the free memory) and grows by doubling: a reused Engine re-captures O(log) times in its
-        life, not at every longer prompt."""
-        if self.fixed_blocks is not None:
-            total = self.fixed_blocks
-            worst = max(needs)
-            if worst > total:
-                raise OutOfBlocksError(
-                    f"one sequence needs up to {worst} blocks of {self.block_size} tokens but the pool has only "
-                    f"{total}; raise num_blocks or lower max_new_tokens / the prompt length"
-                )
-        else:
-            total = sum(needs)
-            if self.bm is not None and self.bm.num_blocks >= total:
-                return
-            if self.cuda_graphs:
-                grown = 2 * self.bm.num_blocks if self.bm is not None else self._default_blocks()
-                total = max(total, grown)
-        if self.bm is None or self.bm.num_blocks < total:
-            self.bm = BlockManager(total, self.block_size)
-            self.cache = self.target.new_cache(total, self.block_size)
-
-    def _default_blocks(self) -> int:
-        """The first pool of a graphed Engine: DEFAULT_POOL_TOKENS, or what a quarter of the free
-        device memory holds if that is less."""
-        blocks = DEFAULT_POOL_TOKENS // self.block_size
-        per_token = self.target.kv_bytes_per_token()
-        if per_token:
-            free, _ = torch.cuda.mem_get_info(self.target.device)
-            blocks = min(blocks, int(free // 4 // (per_token * self.block_size)))
-        return max(blocks, 1)
+        """Make the pool hold these rows' worst cases at once (a fixed pool: at least the largest);
+        an unsized pool grows (PagedRunner.ensure_pool), a fixed one is checked."""
+        if self.fixed_blocks is None:
+            self.runner.ensure_pool(sum(needs), self.block_size, grow=True)
+            return
+        if max(needs) > self.fixed_blocks:
+            raise OutOfBlocksError(
+                f"one sequence needs up to {max(needs)} blocks of {self.block_size} tokens but the pool has only "
+                f"{self.fixed_blocks}; raise num_blocks or lower max_new_tokens / the prompt length"
+            )
+        self.runner.ensure_pool(self.fixed_blocks, self.block_size)
 
     def _graph_width(self, needs: list[int]) -> int:
-        """Block-table width of the captured graphs: the longest row the model's positions allow
-        (so a longer prompt never needs new graphs), at most the pool."""
-        limit = self.target.max_positions
-        if limit is None:
-            return self.bm.num_blocks
-        longest = self.bm.blocks_needed(limit + max_tree_nodes(self.proposer)) + 1
-        return min(max(max(needs), longest), self.bm.num_blocks)
+        return self.runner.graph_width(max(needs), max_tree_nodes(self.proposer))
 
     @torch.inference_mode()
     def step_costs(self, sizes: list[int], context: int = 128, reps: int = 5) -> dict[int, float]:
         """Median seconds of one target step over a chain of n nodes after `context` committed tokens,
         for each n in sizes: the verify-cost curve that tree tuning needs (device-synchronised)."""
         dev = self.target.device
-        self._ensure_pool([-(-(context + max(sizes)) // self.block_size) + 2])
+        need = -(-(context + max(sizes)) // self.block_size) + 2
+        self._ensure_pool([need])
+        self.runner.set_outputs(self._graph_width([need]))
         sid = -1
-        prompt = torch.randint(0, self.target.vocab_size, (context,))
-        cached = self.bm.allocate(sid, prompt.tolist())
         try:
-            ids, pos, meta = prefill_metadata(self.cache, self.bm, [sid], [prompt], [cached], dev, self.kernels)
-            self.target.forward(ids, pos, meta, logits_to_keep=1)
-            self.bm.commit(sid, prompt[cached:].tolist())
-            graphed = (
-                GraphedForward(self.target, self.cache, self.bm.blocks_needed(context + max(sizes)) + 1)
-                if self.cuda_graphs
-                else None
-            )
+            self.runner.prefill([sid], [torch.randint(0, self.target.vocab_size, (context,))])
             costs = {}
             for n in sizes:
-                self.bm.reserve(sid, n)
                 tree = DraftTree.from_parents([[0] * n], [[-1] + list(range(n - 1))], device=dev)
-                positions, meta, _ = tree_metadata(
-                    self.cache, self.bm, [sid], tree, dev, self.kernels, gathered=graphed is None
-                )
                 times = []
                 for _ in range(reps + 1):
                     t0 = sync_time(dev)
-                    if graphed is not None:
-                        graphed.forward(tree.tokens, positions, meta)
-                    else:
-                        self.target.forward(tree.tokens, positions, meta)
+                    self.runner.forward_tree([sid], tree)
                     times.append(sync_time(dev) - t0)
                 costs[n] = sorted(times[1:])[reps // 2]
             return costs
         finally:
-            self.bm.free(sid)
+            self.runner.free([sid])
 
     # ----------------------------------------------------------------------------- main loop
 
@@ -273,22 +242,11 @@ class Engine:
                 num_blocks=self.bm.num_blocks,
                 max_blocks_per_row=self._graph_width(needs),
             )
-            if "features" in self.proposer.needs:
+            if Needs.FEATURES in self.proposer.needs:
                 if not self.proposer.feature_layers:
                     raise RuntimeError(f"{type(self.proposer).__name__} needs features but set no feature_layers")
                 self._features = tuple(self.proposer.feature_layers)
-        if self.cuda_graphs:
-            g = self._graphed
-            if (
-                g is None
-                or g.cache is not self.cache
-                or g.max_blocks < max(needs)
-                or g.last_hidden != self._hidden
-                or g.feature_layers != self._features
-            ):
-                self._graphed = GraphedForward(
-                    self.target, self.cache, self._graph_width(needs), self._hidden, self._features
-                )
+        self.runner.set_outputs(self._graph_width(needs), self._hidden, self._features)
         use_presence = bool((gp.sampling.repetition_penalty != 1).any())
         if use_presence:
             for r in rows:
@@ -330,8 +288,7 @@ class Engine:
         return [r.generated for r in rows], stats
 
     def _finish(self, r: _Row) -> None:
-        if r.seq_id in self.bm:
-            self.bm.free(r.seq_id)
+        self.runner.free([r.seq_id])
         if r.seq_id in self._proposer_rows:
             self._proposer_rows.discard(r.seq_id)
             self.proposer.release([r.seq_id])
@@ -342,21 +299,13 @@ class Engine:
     def _prefill(self, rows: list[_Row], gp: GenerationParams, stats: SpecStats, t_start: float, streamer) -> None:
         dev = self.target.device
         t0 = sync_time(dev)
-        ids = [r.seq_id for r in rows]
-        # a proposer that reads features at every prompt position needs every position computed
-        share = self._features is None
-        cached = [self.bm.allocate(r.seq_id, r.tokens, share=share) for r in rows]
         prompts = [r.prompt for r in rows]
-        input_ids, pos, meta = prefill_metadata(self.cache, self.bm, ids, prompts, cached, dev, self.kernels)
-        out = self.target.forward(
-            input_ids, pos, meta, logits_to_keep=1, last_hidden=self._hidden, features=self._features
-        )
+        # a proposer that reads features at every prompt position needs every position computed
+        out, cached = self.runner.prefill([r.seq_id for r in rows], prompts, share=self._features is None)
         logits = out.logits  # [B, 1, V]
         if self._hidden:
             for b, r in enumerate(rows):
                 r.hidden = out.last_hidden[b, -1]
-        for r, c in zip(rows, cached, strict=True):
-            self.bm.commit(r.seq_id, r.tokens[c:])
         stats.target_forwards += 1
         stats.prompt_tokens += sum(len(p) for p in prompts)
         stats.cached_prompt_tokens += sum(cached)
@@ -412,90 +361,89 @@ class Engine:
         )
 
     def _step(self, rows: list[_Row], gp: GenerationParams, stats: SpecStats, streamer) -> None:
-        dev = self.target.device
-        B = len(rows)
+        """One speculative step for the live rows: propose, score, verify, commit, update, emit."""
         clock = sync_time if self.time_split else (lambda _dev: time.perf_counter())
+        dev = self.target.device
         t0 = clock(dev)
-        seq_ids = [r.seq_id for r in rows]
-        ctx = None
-        if self.proposer is None:  # plain decoding: no history tensors, no context to build
-            roots = to_device(torch.tensor([r.tokens[-1] for r in rows]), dev)
-            tree = DraftTree.chain(roots, torch.zeros(B, 0, dtype=torch.long, device=dev))
-        else:
-            idx = torch.tensor([r.index for r in rows])
-            ctx = ProposeContext(
-                seq_ids=seq_ids,
-                histories=[torch.tensor(r.tokens) for r in rows],
-                params=gp.sampling.select(idx),
-                rng=RowSeeds(gp.seeds[idx], torch.tensor([r.step for r in rows])),
-                max_drafts=torch.tensor([gp.max_new_tokens - len(r.generated) - 1 for r in rows]).clamp(min=0),
-                hidden=torch.stack([r.hidden for r in rows]) if self._hidden else None,
-            )
-            tree = self.proposer.propose(ctx).to(dev)
-        # trees built on the device are padded by their width: reading num_nodes would sync
-        widest = tree.width if tree.num_nodes.device.type == "cuda" else int(tree.num_nodes.max())
-        tree = tree.pad_to(node_bucket(widest))
-        N = tree.width
+        ctx, tree = self._propose(rows, gp)
         t1 = clock(dev)
         stats.draft_time_s += t1 - t0
-        for r in rows:
-            _, copies = self.bm.reserve(r.seq_id, N)
-            self.cache.copy_blocks(copies)
-        graphed = self._graphed
-        positions, meta, node_slots = tree_metadata(
-            self.cache, self.bm, seq_ids, tree, dev, self.kernels, gathered=graphed is None
-        )
-        if graphed is not None:
-            logits = graphed.forward(tree.tokens, positions, meta)  # [B, N, V]
-            hidden, features = graphed.hidden, graphed.features
-        else:
-            out = self.target.forward(tree.tokens, positions, meta, last_hidden=self._hidden, features=self._features)
-            logits, hidden, features = out.logits, out.last_hidden, out.features
-        res = self._verify(rows, tree, logits, gp)
+        out, node_slots = self.runner.forward_tree([r.seq_id for r in rows], tree)  # score: [B, N, V]
+        res = self._verify(rows, tree, out.logits, gp)
         stats.target_forwards += 1
-        if self._hidden:  # the hidden state at the end of the accepted path produced the next root
-            last = res.accepted_indices.gather(1, (res.num_accepted - 1).clamp(min=0)[:, None]).squeeze(1)
-            end = torch.where(res.num_accepted > 0, last, 0)
-            final = hidden[torch.arange(B, device=dev), end].clone()
-            for b, r in enumerate(rows):
-                r.hidden = final[b]
-        # compaction: accepted node at depth d moves to logical position L + d
-        acc = res.accepted_indices[:, : N - 1]  # [B, K]; a root-only tree accepts nothing
-        K = acc.shape[1]
-        src = node_slots.gather(1, acc.clamp(min=0))
-        dst = node_slots[:, 1 : K + 1]
-        self.cache.compact(torch.where(acc >= 0, src, -1), dst)
-        t2 = clock(dev)
-        stats.verify_time_s += t2 - t1
-        # one device -> host transfer for everything the host needs from this step
-        E = res.accepted_indices.shape[1] + 1
-        depth = torch.where(tree.valid(), tree.depth, 0).flatten().clamp(max=E - 1)
-        drafted = torch.zeros(E, dtype=torch.long, device=dev).scatter_add_(0, depth, torch.ones_like(depth))[1:]
-        flat = torch.cat(
-            [res.emitted_tokens(tree).flatten(), res.num_accepted, drafted, res.accepted_per_depth.sum(0)]
-        ).tolist()
-        emitted = [flat[b * E : (b + 1) * E] for b in range(B)]
-        num_acc = flat[B * E : B * E + B]
-        per_depth = flat[B * E + B :]
-        t_emit = time.perf_counter()  # the tolist above waited for the device
-        if tree.width > 1:
-            stats.record_step(per_depth[: E - 1], per_depth[E - 1 :], B, sum(n + 1 for n in num_acc))
-        else:
-            stats.record_step([], [], B, B)
-        if self.proposer is not None:
-            ctx.features = features
-            self.proposer.update(ctx, tree, res)
+        self._commit_kv(rows, tree, res, out, node_slots)
+        stats.verify_time_s += clock(dev) - t1
+        emitted, num_acc = self._read_back(tree, res, stats)
+        t_emit = time.perf_counter()  # the read-back waited for the device
+        if self.proposer is not None:  # features only for proposers that declared them
+            extra = {"features": out.features} if self._features is not None else {}
+            self.proposer.update(ctx, tree, res, **extra)
         for b, r in enumerate(rows):
-            n = num_acc[b]
+            root, n = r.tokens[-1], num_acc[b]
             new = emitted[b][: n + 1]
-            root = r.tokens[-1]
             kept = self._emit(r, new, gp)
             r.step += 1
             r.t_last = t_emit
             if not r.done:
-                self.bm.commit(r.seq_id, [root] + new[:n])
-            if streamer is not None and B == 1 and kept:
+                self.runner.commit(r.seq_id, [root] + new[:n])
+            if streamer is not None and len(rows) == 1 and kept:
                 streamer.put(torch.tensor(kept))
+
+    def _propose(self, rows: list[_Row], gp: GenerationParams) -> tuple[ProposeContext | None, DraftTree]:
+        """The proposer's tree on the device, padded to its node bucket (plain decoding: the roots)."""
+        dev = self.target.device
+        if self.proposer is None:  # plain decoding: no history tensors, no context to build
+            roots = to_device(torch.tensor([r.tokens[-1] for r in rows]), dev)
+            return None, DraftTree.chain(roots, torch.zeros(len(rows), 0, dtype=torch.long, device=dev))
+        idx = torch.tensor([r.index for r in rows])
+        ctx = ProposeContext(
+            seq_ids=[r.seq_id for r in rows],
+            histories=[torch.tensor(r.tokens) for r in rows],
+            params=gp.sampling.select(idx),
+            rng=RowSeeds(gp.seeds[idx], torch.tensor([r.step for r in rows])),
+            max_drafts=torch.tensor([gp.max_new_tokens - len(r.generated) - 1 for r in rows]).clamp(min=0),
+            hidden=torch.stack([r.hidden for r in rows]) if self._hidden else None,
+        )
+        tree = self.proposer.propose(ctx).to(dev)
+        if rows[0].step == 1:  # each call's first tree is checked: a plugin's malformed tree is an error
+            tree.validate()
+        # trees built on the device are padded by their width: reading num_nodes would sync
+        widest = tree.width if tree.num_nodes.device.type == "cuda" else int(tree.num_nodes.max())
+        return ctx, tree.pad_to(node_bucket(widest))
+
+    def _commit_kv(self, rows: list[_Row], tree: DraftTree, res: VerifyResult, out: ModelOutput, node_slots) -> None:
+        """Keep the accepted path's K/V: the node at depth d moves to logical position L + d; and the
+        final hidden state at the end of the path (it produced the next root) for proposers that read it."""
+        N = tree.width
+        if self._hidden:
+            last = res.accepted_indices.gather(1, (res.num_accepted - 1).clamp(min=0)[:, None]).squeeze(1)
+            end = torch.where(res.num_accepted > 0, last, 0)
+            final = out.last_hidden[torch.arange(len(rows), device=end.device), end].clone()
+            for b, r in enumerate(rows):
+                r.hidden = final[b]
+        acc = res.accepted_indices[:, : N - 1]  # [B, K]; a root-only tree accepts nothing
+        src = node_slots.gather(1, acc.clamp(min=0))
+        dst = node_slots[:, 1 : acc.shape[1] + 1]
+        self.runner.compact(torch.where(acc >= 0, src, -1), dst)
+
+    def _read_back(self, tree: DraftTree, res: VerifyResult, stats: SpecStats) -> tuple[list[list[int]], list[int]]:
+        """The step's one device -> host transfer: emitted tokens [B][E], accepted counts [B], and the
+        per-depth counts for the stats."""
+        B = tree.tokens.shape[0]
+        E = res.accepted_indices.shape[1] + 1
+        depth = torch.where(tree.valid(), tree.depth, 0).flatten().clamp(max=E - 1)
+        drafted = torch.zeros(E, dtype=torch.long, device=depth.device).scatter_add_(0, depth, torch.ones_like(depth))
+        flat = torch.cat(
+            [res.emitted_tokens(tree).flatten(), res.num_accepted, drafted[1:], res.accepted_per_depth.sum(0)]
+        ).tolist()
+        emitted = [flat[b * E : (b + 1) * E] for b in range(B)]
+        num_acc = flat[B * E : B * E + B]
+        per_depth = flat[B * E + B :]
+        if tree.width > 1:
+            stats.record_step(per_depth[: E - 1], per_depth[E - 1 :], B, sum(n + 1 for n in num_acc))
+        else:
+            stats.record_step([], [], B, B)
+        return emitted, num_acc
 
     def _emit(self, r: _Row, tokens: list[int], gp: GenerationParams) -> list[int]:
         """Append tokens until a stop condition; returns the tokens kept."""

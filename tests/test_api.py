@@ -197,3 +197,21 @@ def test_an_eos_id_beyond_the_vocabulary_is_harmless_without_min_new_tokens(mode
     ids = torch.tensor([[5, 6, 7]])
     ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, eos_token_id=V + 5)
     assert torch.equal(specdec.generate(model, ids, max_new_tokens=4, eos_token_id=V + 5), ref)
+
+
+def test_a_malformed_plugin_tree_is_an_error_not_a_wrong_walk(model):
+    """Each call's first tree passes DraftTree.validate (here a node whose parent comes after it)."""
+    from specdec import DraftTree, Proposer
+
+    class Backwards(Proposer):
+        max_nodes = 3
+
+        def propose(self, ctx):
+            B = ctx.batch_size
+            tokens = ctx.roots()[:, None].repeat(1, 3)
+            parents = torch.tensor([[-1, 2, 0]] * B)  # node 1's parent is node 2
+            depth = torch.tensor([[0, 2, 1]] * B)
+            return DraftTree(tokens, parents, depth, torch.full((B,), 3), torch.zeros(B, 3, dtype=torch.int8))
+
+    with pytest.raises(ValueError, match="parent"):
+        specdec.generate(model, torch.tensor([[5, 6, 7]]), proposer=Backwards(), max_new_tokens=4)

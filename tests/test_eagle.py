@@ -244,12 +244,12 @@ def test_hooks_are_removed_after_an_error(target):
     class Boom(Eagle):
         calls = 0
 
-        def update(self, ctx, tree, result):
+        def update(self, ctx, tree, result, features=None):
             assert _hooks(target) == before  # features come from hooks that live for one forward only
             Boom.calls += 1
             if Boom.calls == 2:
                 raise RuntimeError("boom")
-            super().update(ctx, tree, result)
+            super().update(ctx, tree, result, features)
 
     with pytest.raises(RuntimeError, match="boom"):
         specdec.generate(target, torch.randint(0, V, (1, 6)), proposer=Boom(drafter, depth=2, top_k=2, total_tokens=3))

@@ -104,6 +104,7 @@ def test_a_reused_engine_keeps_its_pool_and_graphs_for_longer_prompts(name):
         ids = torch.randint(3, V, (1, n), generator=g).cuda()
         ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
         assert torch.equal(specdec.generate(model, ids, engine=engine, max_new_tokens=12), ref)
-        now = (engine.cache, engine._graphed, getattr(proposer, "cache", None), getattr(proposer, "_graphed", None))
+        runners = [engine.runner] + ([proposer.runner] if proposer is not None else [])
+        now = [x for r in runners for x in (r.cache, r.graphs)]
         assert seen is None or all(a is b for a, b in zip(now, seen, strict=True)), f"rebuilt at prompt length {n}"
         seen = now

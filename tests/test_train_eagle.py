@@ -43,8 +43,8 @@ def test_training_time_test_attends_like_a_drafted_node():
     cache = _TTTAttend()
     d(emb[:, : e + 1], feats[:, : e + 1], pos[:, : e + 1], cache, from_target=True)
     tree = _TreeAttend(cache.ks[0], cache.vs[0], torch.ones(1, e + 1, dtype=torch.bool))
-    tree.mask = torch.ones(1, 1, 1, dtype=torch.bool)
-    node = d(emb[:, e + 1 : e + 2], h0[:, e : e + 1], pos[:, e : e + 1] + 1, tree, from_target=False)
+    attend = tree.step(torch.ones(1, 1, 1, dtype=torch.bool))
+    node = d(emb[:, e + 1 : e + 2], h0[:, e : e + 1], pos[:, e : e + 1] + 1, attend, from_target=False)
     assert torch.allclose(node[0, 0], h1[0, e], atol=1e-5)
 
 

@@ -1,6 +1,6 @@
 """Draft proposers behind one protocol, registered by name."""
 
-from .base import PROPOSERS, ProposeContext, Proposer, register_proposer, resolve_proposer
+from .base import PROPOSERS, Needs, ProposeContext, Proposer, draft_chain, register_proposer, resolve_proposer
 from .draft_model import DraftModel
 from .eagle import Eagle
 from .medusa import Medusa, default_choices
@@ -11,10 +11,12 @@ __all__ = [
     "DraftModel",
     "Eagle",
     "Medusa",
+    "Needs",
     "Ngram",
     "ProposeContext",
     "Proposer",
     "default_choices",
+    "draft_chain",
     "register_proposer",
     "resolve_proposer",
 ]

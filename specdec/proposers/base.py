@@ -6,6 +6,7 @@ The engine never asks which proposer it runs: it calls `start`, `prefill`, `prop
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -20,6 +21,19 @@ from ..verify import VerifyResult
 STREAM_DRAFT = 16  # uniform() streams 16, 17, ... are the proposers' (verification uses 1 and 2)
 
 
+class Needs(enum.Flag):
+    """The target outputs a proposer reads (its `needs`), combined with |.
+
+    LAST_HIDDEN  the lm_head's input at the position whose logits produced the root (`ctx.hidden`)
+    FEATURES     the layers of `feature_layers` at every prompt position (`prefill`) and at every
+                 node of the verified tree (`update(..., features=)`)
+    """
+
+    NONE = 0
+    LAST_HIDDEN = enum.auto()
+    FEATURES = enum.auto()
+
+
 @dataclass(slots=True)
 class ProposeContext:
     """What a proposer sees at one step, for the B active rows.
@@ -30,12 +44,9 @@ class ProposeContext:
     params      SamplingParams [B]  the target's sampling parameters (drafting may reuse them)
     rng         RowSeeds [B]        per-row randomness for this step (use streams >= STREAM_DRAFT)
     max_drafts  [B] long            more drafts than this cannot be emitted (remaining budget - 1)
-    hidden      [B, H] or None      the target's final hidden state (the lm_head's input) at the
+    hidden      [B, E] or None      the target's final hidden state (the lm_head's input) at the
                                     position whose logits produced the root; given when the
-                                    proposer's `needs` has "last_hidden"
-    features    [B, N, F] or None   set before `update`: the target's features (the proposer's
-                                    `feature_layers`) at every node of the verified tree; given
-                                    when `needs` has "features"
+                                    proposer's `needs` has Needs.LAST_HIDDEN
     """
 
     seq_ids: list[int]
@@ -44,7 +55,6 @@ class ProposeContext:
     rng: RowSeeds
     max_drafts: torch.Tensor
     hidden: torch.Tensor | None = None
-    features: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -59,8 +69,8 @@ class Proposer:
     """Base class of draft proposers; subclasses implement `propose` and register a name."""
 
     name: ClassVar[str] = "base"
-    needs: ClassVar[frozenset[str]] = frozenset()
-    # with "features" in needs: the target layers to capture (runtime.hf.capture_features), set by start()
+    needs: ClassVar[Needs] = Needs.NONE
+    # with Needs.FEATURES: the target layers to capture (runtime.hf.capture_features), set by start()
     feature_layers: tuple[int, ...] | None = None
 
     @property
@@ -76,14 +86,17 @@ class Proposer:
     def prefill(
         self, seq_ids: list[int], prompts: list[torch.Tensor], features: list[torch.Tensor] | None = None
     ) -> None:
-        """New rows joined with these prompts [L_b]; features [L_b, F] at every prompt position when
-        `needs` has "features"."""
+        """New rows joined with these prompts [L_b]; features [L_b, F] at every prompt position with
+        Needs.FEATURES."""
 
     def propose(self, ctx: ProposeContext) -> DraftTree:
         raise NotImplementedError
 
-    def update(self, ctx: ProposeContext, tree: DraftTree, result: VerifyResult) -> None:
-        """The target verified `tree`; adjust state (KV rollback, adaptive draft length, ...)."""
+    def update(
+        self, ctx: ProposeContext, tree: DraftTree, result: VerifyResult, features: torch.Tensor | None = None
+    ) -> None:
+        """The target verified `tree`; adjust state (KV rollback, adaptive draft length, ...).
+        features [B, N, F]: the target's features at every node of the tree, with Needs.FEATURES."""
 
     def release(self, seq_ids: list[int]) -> None:
         """Rows finished; free their state."""
@@ -118,3 +131,45 @@ def resolve_proposer(proposer: Proposer | str | None) -> Proposer | None:
         except TypeError as e:
             raise ValueError(f"proposer {proposer!r} needs arguments; build it directly ({e})") from None
     raise TypeError(f"proposer must be None, a name or a Proposer, got {type(proposer).__name__}")
+
+
+def draft_chain(
+    logits: torch.Tensor,
+    num_tokens: int,
+    ctx: ProposeContext,
+    advance: Callable[[int, torch.Tensor], torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Draft a chain of num_tokens from a drafter, one token at a time (DraftModel, EAGLE chains).
+
+    Greedy rows take the argmax of the drafter's processed q (POINT law); sampled rows draw from it
+    with the row's own sampling parameters and seeds (IID law, verified with that q).
+
+    Parameters
+    ----------
+    logits : [B, V] the drafter's logits for the first draft (target vocabulary).
+    num_tokens : K >= 1 drafts.
+    ctx : the step's context (sampling parameters, seeds).
+    advance : advance(j, token [B]) -> [B, V] the drafter's logits for draft j + 1 after draft j.
+
+    Returns
+    -------
+    drafts [B, K] long, q [B, K, V] (the processed distributions drawn from), law [B] (POINT / IID).
+    """
+    from ..sampling import process_logits, sample_from_probs, uniform
+    from ..tree import Law
+
+    dev = logits.device
+    params = ctx.params.to(dev)
+    greedy = params.greedy
+    B = logits.shape[0]
+    drafts, qs = [], []
+    for j in range(num_tokens):
+        q = process_logits(logits, params)  # [B, V]
+        u = uniform(ctx.rng, B, 1, STREAM_DRAFT + j, device=dev)[:, 0]
+        tok = torch.where(greedy, q.argmax(-1), sample_from_probs(q, u))
+        drafts.append(tok)
+        qs.append(q)
+        if j < num_tokens - 1:
+            logits = advance(j, tok)
+    law = torch.where(greedy, int(Law.POINT), int(Law.IID))
+    return torch.stack(drafts, 1), torch.stack(qs, 1), law

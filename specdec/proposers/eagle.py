@@ -25,25 +25,27 @@ from ..heads.eagle import EagleDrafter, load_eagle
 from ..runtime.base import TargetModel
 from ..runtime.hf import paged_attention
 from ..runtime.metadata import prefill_metadata, slots_of, to_device
-from ..sampling import process_logits, sample_from_probs, uniform
-from ..tree import DraftTree, Law
+from ..tree import DraftTree
 from ..verify import VerifyResult
-from .base import STREAM_DRAFT, ProposeContext, Proposer, register_proposer
+from .base import Needs, ProposeContext, Proposer, draft_chain, register_proposer
 
 
 class _TreeAttend:
-    """Attention of drafted nodes: every committed drafter entry of the row, then the drafted
-    nodes that `mask` [B, T, M] marks (the node's ancestors and itself). Keys accumulate per call."""
+    """Attention of drafted nodes: every committed drafter entry of the row, then the drafted nodes
+    that a step's mask [B, T, M] marks (the node's ancestors and itself). Keys accumulate per call;
+    `step(mask)` is the attention function of one drafter call."""
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor):
         self.k, self.v, self.valid = k, v, valid  # [B, Hkv, P, D] x2, [B, P]
-        self.mask: torch.Tensor | None = None
 
-    def __call__(self, module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def step(self, mask: torch.Tensor):
+        return lambda module, q, k, v: self(module, q, k, v, mask)
+
+    def __call__(self, module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         self.k = torch.cat([self.k, k.to(self.k.dtype)], 2)
         self.v = torch.cat([self.v, v.to(self.v.dtype)], 2)
         B, Hq, T, _ = q.shape
-        mask = torch.cat([self.valid[:, None, :].expand(B, T, -1), self.mask], 2)  # [B, T, P + M]
+        mask = torch.cat([self.valid[:, None, :].expand(B, T, -1), mask], 2)  # [B, T, P + M]
         rep = Hq // self.k.shape[1]
         keys, values = self.k.repeat_interleave(rep, 1), self.v.repeat_interleave(rep, 1)
         out = F.scaled_dot_product_attention(
@@ -69,7 +71,7 @@ class Eagle(Proposer):
     verification pads to 64.
     """
 
-    needs = frozenset({"features"})
+    needs = Needs.FEATURES
 
     def __init__(
         self,
@@ -143,9 +145,10 @@ class Eagle(Proposer):
         for s, f in zip(seq_ids, features, strict=True):
             self.pending[s] = [f]  # consumed lazily by the first propose, once the first token is known
 
-    def update(self, ctx: ProposeContext, tree: DraftTree, result: VerifyResult) -> None:
-        """Keep the target's features along the accepted path (root first): the next catch-up's input."""
-        feats = ctx.features  # [B, N, F]
+    def update(self, ctx: ProposeContext, tree: DraftTree, result: VerifyResult, features=None) -> None:
+        """Keep the target's features [B, N, F] along the accepted path (root first): the next
+        catch-up's input."""
+        feats = features
         if feats is None:
             raise RuntimeError("EAGLE needs the target's features of the verified tree (the engine provides them)")
         B, _, Fw = feats.shape
@@ -240,10 +243,9 @@ class Eagle(Proposer):
             prev = state["anc"]
             anc = prev.gather(1, parent[:, :, None].expand(-1, -1, prev.shape[2]))
             anc = torch.cat([anc, torch.eye(k, dtype=torch.bool, device=dev).expand(B, k, k)], 2)
-            attend.mask = anc
             positions = (root_pos + state["step"])[:, None].expand(B, k)
             emb = self.embed(self.drafter.target_ids(tokens))
-            h = self.drafter(emb, feats, positions, attend, from_target=False)
+            h = self.drafter(emb, feats, positions, attend.step(anc), from_target=False)
             state["hidden"], state["anc"] = h, anc
             return torch.log_softmax(self._draft_logits(h), -1)
 
@@ -257,21 +259,15 @@ class Eagle(Proposer):
         dev = roots.device
         B = ctx.batch_size
         K = int(min(self.depth, int(ctx.max_drafts.max())))
-        params = ctx.params.to(dev)
-        greedy = params.greedy
-        drafts, qs = [], []
-        logits = self._draft_logits(h)
-        for j in range(K):
-            q = process_logits(self._to_target_vocab(logits), params)  # [B, V]
-            u = uniform(ctx.rng, B, 1, STREAM_DRAFT + j, device=dev)[:, 0]
-            tok = torch.where(greedy, q.argmax(-1), sample_from_probs(q, u))
-            drafts.append(tok)
-            qs.append(q)
-            if j == K - 1:
-                break
-            attend.mask = torch.ones(B, 1, j + 1, dtype=torch.bool, device=dev)  # every earlier draft + itself
-            h = self.drafter(self.embed(tok[:, None]), h[:, None], (root_pos + j + 1)[:, None], attend, False)[:, 0]
-            logits = self._draft_logits(h)
-        law = torch.where(greedy, int(Law.POINT), int(Law.IID))
+        state = {"h": h}
+
+        def advance(j: int, tok: torch.Tensor) -> torch.Tensor:
+            mask = torch.ones(B, 1, j + 1, dtype=torch.bool, device=dev)  # every earlier draft + itself
+            emb = self.embed(tok[:, None])
+            h = self.drafter(emb, state["h"][:, None], (root_pos + j + 1)[:, None], attend.step(mask), False)
+            state["h"] = h[:, 0]
+            return self._to_target_vocab(self._draft_logits(state["h"]))
+
+        drafts, q, law = draft_chain(self._to_target_vocab(self._draft_logits(h)), K, ctx, advance)
         num = to_device(ctx.max_drafts, dev).clamp(max=K)
-        return DraftTree.chain(roots, torch.stack(drafts, 1), law, torch.stack(qs, 1), num_drafts=num)
+        return DraftTree.chain(roots, drafts, law, q, num_drafts=num)

@@ -15,7 +15,7 @@ from ..heads.medusa import MedusaHeads, load_medusa
 from ..runtime.base import TargetModel
 from ..tree import DraftTree
 from ..validation import is_int, require_int
-from .base import ProposeContext, Proposer, register_proposer
+from .base import Needs, ProposeContext, Proposer, register_proposer
 
 # Assumed acceptance of the rank-r candidate of head d (for choosing default trees): decays with
 # depth and rank, roughly what the Medusa paper reports for trained heads.
@@ -82,7 +82,7 @@ class Medusa(Proposer):
     path : a checkpoint folder for `load_medusa`.
     """
 
-    needs = frozenset({"last_hidden"})
+    needs = Needs.LAST_HIDDEN
 
     def __init__(
         self,
@@ -149,7 +149,7 @@ class Medusa(Proposer):
         self.heads.to(device=param.device, dtype=param.dtype).eval()
         self.lm_head = model.get_output_embeddings()
 
-    def update(self, ctx: ProposeContext, tree: DraftTree, result) -> None:
+    def update(self, ctx: ProposeContext, tree: DraftTree, result, features=None) -> None:
         """Count, per choice, how often it was offered (its parent accepted) and accepted: the
         measured per-depth / per-rank acceptance that `specdec tune` builds trees from."""
         B, N = tree.tokens.shape

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..cache.paged_kv import PagedKVCache
-from .base import AttentionMetadata
+from .base import AttentionMetadata, ModelOutput
 from .hf import HFModel
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -58,19 +58,16 @@ class GraphedForward:
         self.runtime, self.cache, self.max_blocks = runtime, cache, max_blocks
         self.last_hidden = last_hidden  # also capture the lm_head's input (proposers that need it)
         self.feature_layers = features  # also capture these layer features (EAGLE)
-        self.hidden: torch.Tensor | None = None  # [B, T, H] of the latest replay
-        self.features: torch.Tensor | None = None  # [B, T, F] of the latest replay
         self.graphs: dict[tuple[int, int], _Captured] = {}
         self.pool = None
         self.uncapturable: str | None = None  # why capture failed: every step then runs eagerly
 
-    def _eager(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def _eager(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> ModelOutput:
         """The same forward without a graph, on the paged metadata (batches beyond the largest bucket,
         models that cannot be captured)."""
-        kw = dict(last_hidden=self.last_hidden, features=self.feature_layers)
-        out = self.runtime.forward(input_ids, positions, meta, **kw)
-        self.hidden, self.features = out.last_hidden, out.features
-        return out.logits
+        return self.runtime.forward(
+            input_ids, positions, meta, last_hidden=self.last_hidden, features=self.feature_layers
+        )
 
     def _static(self, B: int, T: int) -> _Captured:
         dev = self.runtime.device
@@ -107,9 +104,9 @@ class GraphedForward:
         self.pool = c.graph.pool()
         return c
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """input_ids, positions [B, T] -> logits [B, T, V] (a view of a static buffer: use it before the
-        next call)."""
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> ModelOutput:
+        """input_ids, positions [B, T] -> ModelOutput: logits [B, T, V], and last_hidden [B, T, E] /
+        features [B, T, F] when captured (views of static buffers: use them before the next call)."""
         B, T = input_ids.shape
         if B > BATCH_BUCKETS[-1] or self.uncapturable:
             return self._eager(input_ids, positions, meta)
@@ -144,6 +141,8 @@ class GraphedForward:
         s.new_mask.zero_()
         s.new_mask[:B].copy_(meta.new_mask)
         c.graph.replay()
-        self.hidden = c.hidden[:B] if c.hidden is not None else None
-        self.features = c.features[:B] if c.features is not None else None
-        return c.logits[:B]
+        return ModelOutput(
+            logits=c.logits[:B],
+            last_hidden=c.hidden[:B] if c.hidden is not None else None,
+            features=c.features[:B] if c.features is not None else None,
+        )

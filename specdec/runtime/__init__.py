@@ -2,5 +2,6 @@
 
 from .base import AttentionMetadata, ModelOutput, TargetModel
 from .hf import HFModel, check_supported
+from .runner import PagedRunner
 
-__all__ = ["AttentionMetadata", "HFModel", "ModelOutput", "TargetModel", "check_supported"]
+__all__ = ["AttentionMetadata", "HFModel", "ModelOutput", "PagedRunner", "TargetModel", "check_supported"]

@@ -7,7 +7,6 @@ object with `.sequences` and `.stats`.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -75,7 +74,7 @@ def _seeds(seed: int | Sequence[int] | torch.Tensor | None, batch: int) -> torch
     return seeds
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def generate(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -101,6 +100,9 @@ def generate(
     verify_mode: str = "exact",
     typical: TypicalParams | None = None,
     engine: Engine | None = None,
+    assistant_model: torch.nn.Module | None = None,
+    prompt_lookup_num_tokens: int | None = None,
+    **kwargs,
 ) -> torch.Tensor | GenerateOutput:
     """Generate like `model.generate`, speculatively when a proposer is given; same output law.
 
@@ -119,6 +121,14 @@ def generate(
         A row's output depends only on its prompt, its seed and the settings, not on the batch.
     verify_mode : "exact" (default) or "typical" (Medusa's typical acceptance: LOSSY, opt-in).
     engine : reuse an Engine (its KV pool and prefix cache) across calls; it fixes model and proposer.
+    assistant_model, prompt_lookup_num_tokens : transformers' spellings of
+        `proposer=DraftModel(assistant_model, num_tokens="auto")` and
+        `proposer=Ngram(prompt_lookup_num_tokens, max_ngram=max_matching_ngram_size or 2)`.
+    **kwargs : other GenerationConfig fields. The configuration is resolved by the installed
+        transformers exactly as `model.generate` resolves it (keywords over `generation_config` over
+        `model.generation_config` over transformers' global defaults, e.g. top_k=50 and
+        max_length=20); a field specdec does not implement that would change the output (beam
+        search, no_repeat_ngram_size, bad_words_ids, ...) is a ValueError naming it.
 
     Returns
     -------
@@ -129,7 +139,6 @@ def generate(
     >>> out = generate(model, ids, proposer=Ngram(num_tokens=4), max_new_tokens=32)  # doctest: +SKIP
     """
     check_supported(model)  # before reading model.generation_config: a plain nn.Module gets the clear error
-    gc = copy.deepcopy(generation_config or model.generation_config or GenerationConfig())
     overrides = dict(
         max_new_tokens=max_new_tokens,
         min_new_tokens=min_new_tokens,
@@ -143,14 +152,32 @@ def generate(
         pad_token_id=pad_token_id,
         stop_strings=stop_strings,
         return_dict_in_generate=return_dict_in_generate,
+        prompt_lookup_num_tokens=prompt_lookup_num_tokens,
     )
-    for key, value in overrides.items():
-        if value is not None:
-            setattr(gc, key, value)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    default_length = (  # transformers then generates max_length (20) *new* tokens
+        kwargs.get("max_length") is None
+        and (generation_config is None or generation_config.max_length is None)
+        and model.generation_config.max_length is None
+    )
+    gc = resolve_generation_config(model, generation_config, **given, **kwargs)
+    proposer = _alias_proposer(proposer, assistant_model, gc)
     prompts = _prompts(input_ids, attention_mask)
     B = len(prompts)
     longest = max(len(p) for p in prompts)
-    max_new = gc.max_new_tokens if gc.max_new_tokens is not None else (gc.max_length or 20) - input_ids.shape[1]
+    L = input_ids.shape[1]  # transformers' length rule counts the (padded) prompt
+    if gc.max_new_tokens is not None:
+        max_new = gc.max_new_tokens
+    elif default_length:  # nobody set a length: max_length new tokens, within the model's positions
+        limit = getattr(model.config, "max_position_embeddings", None)
+        max_new = (min(gc.max_length + L, limit) if limit is not None else gc.max_length + L) - L
+    else:
+        if L >= gc.max_length:
+            raise ValueError(
+                f"Input length of input_ids is {L}, but `max_length` is set to {gc.max_length}; increase "
+                "max_length or, better, set max_new_tokens"
+            )
+        max_new = gc.max_length - L
     require_int("max_new_tokens", max_new, 1)
     if gc.min_new_tokens is not None:
         require_int("min_new_tokens", gc.min_new_tokens, 0)
@@ -197,7 +224,8 @@ def generate(
     )
     if streamer is not None and B > 1:
         raise ValueError(f"streamers support batch size 1; got {B} rows")
-    generated, stats = engine.run(prompts, gp, streamer)
+    with torch.inference_mode():  # the engine's tensors; the output below is an ordinary tensor
+        generated, stats = engine.run(prompts, gp, streamer)
     width = max(len(g) for g in generated)
     new = torch.full((B, width), int(pad), dtype=input_ids.dtype)
     for b, g in enumerate(generated):
@@ -218,3 +246,81 @@ def _stop_checker(tokenizer, stop_strings, prompts):
         return bool(criteria(ids, None)[0])
 
     return stop
+
+
+# GenerationConfig fields whose non-default values change the output and that specdec does not
+# implement: (is it set?, what to do instead)
+_UNSUPPORTED = {
+    "num_beams": (lambda v: v not in (None, 1), "beam search is not speculative decoding; use model.generate"),
+    "num_beam_groups": (lambda v: v not in (None, 1), "use model.generate"),
+    "penalty_alpha": (lambda v: v not in (None, 0), "contrastive search: use model.generate"),
+    "num_return_sequences": (lambda v: v not in (None, 1), "repeat the prompt rows instead (one seed per row)"),
+    "min_length": (lambda v: v not in (None, 0), "use min_new_tokens"),
+    "no_repeat_ngram_size": (lambda v: v not in (None, 0), "not implemented yet"),
+    "encoder_no_repeat_ngram_size": (lambda v: v not in (None, 0), "encoder-decoder only"),
+    "bad_words_ids": (lambda v: v is not None, "not implemented yet"),
+    "force_words_ids": (lambda v: v is not None, "constrained beam search: use model.generate"),
+    "suppress_tokens": (lambda v: v is not None, "not implemented yet"),
+    "begin_suppress_tokens": (lambda v: v is not None, "not implemented yet"),
+    "sequence_bias": (lambda v: v is not None, "not implemented yet"),
+    "forced_bos_token_id": (lambda v: v is not None, "not implemented yet"),
+    "forced_eos_token_id": (lambda v: v is not None, "not implemented yet"),
+    "typical_p": (lambda v: v not in (None, 1.0), "not implemented yet (the sampler, not Medusa's acceptance)"),
+    "epsilon_cutoff": (lambda v: v not in (None, 0.0), "not implemented yet"),
+    "eta_cutoff": (lambda v: v not in (None, 0.0), "not implemented yet"),
+    "exponential_decay_length_penalty": (lambda v: v is not None, "not implemented yet"),
+    "max_time": (lambda v: v is not None, "not implemented yet"),
+    "guidance_scale": (lambda v: v not in (None, 1.0), "classifier-free guidance: use model.generate"),
+    "watermarking_config": (lambda v: v is not None, "use model.generate"),
+    "dola_layers": (lambda v: v is not None, "DoLa decoding: use model.generate"),
+    "output_scores": (lambda v: bool(v), "scores are not returned yet"),
+    "output_logits": (lambda v: bool(v), "logits are not returned yet"),
+    "output_attentions": (lambda v: bool(v), "attentions are not returned"),
+    "output_hidden_states": (lambda v: bool(v), "hidden states are not returned"),
+    "assistant_early_exit": (lambda v: v is not None, "use a Proposer"),
+}
+
+
+def resolve_generation_config(
+    model: torch.nn.Module, generation_config: GenerationConfig | None = None, **kwargs
+) -> GenerationConfig:
+    """The GenerationConfig `model.generate` would use: the installed transformers' own merge of
+    kwargs over generation_config over model.generation_config over its global defaults.
+
+    Raises ValueError for a keyword that is no GenerationConfig field and for a field specdec does
+    not implement (see _UNSUPPORTED), naming it.
+    """
+    prepare = getattr(model, "_prepare_generation_config", None)
+    if prepare is None:
+        raise ValueError(f"{type(model).__name__} has no transformers generation support (_prepare_generation_config)")
+    gc, model_kwargs = prepare(generation_config, **kwargs)
+    unknown = sorted(k for k in model_kwargs if k not in ("output_attentions", "output_hidden_states"))
+    if unknown:
+        raise ValueError(
+            f"generate() got keyword(s) {', '.join(unknown)} that are neither specdec arguments nor GenerationConfig "
+            "fields"
+        )
+    for field, (is_set, hint) in _UNSUPPORTED.items():
+        value = getattr(gc, field, None)
+        if is_set(value):
+            raise ValueError(
+                f"{field}={value!r} (from the keywords, generation_config or model.generation_config) would change "
+                f"the output, and specdec does not implement it: {hint}"
+            )
+    return gc
+
+
+def _alias_proposer(proposer, assistant_model, gc: GenerationConfig):
+    """transformers' assisted-generation spellings as specdec proposers."""
+    from .proposers import DraftModel, Ngram
+
+    lookup = getattr(gc, "prompt_lookup_num_tokens", None)
+    named = {"proposer": proposer, "assistant_model": assistant_model, "prompt_lookup_num_tokens": lookup}
+    given = [name for name, v in named.items() if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"give one of proposer, assistant_model, prompt_lookup_num_tokens; got {', '.join(given)}")
+    if assistant_model is not None:
+        return DraftModel(assistant_model, num_tokens="auto")
+    if lookup is not None:
+        return Ngram(num_tokens=lookup, max_ngram=getattr(gc, "max_matching_ngram_size", None) or 2)
+    return proposer

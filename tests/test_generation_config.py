@@ -1,0 +1,139 @@
+"""generate() resolves its configuration as the installed transformers does, and refuses what it would
+silently ignore: defaults (top_k=50, max_length=20), the merge of generation_config with the model's,
+transformers' spellings of assisted generation, and an output that autograd accepts."""
+
+import math
+
+import pytest
+import torch
+from models import noisy_copy, tiny
+from transformers import GenerationConfig
+
+import specdec
+from specdec import process_logits
+from specdec.sampling import SamplingParams
+
+V = 96
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny("llama", vocab=V, init=0.05)
+
+
+def test_do_sample_alone_follows_transformers_default_law(model):
+    """Only do_sample=True: transformers applies its global top_k=50 (and temperature 1, top_p 1).
+    The first token's law is compared with that processed law (false failure <= 1e-6); no draw may
+    fall outside the top 50."""
+    n = 20_000
+    prompt = torch.tensor([[5, 9, 14, 3, 7, 22]])
+    out = specdec.generate(model, prompt.expand(n, -1), do_sample=True, max_new_tokens=1, seed=0)
+    with torch.no_grad():
+        logits = model(prompt).logits[:, -1].double()
+    p = process_logits(logits, SamplingParams.make(1, temperature=1.0, top_k=50, top_p=1.0))[0]
+    emp = torch.bincount(out[:, -1], minlength=V).double() / n
+    bound = math.sqrt((V * math.log(2) + math.log(1e6)) / (2 * n))
+    assert 0.5 * (emp - p).abs().sum().item() < bound
+    assert bool((p[out[:, -1]] > 0).all()), "a token outside transformers' top 50 was drawn"
+    assert (p > 0).sum() == 50  # the test can fail: without top-k, 46 more tokens would be drawn
+
+
+def test_the_length_rule_and_its_error_are_transformers(model):
+    """No length set: transformers' default max_length (20) counts new tokens; a max_length that is
+    set counts the prompt, and a prompt that long is an error in both."""
+    long = torch.randint(3, V, (1, 24), generator=torch.Generator().manual_seed(2))
+    ref = model.generate(long, attention_mask=torch.ones_like(long), do_sample=False)
+    assert torch.equal(specdec.generate(model, long), ref) and ref.shape[1] == 24 + 20
+    ref = model.generate(long, attention_mask=torch.ones_like(long), do_sample=False, max_length=30)
+    assert torch.equal(specdec.generate(model, long, max_length=30), ref) and ref.shape[1] == 30
+    with pytest.raises(ValueError, match="Input length of input_ids is 24, but `max_length` is set to 20"):
+        specdec.generate(model, long, max_length=20)
+
+
+def test_generation_config_is_merged_with_the_models(model):
+    """A generation_config= with only a length keeps the model's EOS (it was dropped)."""
+    ids = torch.randint(3, V, (2, 7), generator=torch.Generator().manual_seed(3))
+    free = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False)
+    eos = int(free[0, 7 + 4])
+    old = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = eos
+    try:
+        gc = GenerationConfig(max_new_tokens=16)
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gc, pad_token_id=0)
+        out = specdec.generate(model, ids, generation_config=gc, pad_token_id=0)
+        assert torch.equal(out, ref) and out.shape[1] < 7 + 16
+    finally:
+        model.generation_config.eos_token_id = old
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("num_beams", 4),
+        ("num_return_sequences", 2),
+        ("no_repeat_ngram_size", 3),
+        ("bad_words_ids", [[5]]),
+        ("suppress_tokens", [5]),
+        ("begin_suppress_tokens", [5]),
+        ("sequence_bias", {(5,): -1.0}),
+        ("min_length", 3),
+        ("forced_bos_token_id", 4),
+        ("forced_eos_token_id", 4),
+        ("typical_p", 0.9),
+        ("epsilon_cutoff", 0.001),
+        ("eta_cutoff", 0.001),
+        ("exponential_decay_length_penalty", (2, 1.1)),
+        ("max_time", 5.0),
+        ("guidance_scale", 1.5),
+        ("output_scores", True),
+        ("output_logits", True),
+    ],
+)
+@pytest.mark.parametrize("via", ["keyword", "generation_config", "model.generation_config"])
+def test_a_field_specdec_does_not_implement_is_refused_by_name(model, field, value, via):
+    ids = torch.tensor([[5, 6, 7]])
+    kw = dict(max_new_tokens=4, do_sample=field in ("typical_p", "epsilon_cutoff", "eta_cutoff"))
+    if field in ("output_scores", "output_logits"):
+        kw["return_dict_in_generate"] = True
+    if via == "keyword":
+        call = lambda: specdec.generate(model, ids, **kw, **{field: value})  # noqa: E731
+    elif via == "generation_config":
+        call = lambda: specdec.generate(model, ids, generation_config=GenerationConfig(**{field: value}), **kw)  # noqa: E731
+    else:
+        call = lambda: specdec.generate(model, ids, **kw)  # noqa: E731
+    gc = model.generation_config
+    saved = getattr(gc, field, None)
+    if via == "model.generation_config":
+        setattr(gc, field, value)
+    try:
+        with pytest.raises(ValueError, match=field):
+            call()
+    finally:
+        setattr(gc, field, saved)
+
+
+def test_an_unknown_keyword_is_named(model):
+    with pytest.raises(ValueError, match="keyword.*topk"):
+        specdec.generate(model, torch.tensor([[5, 6, 7]]), max_new_tokens=4, topk=5)
+
+
+def test_transformers_spellings_of_assisted_generation(model):
+    ids = torch.randint(3, 12, (2, 9), generator=torch.Generator().manual_seed(4))
+    ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
+    draft = noisy_copy(model, 0.05)
+    out = specdec.generate(model, ids, assistant_model=draft, max_new_tokens=12, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, ref) and out.stats.proposer == "draft"
+    out = specdec.generate(model, ids, prompt_lookup_num_tokens=3, max_new_tokens=12, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, ref) and out.stats.proposer == "ngram"
+    with pytest.raises(ValueError, match="give one of proposer, assistant_model"):
+        specdec.generate(model, ids, proposer="ngram", assistant_model=draft, max_new_tokens=4)
+
+
+def test_the_output_can_be_trained_on(model):
+    """transformers' generate runs under no_grad: RL loops backpropagate through a forward of its output."""
+    out = specdec.generate(model, torch.tensor([[5, 6, 7]]), max_new_tokens=4)
+    assert not out.is_inference()
+    loss = model(out, labels=out).loss
+    loss.backward()
+    assert model.lm_head.weight.grad is not None
+    model.zero_grad()

@@ -34,6 +34,7 @@ from transformers import LlamaConfig
 from transformers.activations import ACT2FN
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
+from ..hub import resolve
 from .checkpoint import read_config, read_weights
 
 EAGLE3_ARCH = "LlamaForCausalLMEagle3"
@@ -260,7 +261,9 @@ def is_eagle3(cfg: dict) -> bool:
     return "draft_vocab_size" in cfg
 
 
-def load_eagle(path: str | Path, hidden_size: int | None = None, vocab_size: int | None = None) -> EagleDrafter:
+def load_eagle(
+    path: str | Path, hidden_size: int | None = None, vocab_size: int | None = None, revision: str | None = None
+) -> EagleDrafter:
     """Load an EAGLE drafter folder; EAGLE-1/2 vs EAGLE-3 is read from config.json.
 
     EAGLE-1/2 (SafeAILab): a Llama config with one layer and optional `"bias"` (the fc's); keys
@@ -269,9 +272,9 @@ def load_eagle(path: str | Path, hidden_size: int | None = None, vocab_size: int
     `lm_head.weight`, `d2t`, `t2d`. vLLM / SGLang names (`model.` prefix, `layers.0.*` for EAGLE-3's
     midlayer) are accepted. Weights: model.safetensors, or pytorch_model.bin read with
     `torch.load(weights_only=True)`. hidden_size / vocab_size, when given, are the target's: a
-    mismatch raises ValueError naming both.
+    mismatch raises ValueError naming both. path may be a Hugging Face Hub id (at `revision`).
     """
-    path = Path(path)
+    path = resolve(path, revision)  # a folder, or a Hub id through huggingface_hub's cache
     cfg = read_config(path, "an EAGLE")
     version = 3 if is_eagle3(cfg) else 1
     if "hidden_size" not in cfg or "vocab_size" not in cfg:

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from ..hub import resolve
 from .checkpoint import read_config, read_weights
 
 FORMAT = "specdec-medusa"
@@ -129,16 +130,17 @@ def _from_vllm(cfg: dict, weights: dict, hidden: int, vocab: int) -> tuple[Medus
     return mc, state
 
 
-def load_medusa(path: str | Path, hidden_size: int, vocab_size: int) -> MedusaHeads:
+def load_medusa(path: str | Path, hidden_size: int, vocab_size: int, revision: str | None = None) -> MedusaHeads:
     """Load Medusa heads for a target with this hidden size and vocabulary, from any known layout.
 
     Layouts: ours ("format": "specdec-medusa"); FasterDecoding v1 (`medusa_num_heads`,
     `medusa_num_layers`; keys `{h}.{l}.linear.weight|bias`, `{h}.{L}.weight`); FasterDecoding v2
     (`"version": "2"`: no per-head projection, the target's lm_head is reused); vLLM
     (`num_heads`, `num_hidden_layers`; keys `blocks.{h}.layers.{l}.weight`, `lm_heads.{h}.weight`).
-    A shape or vocabulary mismatch with the target raises ValueError naming both.
+    A shape or vocabulary mismatch with the target raises ValueError naming both. path may be a
+    Hugging Face Hub id (at `revision`), resolved through huggingface_hub's cache.
     """
-    path = Path(path)
+    path = resolve(path, revision)  # a folder, or a Hub id through huggingface_hub's cache
     cfg = read_config(path, "a Medusa")
     weights = _read_weights(path)
     if cfg.get("format") == FORMAT:

@@ -1,6 +1,6 @@
 """specdec: exact speculative decoding for Hugging Face causal LMs."""
 
-from .api import GenerateOutput, generate
+from .api import GenerateOutput, custom_generate, custom_generate_repo, generate
 from .cache import BlockManager, OutOfBlocksError, PagedKVCache
 from .engine import Engine
 from .metrics import SpecStats
@@ -30,6 +30,8 @@ __all__ = [
     "TypicalParams",
     "VerifyMode",
     "VerifyResult",
+    "custom_generate",
+    "custom_generate_repo",
     "generate",
     "node_bucket",
     "process_logits",

@@ -324,3 +324,65 @@ def _alias_proposer(proposer, assistant_model, gc: GenerationConfig):
     if lookup is not None:
         return Ngram(num_tokens=lookup, max_ngram=getattr(gc, "max_matching_ngram_size", None) or 2)
     return proposer
+
+
+# what transformers builds from the settings specdec implements itself; any other processor or
+# criterion in a custom_generate call is the user's and is refused rather than ignored
+_OWN_PROCESSORS = {
+    "TemperatureLogitsWarper",
+    "TopKLogitsWarper",
+    "TopPLogitsWarper",
+    "MinPLogitsWarper",
+    "RepetitionPenaltyLogitsProcessor",
+    "MinNewTokensLengthLogitsProcessor",
+    "MinLengthLogitsProcessor",
+}
+_OWN_CRITERIA = {"MaxLengthCriteria", "EosTokenCriteria", "StopStringCriteria"}
+
+
+def custom_generate(proposer: Proposer | str | None = None, **options):
+    """specdec's decoding loop for transformers' own entry point:
+    `model.generate(ids, custom_generate=specdec.custom_generate(Ngram()), max_new_tokens=64)`.
+
+    transformers prepares the inputs and the configuration, then calls this loop; specdec decodes
+    with `proposer` and the same output law. options go to `specdec.generate` (seed, engine,
+    verify_mode, ...). Logits processors or stopping criteria that transformers did not build from
+    the supported settings (a user's own) are refused: specdec would not apply them.
+    """
+
+    def specdec_decode(
+        model,
+        input_ids: torch.Tensor,
+        logits_processor=None,
+        stopping_criteria=None,
+        generation_config: GenerationConfig | None = None,
+        synced_gpus: bool = False,
+        streamer=None,
+        **model_kwargs,
+    ):
+        foreign = [type(p).__name__ for p in logits_processor or [] if type(p).__name__ not in _OWN_PROCESSORS]
+        foreign += [type(c).__name__ for c in stopping_criteria or [] if type(c).__name__ not in _OWN_CRITERIA]
+        if foreign:
+            raise ValueError(f"specdec.custom_generate does not apply {', '.join(foreign)}; use model.generate alone")
+        gc = GenerationConfig.from_dict(generation_config.to_dict()) if generation_config is not None else None
+        if gc is not None and gc.max_new_tokens is None:  # transformers has turned the length into max_length
+            gc.max_new_tokens = gc.max_length - input_ids.shape[1]
+        return generate(
+            model,
+            input_ids,
+            model_kwargs.get("attention_mask"),
+            proposer=proposer,
+            generation_config=gc,
+            streamer=streamer,
+            **options,
+        )
+
+    return specdec_decode
+
+
+def custom_generate_repo() -> str:
+    """The folder holding `custom_generate/generate.py` (transformers' custom_generate repository
+    layout) inside the installed specdec: pass it as `custom_generate=` with `trust_remote_code=True`."""
+    from pathlib import Path
+
+    return str(Path(__file__).parent / "generate_repo")

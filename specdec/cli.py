@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
+from .hub import resolve
+
 EXIT_USAGE = 2
 # what a missing, truncated or mismatched checkpoint raises while transformers loads it
 LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, SafetensorError)
@@ -99,6 +101,10 @@ def load_target(path: str | None, dtype: str, device: str):
             path = str(demo_dir() / "target")
         except FileNotFoundError as e:
             raise CliError(f"--target is required here: {e}") from None
+    try:
+        path = str(resolve(path))  # a folder, or a Hub id through huggingface_hub's cache
+    except FileNotFoundError as e:
+        raise CliError(f"--target {e}") from None
     if not (Path(path) / "config.json").is_file():
         raise CliError(f"--target {path}: no config.json there (expected a transformers model folder)")
     dev = _device(device)
@@ -137,6 +143,13 @@ def check_proposer_args(args) -> None:
                 pass
     if name is not None and name not in PROPOSER_NAMES:
         raise CliError(f"unknown proposer {name!r}; choose one of {', '.join(PROPOSER_NAMES)}")
+    for field in ("draft", "heads"):  # Hub ids become their cached snapshot folders
+        value = getattr(args, field, None)
+        if value is not None and name in (("draft",) if field == "draft" else ("medusa", "eagle")):
+            try:
+                setattr(args, field, str(resolve(value)))
+            except FileNotFoundError as e:
+                raise CliError(f"--{field} {e}") from None
     if name == "draft" and (not args.draft or not (Path(args.draft) / "config.json").is_file()):
         raise CliError(f"--proposer draft needs --draft PATH to a model folder (got {args.draft})")
     if name == "medusa" and (not args.heads or not (Path(args.heads) / "config.json").is_file()):

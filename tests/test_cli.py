@@ -133,7 +133,7 @@ def test_generate_streams_then_prints_stats(zoo):
 @pytest.mark.parametrize(
     "argv, fragment",
     [
-        (["generate", "--target", "/nowhere", "--prompt", "x"], "no config.json"),
+        (["generate", "--target", "/nowhere", "--prompt", "x"], "no such folder"),
         (
             ["profile", "--target", "{t}", "--proposer", "medusa2", "--prompts", "{z}/lines.txt", "--out", "{o}"],
             "unknown proposer 'medusa2'",

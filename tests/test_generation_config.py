@@ -137,3 +137,29 @@ def test_the_output_can_be_trained_on(model):
     loss.backward()
     assert model.lm_head.weight.grad is not None
     model.zero_grad()
+
+
+def test_transformers_entry_point_runs_specdecs_loop(model):
+    """model.generate(custom_generate=specdec.custom_generate(proposer)) and the repository folder form."""
+    ids = torch.randint(3, 12, (2, 9), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    seen = []
+
+    class Watch(specdec.Ngram):
+        def propose(self, ctx):
+            seen.append(ctx.batch_size)
+            return super().propose(ctx)
+
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=10, custom_generate=specdec.custom_generate(Watch(3)))
+    assert torch.equal(out, ref) and seen, "specdec's loop ran"
+    out = model.generate(
+        ids, attention_mask=mask, max_new_tokens=10, custom_generate=specdec.custom_generate_repo(),
+        trust_remote_code=True, proposer=specdec.Ngram(3), return_dict_in_generate=True,
+    )  # fmt: skip
+    assert torch.equal(out.sequences, ref) and out.stats.proposer == "ngram"
+    from transformers import LogitsProcessorList, NoBadWordsLogitsProcessor
+
+    user = LogitsProcessorList([NoBadWordsLogitsProcessor([[5]], eos_token_id=None)])
+    with pytest.raises(ValueError, match="does not apply NoBadWordsLogitsProcessor"):
+        model.generate(ids, max_new_tokens=4, logits_processor=user, custom_generate=specdec.custom_generate())

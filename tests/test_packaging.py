@@ -30,6 +30,7 @@ def test_subpackages_live_under_specdec(wheel_names):
         assert f"specdec/{sub}/__init__.py" in wheel_names
     assert "specdec/verify.py" in wheel_names
     assert "specdec/conf/train.yaml" in wheel_names and "specdec/conf/head/medusa.yaml" in wheel_names
+    assert "specdec/generate_repo/custom_generate/generate.py" in wheel_names  # transformers' custom_generate
 
 
 def test_nothing_else_at_top_level(wheel_names):

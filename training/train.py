@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from ..heads.eagle import EagleDrafter
 from ..heads.medusa import MedusaConfig, MedusaHeads
+from ..hub import resolve
 from .data import distill, load_sequences, read_prompts
 from .eagle_trainer import EagleTrainConfig, build_draft_vocab, train_eagle
 from .logging import make_logger
@@ -66,7 +67,7 @@ def run(cfg: DictConfig) -> Path:
         if cfg.device == "auto" and torch.cuda.is_available()
         else ("cpu" if cfg.device == "auto" else cfg.device)
     )
-    target_path = Path(cfg.target)
+    target_path = resolve(cfg.target)  # a folder, or a Hub id through huggingface_hub's cache
     if not (target_path / "config.json").exists():
         raise FileNotFoundError(f"target={target_path} is not a model folder (no config.json)")
     tokenizer = AutoTokenizer.from_pretrained(target_path)

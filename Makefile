@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip "setuptools>=77" wheel
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q --no-build-isolation -e ".[dev,train,gpu]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[dev,train,gpu,plots]"
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -23,7 +23,7 @@ test: $(STAMP)
 GPU_SITE := /tmp/specdec-gpu-site
 test-gpu:
 	rm -rf $(GPU_SITE) && mkdir -p $(GPU_SITE) && cp -r specdec $(GPU_SITE)/
-	for d in heads training kernels conf; do ln -s $(CURDIR)/$$d $(GPU_SITE)/specdec/$$d; done
+	for d in heads training kernels conf assets data; do ln -s $(CURDIR)/$$d $(GPU_SITE)/specdec/$$d; done
 	PYTHONPATH=$(GPU_SITE) SPECDEC_DEMO_DIR=$(CURDIR)/assets/demo $(PYTHON) -P -m pytest -q -p no:cacheprovider -m gpu tests
 
 demo: $(STAMP)

@@ -374,6 +374,10 @@ def cmd_profile(args) -> dict:
     from specdec.metrics import SpecStats
     from specdec.prompts import encode, load_prompts
 
+    if args.prompts is None:
+        from .demo import humaneval_path
+
+        args.prompts = str(humaneval_path())
     try:
         prompts = load_prompts(args.prompts, args.category, args.limit)
     except (FileNotFoundError, ValueError) as e:
@@ -508,7 +512,11 @@ def _per_category(rows: list[dict], by_category: dict, plain_parts: list, spec_p
 
 
 def _plots(report: dict, out: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # plotting is an extra: the report and the table do not need it
+        print("plots skipped: matplotlib is not installed (pip install 'specdec[plots]')")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -767,7 +775,10 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True)
     prof = sub.add_parser("profile", help="acceptance, speed and break-even on a prompt set")
     _common(prof)
-    prof.add_argument("--prompts", required=True)
+    prof.add_argument(
+        "--prompts",
+        help="Spec-Bench question.jsonl, HumanEval .jsonl(.gz) or one prompt per line (default: HumanEval, installed)",
+    )
     prof.add_argument("--category")
     prof.add_argument("--limit", type=int)
     prof.add_argument("--batch-size", type=int, default=1)

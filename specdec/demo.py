@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 
-HUMANEVAL = "data/HumanEval.jsonl.gz"
 # CPU-sized settings: on 2 cores the 9.5M target's forward costs ~10 ms, so wide trees do not pay;
 # the model card (assets/demo/README.md) has the GPU numbers with EAGLE-2's published tree.
 PROPOSERS = {
@@ -30,18 +29,26 @@ PROPOSERS = {
 }
 
 
-def repo_root() -> Path:
-    return Path(__file__).resolve().parents[1]
-
-
 def demo_dir() -> Path:
-    """The demo models: $SPECDEC_DEMO_DIR, else assets/demo of the source checkout."""
-    path = Path(os.environ.get("SPECDEC_DEMO_DIR") or repo_root() / "assets" / "demo")
+    """The demo models: $SPECDEC_DEMO_DIR, else the copy installed with specdec (specdec.assets,
+    which is assets/ of a source checkout)."""
+    path = Path(os.environ.get("SPECDEC_DEMO_DIR") or _package_file("specdec.assets", "demo"))
     if not (path / "target" / "config.json").is_file():
         raise FileNotFoundError(
-            f"no demo models at {path} (a source checkout has them in assets/demo; or set SPECDEC_DEMO_DIR)"
+            f"no demo models at {path} (specdec installs them as package data; or set SPECDEC_DEMO_DIR)"
         )
     return path
+
+
+def humaneval_path() -> Path:
+    """HumanEval's 164 prompts (MIT, HumanEval.LICENSE beside them), installed with specdec."""
+    return _package_file("specdec.data", "HumanEval.jsonl.gz")
+
+
+def _package_file(package: str, name: str) -> Path:
+    from importlib.resources import files
+
+    return Path(str(files(package) / name))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -56,9 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--temperature", type=float, default=0.0)
     args = ap.parse_args(argv)
     root = demo_dir()
-    prompts = repo_root() / HUMANEVAL
-    if not prompts.is_file():
-        raise SystemExit(f"{prompts} not found: run the demo from a source checkout")
+    prompts = humaneval_path()
     torch.manual_seed(0)
     console = Console(width=120)
     console.print(

@@ -1,5 +1,6 @@
 """The wheel installs heads/, training/, kernels/ and conf/ under specdec/ and nothing at top level."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -12,16 +13,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def wheel_names(tmp_path_factory):
+def wheel(tmp_path_factory) -> Path:
     src = tmp_path_factory.mktemp("src")
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(ROOT / name, src / name)
-    for folder in ("specdec", "heads", "training", "kernels", "conf"):
-        shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    ignore = shutil.ignore_patterns("__pycache__", "work", "hydra")
+    for folder in ("specdec", "heads", "training", "kernels", "conf", "assets", "data"):
+        shutil.copytree(ROOT / folder, src / folder, ignore=ignore)
     out = tmp_path_factory.mktemp("wheel")
     cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(src)]
     subprocess.run(cmd, check=True, capture_output=True)
-    (wheel,) = out.glob("specdec-*.whl")
+    (path,) = out.glob("specdec-*.whl")
+    return path
+
+
+@pytest.fixture(scope="module")
+def wheel_names(wheel):
     return zipfile.ZipFile(wheel).namelist()
 
 
@@ -37,3 +44,41 @@ def test_nothing_else_at_top_level(wheel_names):
     top = {name.split("/")[0] for name in wheel_names}
     assert all(t == "specdec" or t.endswith(".dist-info") for t in top), top
     assert not top & {"heads", "training", "kernels", "conf", "tests"}
+
+
+def test_the_wheel_carries_the_demo_models_the_prompts_and_the_license(wheel_names):
+    for name in ("specdec/assets/demo/target/config.json", "specdec/assets/demo/eagle/model.safetensors",
+                 "specdec/data/HumanEval.jsonl.gz", "specdec/data/HumanEval.LICENSE", "specdec/py.typed"):  # fmt: skip
+        assert name in wheel_names, name
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in wheel_names)
+
+
+def test_the_installed_wheel_works_from_another_folder(wheel, tmp_path):
+    """pip install of the wheel (its own files only: the dependencies are this environment's), then the
+    command from a folder that is not the checkout: demo models and prompts come from the package."""
+    site = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "SPECDEC_DEMO_DIR"}
+    env.update(PYTHONPATH=str(site), TRITON_INTERPRET="1")
+
+    def run(*args):
+        res = subprocess.run(
+            [sys.executable, "-P", "-m", "specdec.cli", *args], cwd=elsewhere, env=env, capture_output=True, text=True
+        )
+        assert res.returncode == 0, res.stderr[-2000:]
+        return res
+
+    where = subprocess.run(
+        [sys.executable, "-P", "-c", "import specdec; print(specdec.__file__)"], cwd=elsewhere, env=env,
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert where.stdout.startswith(str(site)), where.stdout  # the installed copy, not the checkout
+    run("generate", "--prompt", "def add(a, b):", "--proposer", "ngram", "--max-new-tokens", "8", "--device", "cpu")
+    run("profile", "--proposer", "ngram", "--limit", "1", "--max-new-tokens", "8", "--device", "cpu",
+        "--out", "report", "--quiet")  # fmt: skip
+    assert (elsewhere / "report" / "report.json").is_file()

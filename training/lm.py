@@ -33,6 +33,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from ..demo import humaneval_path
 from .corpus import EOS, collect_corpus, encode, train_tokenizer
 from .evaluate import EvalSpec, evaluate, held_out_prompts, humaneval_prompts, write_card
 from .lm_trainer import LMSpec, llama_config, save_lm, train_lm
@@ -224,7 +225,7 @@ def run(cfg: DictConfig) -> Path:
         stage("evaluating")
         ev = EvalSpec(**size["eval"])
         sets = {
-            "HumanEval": humaneval_prompts(Path(cfg.humaneval), ev.prompts),
+            "HumanEval": humaneval_prompts(Path(cfg.humaneval) if cfg.humaneval else humaneval_path(), ev.prompts),
             "held-out code": held_out_prompts(held_texts, tokenizer, ev.prompts, ev.prompt_tokens),
         }
         results = evaluate(out, tokenizer, sets, ev, device)

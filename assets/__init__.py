@@ -1,0 +1,1 @@
+"""The demo models (assets/demo), installed as package data under specdec.assets."""

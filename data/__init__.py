@@ -1,0 +1,1 @@
+"""Prompt sets shipped with specdec (HumanEval, MIT: HumanEval.LICENSE), installed as specdec.data."""

@@ -15,11 +15,12 @@ import torch
 from safetensors import SafetensorError
 
 from .hub import resolve
+from .resources import demo_dir, humaneval_path
 
 EXIT_USAGE = 2
 # what a missing, truncated or mismatched checkpoint raises while transformers loads it
 LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, SafetensorError)
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 KV_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "fp8": 1}
 
 
@@ -92,11 +93,10 @@ def check_args(args) -> None:
 
 
 def load_target(path: str | None, dtype: str, device: str):
+    """(model, tokenizer, resolved folder) of --target (default: the demo target); CliError on failure."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if path is None:
-        from .demo import demo_dir
-
         try:
             path = str(demo_dir() / "target")
         except FileNotFoundError as e:
@@ -113,7 +113,7 @@ def load_target(path: str | None, dtype: str, device: str):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(dev).eval()
     except LOAD_ERRORS as e:  # missing / truncated weights, bad config
         raise _load_error("--target", path, e) from None
-    return model, tok
+    return model, tok, path
 
 
 def _load_error(flag: str, path, e: BaseException) -> CliError:
@@ -133,8 +133,6 @@ def check_proposer_args(args) -> None:
     (assets/demo), and so do their draft / Medusa / EAGLE checkpoints when no path is given."""
     name = args.proposer
     if getattr(args, "target", "") is None and name in DEMO_HEADS:
-        from .demo import demo_dir
-
         field, folder = DEMO_HEADS[name]
         if getattr(args, field, None) is None:
             try:
@@ -192,7 +190,7 @@ def make_proposer(args, target):
             return specdec.Eagle.from_pretrained(
                 args.heads,
                 depth=args.depth,
-                top_k=args.top_k,
+                top_k=args.tree_top_k,
                 total_tokens=args.total_tokens,
                 chain=args.chain,
             )
@@ -286,7 +284,8 @@ def cmd_kv_size(args) -> dict:
         lines.append(f"weights: {weights:,} bytes ({args.dtype if args.dtype in DTYPES else 'bfloat16'})")
     if "max_batch" in out:
         lines.append(f"largest batch in {args.memory_gib} GiB: {out['max_batch']}")
-    print("\n".join(lines))
+    if not args.json:
+        print("\n".join(lines))
     return out
 
 
@@ -313,7 +312,7 @@ def cmd_generate(args) -> dict:
 
     import specdec
 
-    model, tok = load_target(args.target, args.dtype, args.device)
+    model, tok, _ = load_target(args.target, args.dtype, args.device)
     proposer = make_proposer(args, model)
     ids = tok(args.prompt, return_tensors="pt").input_ids.to(model.device)
     if ids.shape[1] == 0:
@@ -326,17 +325,20 @@ def cmd_generate(args) -> dict:
         do_sample=args.temperature > 0,
         temperature=args.temperature or None,
         top_p=args.top_p,
+        top_k=args.top_k,
         seed=args.seed,
-        streamer=TextStreamer(tok, skip_prompt=False),
+        streamer=None if args.json else TextStreamer(tok, skip_prompt=False),
         return_dict_in_generate=True,
     )
     s = out.stats
-    print(
-        f"\n[{s.proposer}] {s.generated_tokens} tokens, tau {s.tau:.2f} (bonus included), acceptance "
-        f"{s.acceptance_rate:.2f}, TPOT {s.tpot_ms:.1f} ms, {s.tokens_per_s:.1f} tokens/s",
-        file=sys.stderr,
-    )
-    return s.as_dict()
+    if not args.json:
+        print(
+            f"\n[{s.proposer}] {s.generated_tokens} tokens, tau {s.tau:.2f} (bonus included), acceptance "
+            f"{s.acceptance_rate:.2f}, TPOT {s.tpot_ms:.1f} ms, {s.tokens_per_s:.1f} tokens/s",
+            file=sys.stderr,
+        )
+    text = tok.decode(out.sequences[0, ids.shape[1] :], skip_special_tokens=True)
+    return {"text": text, **s.as_dict()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,170 +346,92 @@ def cmd_generate(args) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def break_even_acceptance(k: float, cost_ratio: float) -> float:
-    """The per-token acceptance a at which a chain of k drafts just pays: (1 - a^(k+1)) / (1 - a) equals
-    cost_ratio = (T_draft + T_verify) / T_step. 0 when speculation always pays, 1 when it never can."""
-    if cost_ratio <= 1:
-        return 0.0
-    if cost_ratio >= k + 1:
-        return 1.0
-    lo, hi = 0.0, 1.0
-    for _ in range(60):
-        a = (lo + hi) / 2
-        tau = sum(a**i for i in range(int(round(k)) + 1))
-        lo, hi = (a, hi) if tau < cost_ratio else (lo, a)
-    return (lo + hi) / 2
-
-
-def first_divergence(a: torch.Tensor, b: torch.Tensor) -> int | None:
-    n = min(len(a), len(b))
-    diff = (a[:n] != b[:n]).nonzero()
-    if len(diff):
-        return int(diff[0, 0])
-    return None if len(a) == len(b) else n
-
-
 def cmd_profile(args) -> dict:
-    from tqdm import tqdm
-
-    import specdec
-    from specdec.metrics import SpecStats
-    from specdec.prompts import encode, load_prompts
-
-    if args.prompts is None:
-        from .demo import humaneval_path
-
-        args.prompts = str(humaneval_path())
-    try:
-        prompts = load_prompts(args.prompts, args.category, args.limit)
-    except (FileNotFoundError, ValueError) as e:
-        raise CliError(str(e)) from None
-    model, tok = load_target(args.target, args.dtype, args.device)
+    model, tok, target = load_target(args.target, args.dtype, args.device)
     proposer = make_proposer(args, model)
     if proposer is None:
         raise CliError("profile compares speculation with plain decoding: pass --proposer")
-    plain_engine, spec_engine = specdec.Engine(model, None), specdec.Engine(model, proposer)
-    kw = dict(
+    return _profile_and_write(args, model, tok, target, proposer, Path(args.out), show=not args.json)
+
+
+def _settings(args):
+    from .profile import ProfileSettings
+
+    return ProfileSettings(
         max_new_tokens=args.max_new_tokens,
-        do_sample=args.temperature > 0,
-        temperature=args.temperature or None,
+        temperature=args.temperature,
         top_p=args.top_p,
+        top_k=args.top_k,
         seed=args.seed,
-        return_dict_in_generate=True,
+        batch_size=getattr(args, "batch_size", 1),
+        max_prompt_tokens=getattr(args, "max_prompt_tokens", 512),
     )
-    warm = encode(tok, prompts[0], args.max_prompt_tokens).to(model.device)
-    # pools sized once for the longest prompt: a pool that grows mid-run re-captures the CUDA graphs
-    # inside the timed region (seen on the H200 as single prompts at 4 tokens/s)
-    longest = max(len(encode(tok, p, args.max_prompt_tokens)[0]) for p in prompts)
-    for engine in (plain_engine, spec_engine):
-        engine.fixed_blocks = max(args.batch_size, 1) * engine._row_need(longest, args.max_new_tokens)
-    for engine in (plain_engine, spec_engine):  # warm-up at full length: allocation, Triton compilation and
-        specdec.generate(model, warm, engine=engine, **kw)  # the graph captures of every step shape it meets
-    rows, plain_parts, spec_parts = [], [], []
-    by_category: dict[str, list[int]] = {}  # category -> the batches holding its prompts
-    if args.batch_size < 1:
-        raise CliError(f"--batch-size {args.batch_size} must be >= 1")
-    B = args.batch_size  # with B > 1, a prompt's numbers are those of its batch
-    for start in tqdm(range(0, len(prompts), B), desc="profile", disable=args.quiet):
-        group = prompts[start : start + B]
-        encoded = [encode(tok, p, args.max_prompt_tokens)[0] for p in group]
-        if any(len(e) == 0 for e in encoded):
-            raise CliError("a prompt encodes to no tokens")
-        T = max(len(e) for e in encoded)
-        ids = torch.zeros(len(group), T, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for b, e in enumerate(encoded):  # left padding, as generate() expects
-            ids[b, T - len(e) :], mask[b, T - len(e) :] = e, 1
-        ids, mask = ids.to(model.device), mask.to(model.device)
-        plain = specdec.generate(model, ids, mask, engine=plain_engine, **kw)
-        spec = specdec.generate(model, ids, mask, engine=spec_engine, **kw)
-        plain_parts.append(plain.stats)
-        spec_parts.append(spec.stats)
-        for c in {p.category for p in group}:
-            by_category.setdefault(c, []).append(len(spec_parts) - 1)
-        for b, p in enumerate(group):
-            div = first_divergence(plain.sequences[b, T:], spec.sequences[b, T:])
-            rows.append(
-                {
-                    "category": p.category,
-                    "tau": spec.stats.tau,
-                    "acceptance_rate": spec.stats.acceptance_rate,
-                    "plain_tokens_per_s": plain.stats.tokens_per_s,
-                    "tokens_per_s": spec.stats.tokens_per_s,
-                    "identical": div is None,
-                    "first_divergence": div,
-                }
-            )
-    plain_s, spec_s = SpecStats.merge(plain_parts), SpecStats.merge(spec_parts)
-    t_step = plain_s.total_time_s / max(plain_s.target_forwards, 1)
-    calls = max(spec_s.target_forwards - spec_s.num_sequences, 1)  # verify steps (prefills excluded)
-    t_draft, t_verify = spec_s.draft_time_s / calls, spec_s.verify_time_s / calls
-    drafts_per_step = spec_s.drafted / max(spec_s.steps, 1)
-    greedy = args.temperature == 0
+
+
+def _load_prompt_set(args):
+    from .prompts import load_prompts
+
+    if args.prompts is None:
+        args.prompts = str(humaneval_path())
+    try:
+        return load_prompts(args.prompts, getattr(args, "category", None), args.limit)
+    except (FileNotFoundError, ValueError) as e:
+        raise CliError(str(e)) from None
+
+
+def _profile_and_write(args, model, tok, target: str, proposer, out: Path, show: bool, options=None) -> dict:
+    """profile() on --prompts, then report.json (paths, settings, versions, measurements) in out;
+    with show, the plots, the table and a "wrote" line."""
+    from .profile import profile
+
+    prompts = _load_prompt_set(args)
+    try:
+        result = profile(model, tok, proposer, prompts, _settings(args), progress=show and not args.quiet)
+    except ValueError as e:
+        raise CliError(str(e)) from None
     report = {
-        "target": args.target,
-        "proposer": spec_s.proposer,
-        "prompts": args.prompts,
-        "num_prompts": len(prompts),
-        "device": str(model.device),
-        "dtype": args.dtype,
-        "temperature": args.temperature,
-        "top_p": args.top_p,
-        "conventions": {
-            "tau": "tokens emitted per target forward of a row, bonus included",
-            "acceptance_rate": "accepted draft tokens / drafted tokens",
-            "per_depth.unconditional": "accepted at depth d / steps",
-            "per_depth.conditional": "accepted at depth d / accepted at depth d - 1",
-            "speedup": "tokens/s with speculation / tokens/s of the same engine without it",
-        },
-        "tau": spec_s.tau,
-        "acceptance_rate": spec_s.acceptance_rate,
-        "per_depth": spec_s.as_dict()["per_depth"],
-        "ttft_ms": spec_s.ttft_ms,
-        "tpot_ms": spec_s.tpot_ms,
-        "plain_tpot_ms": plain_s.tpot_ms,
-        "tokens_per_s": spec_s.tokens_per_s,
-        "plain_tokens_per_s": plain_s.tokens_per_s,
-        "speedup": spec_s.tokens_per_s / plain_s.tokens_per_s if plain_s.tokens_per_s else 0.0,
-        "step_ms": {"plain": 1e3 * t_step, "draft": 1e3 * t_draft, "verify": 1e3 * t_verify},
-        "predicted_speedup": spec_s.tau * t_step / (t_draft + t_verify) if t_draft + t_verify else 0.0,
-        "break_even_acceptance": break_even_acceptance(drafts_per_step, (t_draft + t_verify) / t_step),
-        "greedy_identical": all(r["identical"] for r in rows) if greedy else None,
-        "divergences": [
-            {"prompt": i, "position": r["first_divergence"]}
-            for i, r in enumerate(rows)
-            if greedy and not r["identical"]
-        ],
-        "per_category": _per_category(rows, by_category, plain_parts, spec_parts),
-        "per_choice": {
-            ",".join(map(str, c)): {"offered": o, "accepted": a}
-            for c, (o, a) in sorted(getattr(proposer, "path_stats", {}).items())
-        },
-        "per_prompt": rows,
+        "target": target,
+        "prompts": str(Path(args.prompts).resolve()),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "proposer_options": options or proposer_options(args),
+        "versions": versions(),
+        **result.as_dict(),
     }
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=1))
-    _plots(report, out)
-    if getattr(args, "table", True):
+    if show:
+        _plots(report, out)
         _table(report)
+        print(f"wrote {out / 'report.json'} and its plots")
     return report
 
 
-def _per_category(rows: list[dict], by_category: dict, plain_parts: list, spec_parts: list) -> dict:
-    """Pooled like the overall numbers: tau = tokens / forwards and speedup = tokens/s ratio over the
-    category's batches (a batch that mixes categories counts for each of them)."""
-    from specdec.metrics import SpecStats
+def proposer_options(args) -> dict:
+    """Every setting of the chosen proposer, as report.json records it."""
+    name = args.proposer
+    options = {
+        "draft": {"draft": args.draft, "num_tokens": args.num_tokens},
+        "ngram": {"num_tokens": args.num_tokens},
+        "medusa": {"heads": args.heads, "tree": args.tree},
+        "eagle": {"heads": args.heads, "depth": args.depth, "tree_top_k": args.tree_top_k,
+                  "total_tokens": args.total_tokens, "chain": args.chain},  # fmt: skip
+    }.get(name, {})
+    return {"name": name, **options}
 
-    out = {}
-    for c, idx in by_category.items():
-        plain = SpecStats.merge([plain_parts[i] for i in idx])
-        spec = SpecStats.merge([spec_parts[i] for i in idx])
-        out[c] = {
-            "prompts": sum(1 for r in rows if r["category"] == c),
-            "tau": spec.tau,
-            "speedup": spec.tokens_per_s / plain.tokens_per_s if plain.tokens_per_s else 0.0,
-        }
+
+def versions() -> dict:
+    import transformers
+
+    import specdec
+
+    out = {"specdec": specdec.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = None
+    out["device_name"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     return out
 
 
@@ -615,7 +539,7 @@ def cmd_tune(args) -> dict:
     if not report.get("per_choice"):
         raise CliError(f"--report {report_path} has no per-choice acceptance (profile a Medusa proposer)")
     check_proposer_args(argparse.Namespace(proposer="medusa", draft=None, heads=args.heads))
-    model, tok = load_target(args.target, args.dtype, args.device)
+    model, tok, target = load_target(args.target, args.dtype, args.device)
     num_heads = load_medusa(
         args.heads, model.config.hidden_size, model.get_output_embeddings().weight.shape[0]
     ).config.num_heads
@@ -652,27 +576,18 @@ def cmd_tune(args) -> dict:
         f"tuned tree: {best['nodes']} nodes, expected tau {best['expected_tau']:.2f}, predicted speedup "
         f"{best['predicted_speedup']:.2f} -> {out}"
     )
+    if best["predicted_speedup"] < 1:
+        result["recommendation"] = "plain decoding: no tree is predicted to beat it"
+        print("recommendation: plain decoding (no Medusa tree is predicted to beat it on this target)")
     if args.prompts:  # re-measure with the tuned tree
-        prof = argparse.Namespace(
-            **{
-                **vars(args),
-                "proposer": "medusa",
-                "draft": None,
-                "tree": str(out),
-                "out": args.profile_out or str(out.parent / "tuned_profile"),
-                "category": None,
-                "limit": args.limit,
-                "batch_size": 1,
-                "max_prompt_tokens": 512,
-                "quiet": True,
-                "num_tokens": 4,
-            }
-        )
-        remeasured = cmd_profile(prof)
+        proposer = specdec.Medusa.from_pretrained(args.heads, tree=[tuple(c) for c in best["choices"]])
+        prof_out = Path(args.profile_out or out.parent / "tuned_profile")
+        options = {"name": "medusa", "heads": args.heads, "tree": str(out)}
+        remeasured = _profile_and_write(args, model, tok, target, proposer, prof_out, show=False, options=options)
         result["remeasured"] = {
             "tau": remeasured["tau"],
             "speedup": remeasured["speedup"],
-            "report": str(Path(prof.out) / "report.json"),
+            "report": str(prof_out / "report.json"),
         }
         out.write_text(json.dumps(result, indent=1))
     return result
@@ -696,32 +611,22 @@ def parse_grid(spec: str) -> list[tuple[int, int, int]]:
 def tune_eagle(args) -> dict:
     """Measure every --grid setting with `profile` (plain and speculative decoding in the same run)
     and keep the one with the highest measured speedup."""
+    import specdec
+
     grid = parse_grid(args.grid)
     if not args.prompts:
         raise CliError("tune --proposer eagle measures on prompts: pass --prompts")
     out = Path(args.out)
+    model, tok, target = load_target(args.target, args.dtype, args.device)
     candidates = []
     for d, k, n in grid:
-        prof = argparse.Namespace(
-            **{
-                **vars(args),
-                "proposer": "eagle",
-                "draft": None,
-                "depth": d,
-                "top_k": k,
-                "total_tokens": n,
-                "chain": False,
-                "tree": None,
-                "out": str(out.parent / f"{out.stem}_profiles" / f"d{d}_k{k}_n{n}"),
-                "category": None,
-                "batch_size": 1,
-                "max_prompt_tokens": 512,
-                "quiet": True,
-                "num_tokens": 4,
-                "table": False,
-            }
-        )
-        r = cmd_profile(prof)
+        try:
+            proposer = specdec.Eagle.from_pretrained(args.heads, depth=d, top_k=k, total_tokens=n)
+        except (FileNotFoundError, ValueError) as e:
+            raise CliError(f"--heads {args.heads}: {e}") from None
+        options = {"name": "eagle", "heads": args.heads, "depth": d, "tree_top_k": k, "total_tokens": n}
+        prof_out = out.parent / f"{out.stem}_profiles" / f"d{d}_k{k}_n{n}"
+        r = _profile_and_write(args, model, tok, target, proposer, prof_out, show=False, options=options)
         candidates.append(
             {"depth": d, "top_k": k, "total_tokens": n, "tau": r["tau"], "speedup": r["speedup"],
              "tokens_per_s": r["tokens_per_s"], "plain_tokens_per_s": r["plain_tokens_per_s"]}
@@ -730,14 +635,17 @@ def tune_eagle(args) -> dict:
     best = max(candidates, key=lambda c: c["speedup"])
     result = {
         "best": {key: best[key] for key in ("depth", "top_k", "total_tokens")},
-        "flags": f"--depth {best['depth']} --top-k {best['top_k']} --total-tokens {best['total_tokens']}",
+        "flags": f"--depth {best['depth']} --tree-top-k {best['top_k']} --total-tokens {best['total_tokens']}",
         "measured_on": str(args.prompts),
         "candidates": candidates,
         "conventions": {"speedup": "tokens/s with speculation / tokens/s of the same engine without it, same run"},
     }
+    if best["speedup"] < 1:
+        result["recommendation"] = "plain decoding: no setting beat it"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
-    print(f"best: {result['flags']} (tau {best['tau']:.2f}, speedup {best['speedup']:.2f}) -> {out}")
+    verdict = "; recommendation: plain decoding (none beat it)" if best["speedup"] < 1 else ""
+    print(f"best: {result['flags']} (tau {best['tau']:.2f}, speedup {best['speedup']:.2f}){verdict} -> {out}")
     return result
 
 
@@ -746,77 +654,85 @@ def tune_eagle(args) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
+def _sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (exactly plain decoding's tokens)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling (default: the model's config)")
+    p.add_argument("--top-k", type=int, default=None, help="sampling top-k (default: the model's config, else 50)")
+    p.add_argument("--seed", type=int, default=0, help="row b samples with seed + b")
+    p.add_argument("--dtype", choices=list(DTYPES), default="auto", help="auto: the checkpoint's own dtype")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
+    p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout instead")
+
+
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", help="a transformers model folder (default: the demo target in assets/demo)")
+    p.add_argument("--target", help="a transformers model folder or Hub id (default: the demo target)")
     p.add_argument("--proposer", help="none, ngram, draft, medusa or eagle")
-    p.add_argument("--draft")
-    p.add_argument("--heads", help="Medusa or EAGLE checkpoint folder")
-    p.add_argument("--tree", help="node count or a JSON file of Medusa choices")
-    p.add_argument("--num-tokens", type=int, default=4, help="drafts per step (draft, ngram)")
-    p.add_argument("--depth", type=int, default=6, help="EAGLE: drafting steps")
-    p.add_argument("--top-k", type=int, default=10, help="EAGLE-2 tree: expansion width")
-    p.add_argument("--total-tokens", type=int, default=60, help="EAGLE-2 tree: draft nodes kept")
-    p.add_argument("--chain", action="store_true", help="EAGLE: draft a chain of --depth tokens")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--draft", help="draft: a model folder or Hub id with the target's tokenizer")
+    p.add_argument("--heads", help="medusa / eagle: a checkpoint folder or Hub id")
+    p.add_argument("--tree", help="medusa: a node count or a JSON file of choices (default: 32 nodes)")
+    p.add_argument("--num-tokens", type=int, default=4, help="draft, ngram: drafts per step")
+    p.add_argument("--depth", type=int, default=6, help="eagle: drafting steps (tree levels)")
+    p.add_argument("--tree-top-k", type=int, default=10, help="eagle: EAGLE-2 expansion width")
+    p.add_argument("--total-tokens", type=int, default=60, help="eagle: draft nodes kept per tree")
+    p.add_argument("--chain", action="store_true", help="eagle: draft a chain of --depth tokens")
+    _sampling(p)
 
 
 def parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    fmt = argparse.ArgumentDefaultsHelpFormatter
     ap = argparse.ArgumentParser(
-        prog="specdec", description="exact speculative decoding: profile, generate, tune, kv-size"
+        prog="specdec", description="exact speculative decoding: profile, generate, tune, kv-size", formatter_class=fmt
     )
+    ap.add_argument("--version", action="version", version=f"specdec {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="stream a generation, then one stats line")
+    gen = sub.add_parser("generate", help="stream a generation, then one stats line", formatter_class=fmt)
     _common(gen)
-    gen.add_argument("--prompt", required=True)
-    prof = sub.add_parser("profile", help="acceptance, speed and break-even on a prompt set")
+    gen.add_argument("--prompt", required=True, help="the prompt text")
+    prof = sub.add_parser("profile", help="acceptance, speed and break-even on a prompt set", formatter_class=fmt)
     _common(prof)
     prof.add_argument(
-        "--prompts",
-        help="Spec-Bench question.jsonl, HumanEval .jsonl(.gz) or one prompt per line (default: HumanEval, installed)",
+        "--prompts", help="Spec-Bench question.jsonl, HumanEval .jsonl(.gz) or a prompt per line (default: HumanEval)"
     )
-    prof.add_argument("--category")
-    prof.add_argument("--limit", type=int)
-    prof.add_argument("--batch-size", type=int, default=1)
-    prof.add_argument("--max-prompt-tokens", type=int, default=512)
-    prof.add_argument("--out", required=True)
-    prof.add_argument("--quiet", action="store_true")
+    prof.add_argument("--category", help="only prompts of this Spec-Bench category")
+    prof.add_argument("--limit", type=int, help="only the first N prompts")
+    prof.add_argument("--batch-size", type=int, default=1, help="prompts decoded together")
+    prof.add_argument("--max-prompt-tokens", type=int, default=512, help="keep the last N tokens of a prompt")
+    prof.add_argument("--out", required=True, help="folder for report.json and the plots")
+    prof.add_argument("--quiet", action="store_true", help="no progress bar")
     tune = sub.add_parser(
-        "tune", help="Medusa: the tree that maximises predicted tokens/s, from a profile; EAGLE: measured tree sizes"
+        "tune",
+        help="Medusa: the tree that maximises predicted tokens/s, from a profile; EAGLE: measured tree sizes",
+        formatter_class=fmt,
     )
-    tune.add_argument("--proposer", choices=["medusa", "eagle"], default="medusa")
-    tune.add_argument("--report", help="Medusa: report.json of `specdec profile --proposer medusa`")
-    tune.add_argument("--target", required=True)
-    tune.add_argument("--heads", required=True)
-    tune.add_argument("--out", required=True, help="Medusa: the tree file (accepted by --tree); EAGLE: the results")
+    tune.add_argument("--proposer", choices=["medusa", "eagle"], default="medusa", help="what to tune")
+    tune.add_argument("--report", help="medusa: report.json of `specdec profile --proposer medusa`")
+    tune.add_argument("--target", required=True, help="a transformers model folder or Hub id")
+    tune.add_argument("--heads", required=True, help="the Medusa / EAGLE checkpoint folder or Hub id")
+    tune.add_argument("--out", required=True, help="medusa: the tree file (accepted by --tree); eagle: the results")
     tune.add_argument(
         "--grid",
         default="3:4:8,5:4:12,5:8:32,6:10:60",
-        help="EAGLE: depth:top_k:total_tokens settings to measure, comma-separated",
+        help="eagle: depth:tree_top_k:total_tokens settings to measure, comma-separated",
     )
-    tune.add_argument("--max-nodes", type=int, default=64)
-    tune.add_argument("--prompts", help="re-measure the tuned tree on these prompts")
-    tune.add_argument("--profile-out")
-    tune.add_argument("--limit", type=int)
-    tune.add_argument("--max-new-tokens", type=int, default=64)
-    tune.add_argument("--temperature", type=float, default=0.0)
-    tune.add_argument("--top-p", type=float, default=None)
-    tune.add_argument("--seed", type=int, default=0)
-    tune.add_argument("--dtype", choices=list(DTYPES), default="float32")
-    tune.add_argument("--device", default="auto")
-    kv = sub.add_parser("kv-size", help="KV-cache bytes, weights and the largest batch that fits")
-    kv.add_argument("--config")
-    kv.add_argument("--layers", type=int)
-    kv.add_argument("--kv-heads", type=int)
-    kv.add_argument("--head-dim", type=int)
-    kv.add_argument("--seq-len", type=int, required=True)
-    kv.add_argument("--batch", type=int, default=1)
-    kv.add_argument("--dtype", choices=list(KV_BYTES), default="float16")
-    kv.add_argument("--memory-gib", type=float)
+    tune.add_argument("--max-nodes", type=int, default=64, help="medusa: the largest tree considered")
+    tune.add_argument("--prompts", help="prompts to measure (eagle) or re-measure the tuned tree (medusa) on")
+    tune.add_argument("--profile-out", help="medusa: folder of the re-measured profile")
+    tune.add_argument("--limit", type=int, help="only the first N prompts")
+    tune.add_argument("--quiet", action="store_true", help="no progress bar")
+    _sampling(tune)
+    kv = sub.add_parser("kv-size", help="KV-cache bytes, weights and the largest batch that fits", formatter_class=fmt)
+    kv.add_argument("--config", help="a config.json or model folder (instead of the three numbers below)")
+    kv.add_argument("--layers", type=int, help="decoder layers")
+    kv.add_argument("--kv-heads", type=int, help="KV heads")
+    kv.add_argument("--head-dim", type=int, help="head size")
+    kv.add_argument("--seq-len", type=int, required=True, help="tokens per sequence")
+    kv.add_argument("--batch", type=int, default=1, help="sequences")
+    kv.add_argument("--dtype", choices=list(KV_BYTES), default="float16", help="KV element type")
+    kv.add_argument("--memory-gib", type=float, help="report the largest batch that fits in this much memory")
+    kv.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout instead")
     return ap
 
 
@@ -829,7 +745,11 @@ def main(argv: list[str] | None = None) -> int:
         check_args(args)
         if hasattr(args, "proposer") and hasattr(args, "draft"):
             check_proposer_args(args)
-        {"generate": cmd_generate, "profile": cmd_profile, "kv-size": cmd_kv_size, "tune": cmd_tune}[args.command](args)
+        commands = {"generate": cmd_generate, "profile": cmd_profile, "kv-size": cmd_kv_size, "tune": cmd_tune}
+        result = commands[args.command](args)
+        if getattr(args, "json", False):
+            summary = {k: v for k, v in result.items() if k != "per_prompt"} if isinstance(result, dict) else result
+            print(json.dumps(summary, default=str))
     except CliError as e:
         print(f"specdec {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -10,7 +10,8 @@ import pytest
 from models import noisy_copy, tiny
 from test_generate_greedy import byte_bpe_tokenizer
 
-from specdec.cli import break_even_acceptance, main
+from specdec.cli import main
+from specdec.profile import break_even_acceptance
 
 
 @pytest.fixture(scope="module")
@@ -269,7 +270,7 @@ def test_profile_eagle_tree_and_chain(zoo, tmp_path):
         num_hidden_layers=1,
     )
     EagleDrafter(cfg, version=1).save_pretrained(tmp_path / "eagle")
-    for extra in (["--depth", "3", "--top-k", "4", "--total-tokens", "10"], ["--chain", "--depth", "3"]):
+    for extra in (["--depth", "3", "--tree-top-k", "4", "--total-tokens", "10"], ["--chain", "--depth", "3"]):
         out = tmp_path / ("prof" + str(len(extra)))
         argv = ["profile", "--target", str(zoo / "target"), "--proposer", "eagle", "--heads", str(tmp_path / "eagle")]
         argv += ["--prompts", str(zoo / "lines.txt"), "--max-new-tokens", "10", "--out", str(out), "--quiet", *extra]
@@ -295,7 +296,7 @@ def test_tune_eagle_measures_each_setting(zoo, tmp_path):
     r = json.loads((tmp_path / "tune.json").read_text())
     assert [(c["depth"], c["top_k"], c["total_tokens"]) for c in r["candidates"]] == [(2, 2, 3), (3, 4, 8)]
     best = max(r["candidates"], key=lambda c: c["speedup"])
-    assert r["flags"] == f"--depth {best['depth']} --top-k {best['top_k']} --total-tokens {best['total_tokens']}"
+    assert r["flags"] == f"--depth {best['depth']} --tree-top-k {best['top_k']} --total-tokens {best['total_tokens']}"
     assert main([*argv, "--grid", "2:2:99"]) == 2
     assert main([*argv, "--grid", "2:2"]) == 2
     no_report = ["tune", "--target", str(zoo / "target"), "--heads", str(tmp_path / "eagle"), "--out", "x.json"]
@@ -358,3 +359,26 @@ def test_more_bad_input_is_one_line_and_exit_2_before_any_work(zoo, tmp_path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and fragment in err[0] and "Traceback" not in err[0], err
     assert not (tmp_path / "o" / "report.json").exists()
+
+
+def test_version_json_and_help_with_defaults(zoo, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("specdec ")
+    base = ["--target", str(zoo / "target"), "--max-new-tokens", "6", "--device", "cpu", "--json"]
+    assert main(["generate", *base, "--prompt", "def f(x):", "--proposer", "ngram", "--top-k", "5"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {"text", "tau", "tokens_per_s"} <= set(out)
+    argv = ["profile", *base, "--proposer", "ngram", "--prompts", str(zoo / "lines.txt"), "--out", str(tmp_path / "p")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    report = json.loads(out)  # nothing but the summary on stdout
+    assert report["proposer_options"] == {"name": "ngram", "num_tokens": 4}
+    assert report["versions"]["specdec"] and report["counters"]["num_draft_tokens"] >= 0
+    assert report["dtype"] == "float32" and report["target"] == str(zoo / "target")  # --dtype auto: as saved
+    assert main(["kv-size", "--layers", "2", "--kv-heads", "2", "--head-dim", "8", "--seq-len", "4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["kv_bytes_per_sequence"] == 2 * 2 * 2 * 8 * 4 * 2
+    from specdec.cli import parser
+
+    help_text = parser()._subparsers._group_actions[0].choices["profile"].format_help()
+    assert "(default: 64)" in help_text and "--tree-top-k" in help_text and "sampling top-k" in help_text

@@ -33,7 +33,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from ..demo import humaneval_path
+from ..resources import humaneval_path
 from .corpus import EOS, collect_corpus, encode, train_tokenizer
 from .evaluate import EvalSpec, evaluate, held_out_prompts, humaneval_prompts, write_card
 from .lm_trainer import LMSpec, llama_config, save_lm, train_lm

@@ -317,19 +317,8 @@ def cmd_generate(args) -> dict:
     ids = tok(args.prompt, return_tensors="pt").input_ids.to(model.device)
     if ids.shape[1] == 0:
         raise CliError("--prompt is empty")
-    out = specdec.generate(
-        model,
-        ids,
-        proposer=proposer,
-        max_new_tokens=args.max_new_tokens,
-        do_sample=args.temperature > 0,
-        temperature=args.temperature or None,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        seed=args.seed,
-        streamer=None if args.json else TextStreamer(tok, skip_prompt=False),
-        return_dict_in_generate=True,
-    )
+    streamer = None if args.json else TextStreamer(tok, skip_prompt=False)
+    out = specdec.generate(model, ids, proposer=proposer, streamer=streamer, **_settings(args).generate_kwargs())
     s = out.stats
     if not args.json:
         print(

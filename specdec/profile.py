@@ -42,6 +42,18 @@ class ProfileSettings:
     batch_size: int = 1
     max_prompt_tokens: int = 512
 
+    def generate_kwargs(self) -> dict:
+        """The `specdec.generate` keywords of these settings."""
+        return dict(
+            max_new_tokens=self.max_new_tokens,
+            do_sample=self.temperature > 0,
+            temperature=self.temperature or None,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            seed=self.seed,
+            return_dict_in_generate=True,
+        )
+
 
 @dataclass(slots=True)
 class ProfileReport:
@@ -148,15 +160,7 @@ def profile(
     if empty:
         raise ValueError(f"prompt {empty[0]} encodes to no tokens")
     plain_engine, spec_engine = Engine(model, None), Engine(model, proposer)
-    kw = dict(
-        max_new_tokens=st.max_new_tokens,
-        do_sample=st.temperature > 0,
-        temperature=st.temperature or None,
-        top_p=st.top_p,
-        top_k=st.top_k,
-        seed=st.seed,
-        return_dict_in_generate=True,
-    )
+    kw = st.generate_kwargs()
     # pools sized once for the longest prompt: a pool that grows mid-run re-captures the CUDA graphs
     # inside the timed region (seen on the H200 as single prompts at 4 tokens/s)
     longest = max(len(e) for e in encoded_all)

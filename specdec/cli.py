@@ -433,28 +433,66 @@ def _plots(report: dict, out: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    context = (
+        f"{report['proposer']} on {Path(str(report.get('target', 'target'))).name}, {report['device']}, "
+        f"T={report['temperature']:g}, {report['num_prompts']} prompts"
+    )
+
+    def save(fig, ax, title: str, name: str) -> None:
+        ax.set_title(f"{title}\n{context}", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=120)
 
     depth = report["per_depth"]
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
     d = range(1, len(depth["unconditional"]) + 1)
     ax.plot(d, depth["unconditional"], "o-", label="unconditional (accepted / steps)")
     ax.plot(d, depth["conditional"], "s--", label="conditional (given depth - 1)")
-    ax.set(xlabel="draft depth", ylabel="acceptance", ylim=(0, 1.05), title="acceptance by depth", xticks=list(d))
+    ax.set(xlabel="draft depth", ylabel="acceptance", ylim=(0, 1.05), xticks=list(d))
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "acceptance_by_depth.png", dpi=120)
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.bar(range(len(report["per_prompt"])), [r["tau"] for r in report["per_prompt"]])
-    ax.set(xlabel="prompt", ylabel="tau (bonus included)", title="tau per prompt")
-    fig.tight_layout()
-    fig.savefig(out / "tau_per_prompt.png", dpi=120)
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    save(fig, ax, "acceptance by depth", "acceptance_by_depth.png")
+
+    rows = report["per_prompt"]
+    x = [r.get("prompt", i) for i, r in enumerate(rows)]
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    ax.bar(x, [r["tau"] for r in rows])
+    ax.set(xlabel="prompt", ylabel="tau (bonus included)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    save(fig, ax, "tau per prompt", "tau_per_prompt.png")
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    w = 0.4
+    ax.bar([i - w / 2 for i in x], [r["plain_tokens_per_s"] for r in rows], w, label="plain")
+    ax.bar([i + w / 2 for i in x], [r["tokens_per_s"] for r in rows], w, label="speculative")
+    ax.set(xlabel="prompt", ylabel="tokens/s")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(fontsize=7)
+    save(fig, ax, "tokens/s per prompt, same engine, same run", "tokens_per_s_per_prompt.png")
+
+    # predicted speedup of a chain of k drafts over the per-token acceptance a, with break-even
+    step = report["step_ms"]
+    cost = (step["draft"] + step["verify"]) / step["plain"] if step["plain"] else 0.0
+    k = max(1, round(report["counters"]["num_draft_tokens"] / max(report["counters"]["num_drafts"], 1)))
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    grid = [i / 100 for i in range(100)]
+    if cost > 0:
+        ax.plot(grid, [sum(a**j for j in range(k + 1)) / cost for a in grid], label=f"predicted ({k} drafts a step)")
+    ax.axhline(1.0, color="k", lw=0.8, label="break-even (plain decoding)")
+    ax.axvline(report["break_even_acceptance"], color="k", lw=0.8, ls=":")
+    ax.plot([report["acceptance_rate"]], [report["speedup"]], "o", color="C3", label="measured")
+    ax.set(xlabel="per-token acceptance", ylabel="speedup", xlim=(0, 1))
+    ax.legend(fontsize=7)
+    save(fig, ax, "speedup: predicted vs measured", "speedup_vs_acceptance.png")
+
     cats = report["per_category"]
-    ax.bar(list(cats), [c["speedup"] for c in cats.values()])
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.set(ylabel="speedup", title="speedup per category")
-    fig.tight_layout()
-    fig.savefig(out / "speedup_per_category.png", dpi=120)
+    if len(cats) > 1:  # one category would be a one-bar chart
+        fig, ax = plt.subplots(figsize=(5.5, 3.4))
+        ax.bar(list(cats), [c["speedup"] for c in cats.values()])
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set(ylabel="speedup")
+        save(fig, ax, "speedup per category", "speedup_per_category.png")
     plt.close("all")
 
 

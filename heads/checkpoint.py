@@ -3,11 +3,12 @@ with errors that name the file and what was wrong with it."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+
+from ..validation import read_json
 
 
 def read_config(path: Path, what: str) -> dict:
@@ -15,10 +16,7 @@ def read_config(path: Path, what: str) -> dict:
     file = path / "config.json"
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found: {what} checkpoint is a folder with config.json")
-    try:
-        cfg = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file} is not valid JSON ({e})") from None
+    cfg = read_json(file)
     if not isinstance(cfg, dict):
         raise ValueError(f"{file} must hold a JSON object, got {type(cfg).__name__}")
     return cfg

@@ -16,6 +16,7 @@ from safetensors import SafetensorError
 
 from .hub import resolve
 from .resources import demo_dir, humaneval_path
+from .validation import read_json
 
 EXIT_USAGE = 2
 # what a missing, truncated or mismatched checkpoint raises while transformers loads it
@@ -199,6 +200,13 @@ def make_proposer(args, target):
     raise CliError(f"unknown proposer {name!r}; choose one of {', '.join(PROPOSER_NAMES)}")
 
 
+def _read_json(flag: str, path: Path):
+    try:
+        return read_json(path)
+    except ValueError as e:
+        raise CliError(f"{flag} {e}") from None
+
+
 def _tree(spec: str | None):
     if spec is None:
         return None
@@ -207,10 +215,7 @@ def _tree(spec: str | None):
     path = Path(spec)
     if not path.is_file():
         raise CliError(f"--tree {spec}: neither a node count nor a file")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CliError(f"--tree {spec}: not JSON ({e})") from None
+    data = _read_json("--tree", path)
     choices = data.get("choices") if isinstance(data, dict) else data
     if not isinstance(choices, list) or not all(isinstance(c, list) for c in choices):
         raise CliError(f'--tree {spec}: expected a list of choices or {{"choices": [[0], [1], [0, 0], ...]}}')
@@ -234,10 +239,7 @@ def cmd_kv_size(args) -> dict:
         path = path / "config.json" if path.is_dir() else path
         if not path.is_file():
             raise CliError(f"--config {args.config}: file not found")
-        try:
-            cfg = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CliError(f"--config {path}: not JSON ({e})") from None
+        cfg = _read_json("--config", path)
         if not isinstance(cfg, dict):
             raise CliError(f"--config {path}: expected a JSON object (a transformers config.json)")
         layers = cfg.get("num_hidden_layers", cfg.get("n_layer"))
@@ -557,10 +559,7 @@ def cmd_tune(args) -> dict:
     report_path = Path(args.report)
     if not report_path.is_file():
         raise CliError(f"--report {report_path}: file not found (run `specdec profile --proposer medusa` first)")
-    try:
-        report = json.loads(report_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CliError(f"--report {report_path}: not JSON ({e})") from None
+    report = _read_json("--report", report_path)
     if not isinstance(report, dict) or not isinstance(report.get("step_ms"), dict) or "draft" not in report["step_ms"]:
         raise CliError(f"--report {report_path} has no step_ms.draft: pass a report.json of `specdec profile`")
     if not report.get("per_choice"):

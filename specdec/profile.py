@@ -59,7 +59,6 @@ class ProfileSettings:
 class ProfileReport:
     """The measured numbers (`as_dict()` is report.json's core; the CLI adds paths and versions)."""
 
-    proposer: str
     num_prompts: int
     device: str
     settings: ProfileSettings
@@ -212,7 +211,6 @@ def profile(
             "speedup": spec_c.tokens_per_s / plain_c.tokens_per_s if plain_c.tokens_per_s else 0.0,
         }
     return ProfileReport(
-        proposer=SpecStats.merge(spec_parts).proposer,
         num_prompts=len(prompts),
         device=str(model.device),
         settings=st,

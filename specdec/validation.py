@@ -3,6 +3,9 @@ would be valid."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 
 def is_int(value) -> bool:
     """A true integer (bool excluded: True is not a token count)."""
@@ -15,3 +18,11 @@ def require_int(name: str, value, minimum: int = 1, what: str = "") -> int:
         detail = f" ({what})" if what else ""
         raise ValueError(f"{name} must be an int >= {minimum}{detail}, got {value!r}")
     return value
+
+
+def read_json(file: str | Path):
+    """The JSON value in a file; ValueError naming the file when it is not JSON (or not text)."""
+    try:
+        return json.loads(Path(file).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file} is not valid JSON ({e})") from None

@@ -321,6 +321,7 @@ def _broken(zoo, tmp_path):
     (bad / "noturns.jsonl").write_text(json.dumps({"turns": []}) + "\n")
     (bad / "plain.jsonl.gz").write_text(json.dumps({"prompt": "x"}) + "\n")
     (bad / "config.json").write_text(json.dumps({"num_hidden_layers": 2, "hidden_size": 64}))
+    (bad / "notjson.json").write_text("{oops")
     (bad / "readonly").mkdir()
     (bad / "readonly" / "out").write_text("a file where --out wants a folder")
     return bad
@@ -344,6 +345,7 @@ PROFILE = ["profile", "--target", "{t}", "--proposer", "ngram", "--prompts", "{z
         (["generate", "--target", "{t}", "--prompt", "x", "--device", "cuda:7"], "--device cuda:7"),
         (["generate", "--target", "{t}", "--prompt", "x", "--device", "tpu"], "not a device name"),
         (["kv-size", "--config", "{b}/config.json", "--seq-len", "8"], "lacks num_attention_heads"),
+        (["kv-size", "--config", "{b}/notjson.json", "--seq-len", "8"], "notjson.json is not valid JSON"),
         (["kv-size", "--layers", "2", "--kv-heads", "2", "--head-dim", "8", "--seq-len", "-5"], "--seq-len -5 must be"),
         (PROFILE + ["--limit", "-1"], "--limit -1 must be >= 1"),
         (PROFILE + ["--max-prompt-tokens", "0"], "--max-prompt-tokens 0 must be >= 1"),

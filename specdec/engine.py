@@ -21,6 +21,7 @@ from .cache.paged_kv import PagedKVCache
 from .metrics import SpecStats, sync_time
 from .proposers.base import Needs, ProposeContext, Proposer, resolve_proposer
 from .runtime.base import ModelOutput
+from .runtime.graphs import GraphedForward
 from .runtime.metadata import to_device
 from .runtime.runner import PagedRunner
 from .sampling import RowSeeds, SamplingParams
@@ -224,6 +225,7 @@ class Engine:
         self, prompts: list[torch.Tensor], gp: GenerationParams, streamer=None
     ) -> tuple[list[list[int]], SpecStats]:
         dev = self.target.device
+        t_call, captures = time.perf_counter(), GraphedForward.captures
         stats = SpecStats(
             proposer=self.proposer.name if self.proposer else "none",
             lossy=gp.mode is VerifyMode.TYPICAL,
@@ -254,6 +256,7 @@ class Engine:
                 r.presence[r.prompt.to(dev)] = True
         self._call = (gp.sampling.to(dev), gp.seeds.to(dev), bool(gp.sampling.greedy.all()))
         t_start = sync_time(dev)
+        stats.setup_time_s = t_start - t_call
         waiting, active, used = deque(zip(rows, needs, strict=True)), [], 0
         try:
             while waiting or active:
@@ -280,6 +283,7 @@ class Engine:
             if self.proposer is not None:
                 self.proposer.finish()
         stats.total_time_s = sync_time(dev) - t_start
+        stats.graph_captures = GraphedForward.captures - captures
         stats.generated_tokens = sum(len(r.generated) for r in rows)
         stats.ttft_s = [r.t_first - t_start for r in rows]
         stats.tpot_s = [(r.t_last - r.t_first) / (len(r.generated) - 1) for r in rows if len(r.generated) > 1]
@@ -440,9 +444,9 @@ class Engine:
         num_acc = flat[B * E : B * E + B]
         per_depth = flat[B * E + B :]
         if tree.width > 1:
-            stats.record_step(per_depth[: E - 1], per_depth[E - 1 :], B, sum(n + 1 for n in num_acc))
+            stats.record_step(per_depth[: E - 1], per_depth[E - 1 :], B, sum(n + 1 for n in num_acc), num_acc)
         else:
-            stats.record_step([], [], B, B)
+            stats.record_step([], [], B, B, num_acc)
         return emitted, num_acc
 
     def _emit(self, r: _Row, tokens: list[int], gp: GenerationParams) -> list[int]:

@@ -38,6 +38,7 @@ class SpecStats:
     accepted: int = 0
     drafted_per_depth: list[int] = field(default_factory=list)
     accepted_per_depth: list[int] = field(default_factory=list)
+    accepted_lengths: list[int] = field(default_factory=list)  # [n]: row-steps that accepted n drafts
     target_forwards: int = 0  # batched target calls, prefill included
     ttft_s: list[float] = field(default_factory=list)  # per sequence
     tpot_s: list[float] = field(default_factory=list)  # per sequence with >= 2 tokens
@@ -45,13 +46,25 @@ class SpecStats:
     draft_time_s: float = 0.0
     verify_time_s: float = 0.0
     total_time_s: float = 0.0
+    setup_time_s: float = 0.0  # before the first prefill: pools, proposer start, graph buffers
+    graph_captures: int = 0  # CUDA graphs captured during the call (target and drafters); 0 in steady state
 
     def record_step(
-        self, num_drafts_per_depth: list[int], accepted_per_depth: list[int], rows: int, emitted: int
+        self,
+        num_drafts_per_depth: list[int],
+        accepted_per_depth: list[int],
+        rows: int,
+        emitted: int,
+        accepted_lengths: list[int] = (),
     ) -> None:
-        """Add one batched step: drafted / accepted counts per depth summed over its rows."""
+        """Add one batched step: drafted / accepted counts per depth summed over its rows, and each
+        row's number of accepted drafts (the accepted-length histogram)."""
         self.steps += rows
         self.emitted += emitted
+        for n in accepted_lengths:
+            if n >= len(self.accepted_lengths):
+                self.accepted_lengths.extend([0] * (n + 1 - len(self.accepted_lengths)))
+            self.accepted_lengths[n] += 1
         for name, values in (("drafted_per_depth", num_drafts_per_depth), ("accepted_per_depth", accepted_per_depth)):
             acc = getattr(self, name)
             acc.extend([0] * (len(values) - len(acc)))
@@ -77,9 +90,13 @@ class SpecStats:
                 "draft_time_s",
                 "verify_time_s",
                 "total_time_s",
+                "setup_time_s",
+                "graph_captures",
             ):
                 setattr(out, name, getattr(out, name) + getattr(p, name))
             out.record_step(p.drafted_per_depth, p.accepted_per_depth, 0, 0)
+            for n, count in enumerate(p.accepted_lengths):
+                out.record_step([], [], 0, 0, [n] * count)
             out.ttft_s += p.ttft_s
             out.tpot_s += p.tpot_s
         return out
@@ -145,6 +162,7 @@ class SpecStats:
                 "unconditional": self.per_depth_unconditional,
                 "conditional": self.per_depth_conditional,
             },
+            "accepted_length_histogram": list(self.accepted_lengths),
             "ttft_ms": self.ttft_ms,
             "tpot_ms": self.tpot_ms,
             "tokens_per_s": self.tokens_per_s,
@@ -154,7 +172,9 @@ class SpecStats:
                 "draft": self.draft_time_s,
                 "verify": self.verify_time_s,
                 "other": self.other_time_s,
+                "setup": self.setup_time_s,
             },
+            "graph_captures": self.graph_captures,
         }
 
     def __str__(self) -> str:
@@ -175,6 +195,6 @@ class SpecStats:
         lines.append(
             f"  TTFT {self.ttft_ms:.1f} ms, TPOT {self.tpot_ms:.2f} ms, {self.tokens_per_s:.1f} tokens/s; time "
             f"prefill {self.prefill_time_s:.3f}s draft {self.draft_time_s:.3f}s verify {self.verify_time_s:.3f}s "
-            f"other {self.other_time_s:.3f}s"
+            f"other {self.other_time_s:.3f}s (setup {self.setup_time_s:.3f}s, {self.graph_captures} graph captures)"
         )
         return "\n".join(lines)

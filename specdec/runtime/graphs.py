@@ -47,6 +47,8 @@ class GraphedForward:
     max_blocks : block-table width of the static buffers; keys beyond max_blocks * page never exist.
     """
 
+    captures = 0  # graphs captured in this process, by every GraphedForward (SpecStats.graph_captures)
+
     def __init__(
         self,
         runtime: HFModel,
@@ -102,6 +104,7 @@ class GraphedForward:
             )
         c.logits, c.hidden, c.features = out.logits, out.last_hidden, out.features
         self.pool = c.graph.pool()
+        GraphedForward.captures += 1
         return c
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> ModelOutput:

@@ -17,6 +17,7 @@ from transformers import AttentionInterface, PreTrainedModel
 
 from ..cache.paged_kv import PagedKVCache
 from .base import AttentionMetadata, ModelOutput
+from .fusion import fusable, fused_forwards
 
 ATTENTION_NAME = "specdec"
 
@@ -246,6 +247,10 @@ class HFModel:
         self.max_positions = int(max_pos) if max_pos else None
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        # fused RMSNorm / SiLU-MLP kernels in forwards on the paged kernels (runtime.fusion);
+        # settable, e.g. to measure what they save
+        self.fuse = True
+        self._fusable = None
 
     def kv_bytes_per_token(self) -> int | None:
         """K and V bytes one token takes over all layers, from the config (None when it cannot tell)."""
@@ -299,8 +304,13 @@ class HFModel:
         if last_hidden:
             hook = self.model.get_output_embeddings().register_forward_pre_hook(lambda m, a: seen.append(a[0]))
         capture = capture_features(self.model, features) if features else contextlib.nullcontext()
+        fused = contextlib.nullcontext()
+        if self.fuse and meta.block_tables is not None:  # the Triton path: fuse the norms and MLPs too
+            if self._fusable is None:
+                self._fusable = fusable(self.model)
+            fused = fused_forwards(self._fusable)
         try:
-            with self._paged_attention(), capture as read:
+            with self._paged_attention(), capture as read, fused:
                 out = self.model(
                     input_ids=input_ids,
                     position_ids=positions,

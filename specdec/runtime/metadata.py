@@ -37,15 +37,16 @@ def prefill_metadata(
     device: torch.device,
     kernels: bool = False,
     gathered: bool = True,
+    width: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
     """Left-padded prefill of tokens[b][num_cached[b]:] (each row's prompt, [T_b]).
 
     Returns input_ids [B, T], positions [B, T] (padding: 0) and the metadata; the last column is
-    every row's last token.
+    every row's last token. width pads T to at least that many columns (a graph's token bucket).
     """
     B = len(seq_ids)
     host_lengths = [len(t) for t in tokens]
-    T = max(n - c for n, c in zip(host_lengths, num_cached, strict=True))
+    T = max(max(n - c for n, c in zip(host_lengths, num_cached, strict=True)), width or 0)
     S = max(host_lengths)
     input_ids = torch.zeros(B, T, dtype=torch.long)
     for b, t in enumerate(tokens):

@@ -13,7 +13,7 @@ import torch
 
 from ..cache.block_manager import BlockManager
 from ..cache.paged_kv import PagedKVCache
-from ..tree import DraftTree
+from ..tree import DEFAULT_NODE_BUCKETS, DraftTree, node_bucket
 from .base import ModelOutput
 from .graphs import GraphedForward
 from .hf import HFModel
@@ -121,21 +121,34 @@ class PagedRunner:
         """
         cached = [self.bm.allocate(s, p.tolist(), share=share) for s, p in zip(seq_ids, prompts, strict=True)]
         ids, pos, meta = prefill_metadata(self.cache, self.bm, seq_ids, prompts, cached, self.device, self.kernels)
-        out = self.model.forward(
-            ids, pos, meta, logits_to_keep=1, last_hidden=self.last_hidden, features=self.features
-        )
+        out = self.model.forward(ids, pos, meta, logits_to_keep=1, last_hidden=self.last_hidden, features=self.features)
         for s, p, c in zip(seq_ids, prompts, cached, strict=True):
             self.bm.commit(s, p[c:].tolist())
         return out, cached
 
     def extend(self, seq_ids: list[int], histories: list[torch.Tensor]) -> torch.Tensor:
         """Rows already allocated: compute and commit every token of histories[b] [L_b] the pool
-        has not seen (at least one each); returns the last position's logits [B, V]."""
+        has not seen (at least one each); returns the last position's logits [B, V].
+
+        Graphed, the catch-up is left-padded to a node bucket (1, 2, 4, 8, ...), so the few catch-up
+        lengths a drafter meets share a few graphs instead of capturing one per length mid-call.
+        """
         done = [self.bm.num_tokens(s) for s in seq_ids]
         for s, h, n in zip(seq_ids, histories, done, strict=True):
             self.reserve(s, len(h) - n)
+        width, longest = None, max(len(h) - n for h, n in zip(histories, done, strict=True))
+        if self.graphs is not None and longest <= DEFAULT_NODE_BUCKETS[-1]:
+            width = node_bucket(longest)
         ids, pos, meta = prefill_metadata(
-            self.cache, self.bm, seq_ids, histories, done, self.device, self.kernels, gathered=self.graphs is None
+            self.cache,
+            self.bm,
+            seq_ids,
+            histories,
+            done,
+            self.device,
+            self.kernels,
+            gathered=self.graphs is None,
+            width=width,
         )
         logits = self._forward(ids, pos, meta, logits_to_keep=1).logits[:, -1]
         for s, h, n in zip(seq_ids, histories, done, strict=True):

@@ -195,3 +195,46 @@ def test_one_engine_refuses_a_second_concurrent_call():
     finally:
         release.set()
         first.join()
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+@torch.inference_mode()
+def test_tree_graph_step_derives_the_same_metadata(arch):
+    """The function a tree graph captures (metadata derived inside it from committed lengths, block
+    tables, depth and ancestors), run eagerly with the interpreted kernels: the same logits and node
+    slots as the host-built metadata, and a padding row (batch bucket 4 for 2 rows) writes nothing."""
+    from specdec.runtime.graphs import GraphedForward
+
+    model = tiny(arch, sliding_window=4) if arch == "mistral" else tiny(arch)
+    rt = HFModel(model)
+    bm = BlockManager(num_blocks=60, block_size=4)
+    cache = rt.new_cache(60, 4)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 96, (n,), generator=g) for n in (9, 5)]
+    ids = [0, 1]
+    cached = [bm.allocate(s, p.tolist()) for s, p in zip(ids, prompts, strict=True)]
+    rt.forward(*prefill_metadata(cache, bm, ids, prompts, cached, CPU, kernels=True, gathered=False))
+    for s, p in zip(ids, prompts, strict=True):
+        bm.commit(s, p.tolist())
+    tree = DraftTree.from_parents([[5, 6, 7, 8], [1, 2, 3, 4]], [[-1, 0, 0, 1], [-1, 0, 1, 2]])
+    tree.num_nodes = torch.tensor([4, 3])  # row 1's last node is padding
+    for s in ids:
+        bm.reserve(s, tree.width)
+    k_before = cache.k.clone()
+    positions, meta, slots = tree_metadata(cache, bm, ids, tree, CPU, kernels=True, gathered=False)
+    want = rt.forward(tree.tokens, positions, meta).logits
+    k_host = cache.k.clone()
+    cache.k.copy_(k_before)
+    graphs = GraphedForward(rt, cache, max_blocks=16)
+    c = graphs._static_tree(4, tree.width)
+    c.input_ids.fill_(3)  # stale padding rows
+    anc = tree.ancestor_mask() & tree.valid()[:, None, :]
+    graphs._load_tree(c, tree.tokens, tree.depth, anc, [bm.num_tokens(s) for s in ids], [bm.block_table(s) for s in ids])
+    got = graphs._tree_step(c)().logits
+    torch.testing.assert_close(got[:2], want, atol=ATOL, rtol=0)
+    assert torch.equal(c.node_slots[:2], slots) and (c.node_slots[2:] == -1).all()
+    assert torch.equal(cache.k, k_host)  # the same slots written, and none for the padding rows
+    with pytest.raises(ValueError, match="exceeds the graphs' 2"):
+        GraphedForward(rt, cache, max_blocks=2)._load_tree(
+            graphs._static_tree(2, tree.width), tree.tokens, tree.depth, anc, [9, 5], [bm.block_table(s) for s in ids]
+        )

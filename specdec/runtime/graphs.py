@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..cache.paged_kv import PagedKVCache
@@ -28,6 +29,11 @@ class _Captured:
     logits: torch.Tensor  # [Bb, T, V]
     hidden: torch.Tensor | None = None  # [Bb, T, H] the lm_head's input, when captured
     features: torch.Tensor | None = None  # [Bb, T, F] layer features, when captured
+    # tree graphs (GraphedForward.forward_tree) derive the metadata inside the graph from these:
+    depth: torch.Tensor | None = None  # [Bb, T] long
+    ancestors: torch.Tensor | None = None  # [Bb, T, T] bool
+    host: torch.Tensor | None = None  # [Bb, 1 + max_blocks] int32: committed length (-1: padding row), table
+    node_slots: torch.Tensor | None = None  # [Bb, T] long, an output
 
 
 def batch_bucket(batch: int) -> int:
@@ -61,6 +67,7 @@ class GraphedForward:
         self.last_hidden = last_hidden  # also capture the lm_head's input (proposers that need it)
         self.feature_layers = features  # also capture these layer features (EAGLE)
         self.graphs: dict[tuple[int, int], _Captured] = {}
+        self.tree_graphs: dict[tuple[int, int], _Captured] = {}
         self.pool = None
         self.uncapturable: str | None = None  # why capture failed: every step then runs eagerly
 
@@ -89,37 +96,98 @@ class GraphedForward:
 
     def _capture(self, B: int, T: int) -> _Captured:
         c = self._static(B, T)
+        return self._record(c, lambda: self.runtime.forward(
+            c.input_ids, c.positions, c.meta, last_hidden=self.last_hidden, features=self.feature_layers
+        ))  # fmt: skip
+
+    def _record(self, c: _Captured, run) -> _Captured:
+        """Warm run() up on a side stream (Triton compiles, cuBLAS picks its kernels), then capture it."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(2):  # warm up: Triton compiles, cuBLAS picks its kernels
-                self.runtime.forward(
-                    c.input_ids, c.positions, c.meta, last_hidden=self.last_hidden, features=self.feature_layers
-                )
+            for _ in range(2):
+                run()
         torch.cuda.current_stream().wait_stream(stream)
         c.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(c.graph, pool=self.pool):
-            out = self.runtime.forward(
-                c.input_ids, c.positions, c.meta, last_hidden=self.last_hidden, features=self.feature_layers
-            )
+            out = run()
         c.logits, c.hidden, c.features = out.logits, out.last_hidden, out.features
         self.pool = c.graph.pool()
         GraphedForward.captures += 1
         return c
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> ModelOutput:
-        """input_ids, positions [B, T] -> ModelOutput: logits [B, T, V], and last_hidden [B, T, E] /
-        features [B, T, F] when captured (views of static buffers: use them before the next call)."""
-        B, T = input_ids.shape
-        if B > BATCH_BUCKETS[-1] or self.uncapturable:
-            return self._eager(input_ids, positions, meta)
-        Bb = batch_bucket(B)
-        if meta.block_tables.shape[1] > self.max_blocks:
-            raise ValueError(f"block table width {meta.block_tables.shape[1]} exceeds the graphs' {self.max_blocks}")
-        key = (Bb, T)
-        if key not in self.graphs:
+    def _capture_tree(self, B: int, T: int) -> _Captured:
+        c = self._static_tree(B, T)
+        return self._record(c, self._tree_step(c))
+
+    def _static_tree(self, B: int, T: int) -> _Captured:
+        dev = self.runtime.device
+        c = self._static(B, T)
+        c.depth = torch.zeros(B, T, dtype=torch.long, device=dev)
+        c.ancestors = torch.zeros(B, T, T, dtype=torch.bool, device=dev)
+        c.host = torch.zeros(B, 1 + self.max_blocks, dtype=torch.int32, device=dev)
+        return c
+
+    def _tree_step(self, c: _Captured):
+        """The captured function of a tree graph: the metadata is derived inside it. Node i of row b
+        is stored at logical position committed[b] + i, has position id committed[b] + depth[b, i]
+        and sees the committed prefix and its ancestors."""
+        bs = self.cache.block_size
+        col = torch.arange(c.input_ids.shape[1], device=c.input_ids.device)
+
+        def run() -> ModelOutput:
+            committed = c.host[:, 0].long()
+            prefix = committed.clamp(min=0)
+            tables = c.host[:, 1:]
+            pos = prefix[:, None] + col
+            slots = tables.gather(1, pos // bs).long() * bs + pos % bs
+            slots = torch.where(committed[:, None] >= 0, slots, -1)
+            positions = prefix[:, None] + c.depth
+            meta = AttentionMetadata(
+                cache=self.cache,
+                write_slots=slots,
+                q_positions=positions,
+                block_tables=tables,
+                prefix_lens=prefix.int(),
+                new_slots=slots.int(),
+                new_mask=c.ancestors,
+                max_prefix=self.max_blocks * bs,
+            )
+            out = self.runtime.forward(
+                c.input_ids, positions, meta, last_hidden=self.last_hidden, features=self.feature_layers
+            )
+            c.node_slots = slots
+            return out
+
+        return run
+
+    def _load_tree(self, c: _Captured, tokens, depth, ancestors, committed: list[int], tables: list[list[int]]) -> None:
+        """Fill a tree graph's inputs: rows beyond the batch are padding (committed -1)."""
+        B = tokens.shape[0]
+        host = np.zeros(tuple(c.host.shape), dtype=np.int32)
+        host[:, 0] = -1  # padding rows: no slot written, no prefix read
+        for b, (n, table) in enumerate(zip(committed, tables, strict=True)):
+            if len(table) > self.max_blocks:
+                raise ValueError(f"block table width {len(table)} exceeds the graphs' {self.max_blocks}")
+            host[b, 0] = n
+            host[b, 1 : 1 + len(table)] = table
+        staged = torch.from_numpy(host)
+        if c.host.is_cuda:
+            staged = staged.pin_memory()
+        c.host.copy_(staged, non_blocking=True)
+        c.input_ids[:B].copy_(tokens)
+        c.depth[:B].copy_(depth)
+        c.ancestors[:B].copy_(ancestors)
+
+    def capturable(self, batch: int) -> bool:
+        return batch <= BATCH_BUCKETS[-1] and not self.uncapturable
+
+    def _get(self, graphs: dict, capture, B: int, T: int) -> _Captured | None:
+        """The graph of (B's bucket, T), captured on first use; None when the model cannot be captured."""
+        key = (batch_bucket(B), T)
+        if key not in graphs:
             try:
-                self.graphs[key] = self._capture(Bb, T)
+                graphs[key] = capture(*key)
             except RuntimeError as e:  # e.g. MoE experts that copy routing offsets from the host
                 if "captur" not in str(e).lower():
                     raise
@@ -128,10 +196,50 @@ class GraphedForward:
                     f"{type(self.runtime.model).__name__} cannot be captured in a CUDA graph "
                     f"({self.uncapturable}); its steps run eagerly",
                     RuntimeWarning,
-                    stacklevel=2,
+                    stacklevel=3,
                 )
-                return self._eager(input_ids, positions, meta)
-        c = self.graphs[key]
+                return None
+        return graphs[key]
+
+    def forward_tree(
+        self,
+        tokens: torch.Tensor,
+        depth: torch.Tensor,
+        ancestors: torch.Tensor,
+        committed: list[int],
+        tables: list[list[int]],
+    ) -> tuple[ModelOutput, torch.Tensor] | None:
+        """One tree step with its metadata built inside the graph (a few copies and one host ->
+        device transfer before the replay): tokens, depth [B, T], ancestors [B, T, T] bool (a node
+        and its valid ancestors), committed [B] lengths and block tables [B][<= max_blocks] on the
+        host. Returns (output, node_slots [B, T]) as static views, or None when the model cannot
+        be captured (the caller runs it eagerly)."""
+        B, T = tokens.shape
+        if not self.capturable(B):
+            return None
+        c = self._get(self.tree_graphs, self._capture_tree, B, T)
+        if c is None:
+            return None
+        self._load_tree(c, tokens, depth, ancestors, committed, tables)
+        c.graph.replay()
+        out = ModelOutput(
+            logits=c.logits[:B],
+            last_hidden=c.hidden[:B] if c.hidden is not None else None,
+            features=c.features[:B] if c.features is not None else None,
+        )
+        return out, c.node_slots[:B]
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> ModelOutput:
+        """input_ids, positions [B, T] -> ModelOutput: logits [B, T, V], and last_hidden [B, T, E] /
+        features [B, T, F] when captured (views of static buffers: use them before the next call)."""
+        B, T = input_ids.shape
+        if not self.capturable(B):
+            return self._eager(input_ids, positions, meta)
+        if meta.block_tables.shape[1] > self.max_blocks:
+            raise ValueError(f"block table width {meta.block_tables.shape[1]} exceeds the graphs' {self.max_blocks}")
+        c = self._get(self.graphs, self._capture, B, T)
+        if c is None:
+            return self._eager(input_ids, positions, meta)
         c.input_ids[:B].copy_(input_ids)
         c.positions[:B].copy_(positions)
         s = c.meta

@@ -170,6 +170,16 @@ class PagedRunner:
         if reserve:
             for s in seq_ids:
                 self.reserve(s, tree.width)
+        if self.graphs is not None and self.graphs.capturable(len(seq_ids)):
+            done = self.graphs.forward_tree(
+                tree.tokens,
+                tree.depth,
+                tree.ancestor_mask() & tree.valid()[:, None, :],
+                [self.bm.num_tokens(s) + offset for s in seq_ids],
+                [self.bm.block_table(s) for s in seq_ids],
+            )
+            if done is not None:
+                return done
         positions, meta, node_slots = tree_metadata(
             self.cache, self.bm, seq_ids, tree, self.device, self.kernels, gathered=self.graphs is None, offset=offset
         )

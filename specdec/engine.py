@@ -8,6 +8,7 @@ goes back to the pool when a row finishes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 import time
 from collections import deque
@@ -109,6 +110,10 @@ class Engine:
         self._hidden = self.proposer is not None and Needs.LAST_HIDDEN in self.proposer.needs
         self._features: tuple[int, ...] | None = None  # the proposer's feature layers (set per call)
         self._call: tuple[SamplingParams, torch.Tensor, bool] | None = None  # this call's params on the device
+        # plain decoding launches step k + 1 before reading step k's token back (see _plain_run);
+        # settable, e.g. to measure what the overlap saves
+        self.pipeline = True
+        self._root_trees: dict[int, DraftTree] = {}  # root-only tree structure per batch size
 
     @property
     def bm(self) -> BlockManager | None:
@@ -270,7 +275,9 @@ class Engine:
                     active += new
                 if active:
                     live = [r for r in active if not r.done]
-                    if live:
+                    if live and self.proposer is None and self.pipeline and not use_presence:
+                        self._plain_run(live, gp, stats, streamer)
+                    elif live:
                         self._step(live, gp, stats, streamer)
                     for r in active:
                         if r.done:
@@ -340,7 +347,11 @@ class Engine:
 
     # ----------------------------------------------------------------------------- one step
 
-    def _verify(self, rows: list[_Row], tree: DraftTree, logits: torch.Tensor, gp: GenerationParams) -> VerifyResult:
+    def _verify(
+        self, rows: list[_Row], tree: DraftTree, logits: torch.Tensor, gp: GenerationParams, ahead: int = 0
+    ) -> VerifyResult:
+        """Verify a scored tree; ahead > 0: the step runs that many steps after the rows' host state
+        (a pipelined plain step), so its coins and its min_new_tokens count start that much later."""
         dev = logits.device
         sampling, seeds, all_greedy = self._call
         index = [r.index for r in rows]
@@ -350,12 +361,12 @@ class Engine:
         mode = gp.mode
         if mode is VerifyMode.EXACT and all_greedy:
             mode = VerifyMode.GREEDY  # the same tokens, without coins or residuals
-        steps = None if mode is VerifyMode.GREEDY else to_device(torch.tensor([r.step for r in rows]), dev)
+        steps = None if mode is VerifyMode.GREEDY else to_device(torch.tensor([r.step + ahead for r in rows]), dev)
         rng = None if steps is None else RowSeeds(seeds, steps)
         presence = torch.stack([r.presence for r in rows]) if rows[0].presence is not None else None
         suppress = None
         if gp.min_new_tokens > 0 and gp.eos_token_ids:
-            made = to_device(torch.tensor([len(r.generated) for r in rows]), dev)
+            made = to_device(torch.tensor([len(r.generated) + ahead for r in rows]), dev)
             # the token drawn at a node of depth d is generated token number made + d + 1
             banned = (made[:, None] + tree.depth + 1) <= gp.min_new_tokens  # [B, N]
             suppress = torch.zeros(logits.shape, dtype=torch.bool, device=dev)
@@ -392,6 +403,88 @@ class Engine:
                 self.runner.commit(r.seq_id, [root] + new[:n])
             if streamer is not None and len(rows) == 1 and kept:
                 streamer.put(torch.tensor(kept))
+
+    # ----------------------------------------------------------------------------- plain decoding, pipelined
+
+    def _root_tree(self, roots: torch.Tensor) -> DraftTree:
+        """The root-only tree of plain decoding: its structure is built once per batch size."""
+        B = roots.shape[0]
+        base = self._root_trees.get(B)
+        if base is None or base.device != roots.device:
+            zeros = torch.zeros(B, dtype=torch.long, device=roots.device)
+            base = DraftTree.chain(zeros, zeros[:, None][:, :0])
+            base.ancestor_mask()  # cached on the structure
+            self._root_trees[B] = base
+        return dataclasses.replace(base, tokens=roots[:, None])
+
+    def _plain_run(self, rows: list[_Row], gp: GenerationParams, stats: SpecStats, streamer) -> None:
+        """Plain decoding steps until a row finishes, each launched before the previous one's token
+        is read back: the step's root is the previous step's output on the device, so the host's
+        bookkeeping of step k (commit, emit, stop checks) overlaps the device's work on step k + 1.
+
+        At most one step is in flight. When a row finishes, the step in flight still lands for the
+        other rows (the finished row's share is dropped: it wrote one K/V slot of its own, freed
+        with the row). The tokens and coins are those of `_step`: step k + 1 draws with counter
+        r.step + 1 (`_verify`'s ahead).
+        """
+        t0 = time.perf_counter()
+        roots = to_device(torch.tensor([r.tokens[-1] for r in rows]), self.target.device)
+        flight = self._launch_plain(rows, roots, gp, stats, ahead=0)
+        while True:
+            # room for two more tokens in every row: launch the next step before landing this one
+            follow = None
+            if all(len(r.generated) + 2 <= gp.max_new_tokens for r in rows):
+                follow = self._launch_plain(rows, flight[0], gp, stats, ahead=1)
+            self._land_plain(rows, flight, gp, stats, streamer, ahead=follow is not None)
+            if follow is None:
+                break
+            if any(r.done for r in rows):
+                self._land_plain(rows, follow, gp, stats, streamer, ahead=False)  # the running rows take its token
+                break
+            flight = follow
+        stats.verify_time_s += time.perf_counter() - t0
+
+    def _launch_plain(self, rows: list[_Row], roots: torch.Tensor, gp: GenerationParams, stats: SpecStats, ahead: int):
+        """Enqueue one plain step for roots [B] (device) at `ahead` uncommitted positions after each
+        row's committed tokens; returns (next tokens [B] on the device, their host copy, its event)."""
+        for r in rows:
+            self.runner.reserve(r.seq_id, ahead + 1)
+        tree = self._root_tree(roots)
+        out, _ = self.runner.forward_tree([r.seq_id for r in rows], tree, offset=ahead, reserve=False)
+        tokens = self._verify(rows, tree, out.logits, gp, ahead=ahead).next_tokens
+        stats.target_forwards += 1
+        if tokens.device.type != "cuda":
+            return tokens, tokens, None
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return tokens, host, event
+
+    def _land_plain(
+        self, rows: list[_Row], flight, gp: GenerationParams, stats: SpecStats, streamer, ahead: bool
+    ) -> None:
+        """Wait for a launched plain step, then commit each running row's root and emit its token;
+        ahead: a later step is in flight, so its reserved slot stays."""
+        _, host, event = flight
+        if event is not None:
+            event.synchronize()  # this step only: the one launched after it keeps running
+        tokens = host.tolist()
+        t = time.perf_counter()
+        live = [b for b, r in enumerate(rows) if not r.done]
+        stats.record_step([], [], len(live), len(live), [0] * len(live))
+        for b in live:
+            r = rows[b]
+            root = r.tokens[-1]
+            kept = self._emit(r, [tokens[b]], gp)
+            r.step += 1
+            r.t_last = t
+            if not r.done:
+                self.runner.commit(r.seq_id, [root], keep=int(ahead))
+            if streamer is not None and len(rows) == 1 and kept:
+                streamer.put(torch.tensor(kept))
+
+    # ----------------------------------------------------------------------------- speculative steps
 
     def _propose(self, rows: list[_Row], gp: GenerationParams) -> tuple[ProposeContext | None, DraftTree]:
         """The proposer's tree on the device, padded to its node bucket (plain decoding: the roots)."""

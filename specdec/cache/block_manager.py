@@ -230,9 +230,10 @@ class BlockManager:
         seq.table += [self._take_free() for _ in range(grow)]
         return self.slots(seq_id, seq.num_tokens, seq.num_tokens + num_slots), copies
 
-    def commit(self, seq_id: int, token_ids: Sequence[int]) -> None:
+    def commit(self, seq_id: int, token_ids: Sequence[int], keep: int = 0) -> None:
         """Mark the next len(token_ids) reserved positions as committed; hash newly full blocks;
-        release blocks beyond the committed length."""
+        release blocks beyond the committed length plus `keep` reserved positions (a step already
+        launched writes there)."""
         seq = self._seq(seq_id)
         n = len(token_ids)
         if seq.num_tokens + n > len(seq.table) * self.block_size:
@@ -245,16 +246,17 @@ class BlockManager:
         seq.num_written = max(seq.num_written, full)
         if seq.shared:
             self._hash_full_blocks(seq, seq.token_ids, upto=seq.num_tokens // self.block_size)
-        self.truncate(seq_id, seq.num_tokens)
+        self.truncate(seq_id, seq.num_tokens, keep)
 
-    def truncate(self, seq_id: int, num_tokens: int) -> None:
-        """Keep only the first `num_tokens` positions (KV rollback); free the blocks past them."""
+    def truncate(self, seq_id: int, num_tokens: int, keep: int = 0) -> None:
+        """Keep only the first `num_tokens` positions (KV rollback); free the blocks past them, except
+        those holding the next `keep` reserved positions."""
         seq = self._seq(seq_id)
         if num_tokens > seq.num_tokens:
             raise ValueError(f"sequence {seq_id}: cannot truncate to {num_tokens} > {seq.num_tokens} committed")
         seq.num_tokens = num_tokens
         del seq.token_ids[num_tokens:]
-        keep = self.blocks_needed(num_tokens)
+        keep = self.blocks_needed(num_tokens + keep)
         for block_id in seq.table[keep:]:
             self._unref(block_id)
         del seq.table[keep:]

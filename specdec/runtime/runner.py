@@ -192,8 +192,9 @@ class PagedRunner:
             ids, positions, meta, logits_to_keep=logits_to_keep, last_hidden=self.last_hidden, features=self.features
         )
 
-    def commit(self, seq_id: int, token_ids: Sequence[int]) -> None:
-        self.bm.commit(seq_id, token_ids)
+    def commit(self, seq_id: int, token_ids: Sequence[int], keep: int = 0) -> None:
+        """Commit the next tokens' K/V; keep > 0 holds that many reserved positions after them."""
+        self.bm.commit(seq_id, token_ids, keep)
 
     def compact(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Move slot src[b, k] to dst[b, k] in every layer (src < 0: nothing), src, dst [B, K]."""

@@ -188,8 +188,10 @@ def main() -> None:
         for c in contexts:
             ids = prompts[c].to(DEV)
             floor = (weight_bytes + kv_bytes(cfg, c + args.new_tokens // 2)) / bw
-            for graphs in (True, False) if DEV.type == "cuda" else (False,):
+            variants = [(True, True, True), (True, False, True), (True, True, False), (True, False, False)]
+            for graphs, fuse, pipeline in [*variants, (False, True, True)] if DEV.type == "cuda" else [(False,) * 3]:
                 eng = Engine(model, None, cuda_graphs=graphs)
+                eng.target.fuse, eng.pipeline = fuse, pipeline
                 specdec.generate(model, ids, max_new_tokens=8, engine=eng)  # warm: compile, capture
                 out = specdec.generate(
                     model, ids, max_new_tokens=args.new_tokens, engine=eng, return_dict_in_generate=True
@@ -200,6 +202,8 @@ def main() -> None:
                     {
                         "context": c,
                         "cuda_graphs": graphs,
+                        "fused_norm_mlp": fuse,
+                        "pipelined": pipeline,
                         "tpot_ms": tpot * 1e3,
                         "floor_ms": floor * 1e3,
                         "fraction_of_floor": floor / tpot,
@@ -447,7 +451,8 @@ def summary(res: dict) -> str:
     ]
     for r in res.get("plain_decode", []):
         out.append(
-            f"plain decode ctx {r['context']:>5} graphs={r['cuda_graphs']!s:<5} TPOT {r['tpot_ms']:7.2f} ms"
+            f"plain decode ctx {r['context']:>5} graphs={r['cuda_graphs']!s:<5} fused={r.get('fused_norm_mlp')!s:<5} "
+            f"pipelined={r.get('pipelined')!s:<5} TPOT {r['tpot_ms']:7.2f} ms"
             f" | floor {r['floor_ms']:6.2f} ms | {100 * r['fraction_of_floor']:5.1f}% of floor"
         )
     if "host_syncs_per_step" in res:
@@ -470,9 +475,11 @@ def summary(res: dict) -> str:
         )
     replay = {r["context"]: r["ms"] for r in res.get("verify_cost", []) if r["nodes"] == 1}
     for r in res.get("plain_decode", []):
-        if r["cuda_graphs"] and r["context"] in replay:  # what the host adds to the replayed forward
+        # what the host adds to the replayed (fused) forward
+        if r["cuda_graphs"] and r.get("fused_norm_mlp", True) and r["context"] in replay:
             out.append(
-                f"host time per plain-decode step ctx {r['context']:>5}: TPOT {r['tpot_ms']:.2f} - graph replay "
+                f"host time per plain-decode step ctx {r['context']:>5} pipelined={r.get('pipelined')}: "
+                f"TPOT {r['tpot_ms']:.2f} - graph replay "
                 f"{replay[r['context']]:.2f} = {r['tpot_ms'] - replay[r['context']]:.2f} ms"
             )
     for r in res.get("verify_cost", []):

@@ -37,12 +37,18 @@ def sync() -> float:
     return time.perf_counter()
 
 
+def _med(rows: list[dict], key: str) -> float:
+    values = sorted(r[key] for r in rows)
+    return values[len(values) // 2]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--prompts", type=int, default=10)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--profile", help="write a cProfile (cumulative) of one timed specdec plain call here")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
@@ -86,6 +92,7 @@ def main() -> None:
 
     proposers = {
         "specdec plain": lambda: None,
+        "specdec plain, one step at a time": lambda: None,
         "specdec DraftModel(4)": lambda: specdec.DraftModel(draft, num_tokens=4),
         "specdec Ngram(4)": lambda: specdec.Ngram(num_tokens=4),
         "specdec Medusa(32)": lambda: specdec.Medusa.from_pretrained(root / "medusa", tree=32),
@@ -95,20 +102,45 @@ def main() -> None:
     plain_out = {}
     for name, make in proposers.items():
         engine = specdec.Engine(target, make())
+        engine.pipeline = name != "specdec plain, one step at a time"
         kw = dict(engine=engine, max_new_tokens=N, min_new_tokens=N, do_sample=False, return_dict_in_generate=True)
         t0 = sync()
         cold_tokens = sum(specdec.generate(target, p, **kw).stats.generated_tokens for p in [warm, *prompts])
         cold = cold_tokens / (sync() - t0)  # first pass: captures, Triton compiles, pool allocation
         tokens, seconds, forwards, tpots, identical = 0, 0.0, 0, [], True
+        calls = []  # where each call's time went: outside the engine, setup, prefill, steps
         for i, p in enumerate(prompts):
             t0 = sync()
             out = specdec.generate(target, p, **kw)
-            seconds += sync() - t0
+            wall = sync() - t0
+            seconds += wall
             tokens += out.stats.generated_tokens
             forwards += out.stats.target_forwards
             tpots.append(out.stats.tpot_ms)
+            st = out.stats
+            calls.append(
+                {
+                    "wall_ms": 1e3 * wall,
+                    "engine_ms": 1e3 * st.total_time_s,
+                    "setup_ms": 1e3 * st.setup_time_s,
+                    "prefill_ms": 1e3 * st.prefill_time_s,
+                    "ttft_ms": st.ttft_ms,
+                    "graph_captures": st.graph_captures,
+                }
+            )
             if name == "specdec plain":
                 plain_out[i] = out.sequences
+                if args.profile and i == 0:
+                    import cProfile
+                    import pstats
+
+                    prof = cProfile.Profile()
+                    prof.enable()
+                    specdec.generate(target, p, **kw)
+                    sync()
+                    prof.disable()
+                    with open(args.profile, "w") as f:
+                        pstats.Stats(prof, stream=f).sort_stats("cumulative").print_stats(40)
             else:
                 identical &= torch.equal(out.sequences, plain_out[i])
         tau = tokens / forwards
@@ -121,11 +153,16 @@ def main() -> None:
             "greedy_identical": identical,
             "tpot_ms_per_call": tpots,
             "worst_call_vs_median_tpot": max(tpots) / steady,
+            "calls": calls,
         }
         res["rows"].append(row)
         print(
             f"{name:42s} {row['tokens_per_s']:8.1f} tok/s (first pass {cold:6.1f})  tau {tau:.2f}  "
-            f"identical {identical}  worst call / median TPOT {row['worst_call_vs_median_tpot']:.2f}",
+            f"identical {identical}  worst call / median TPOT {row['worst_call_vs_median_tpot']:.2f}  "
+            f"median TPOT {steady:.2f} ms  per call: wall {_med(calls, 'wall_ms'):.1f} ms, engine "
+            f"{_med(calls, 'engine_ms'):.1f}, setup {_med(calls, 'setup_ms'):.1f}, "
+            f"prefill {_med(calls, 'prefill_ms'):.1f}, "
+            f"captures {sum(c['graph_captures'] for c in calls)}",
             flush=True,
         )
     json.dump(res, open(args.out, "w"), indent=1)

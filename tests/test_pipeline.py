@@ -9,6 +9,8 @@ from models import tiny
 import specdec
 from specdec.cache import BlockManager
 
+pytestmark = pytest.mark.gpu  # CI: eager on the CPU; `make test-gpu`: CUDA graphs, pinned copies and events
+
 
 def _run(model, ids, mask, pipeline, **kw):
     engine = specdec.Engine(model, None, block_size=4, num_blocks=kw.pop("num_blocks", None))

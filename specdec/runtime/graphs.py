@@ -126,6 +126,7 @@ class GraphedForward:
         c.depth = torch.zeros(B, T, dtype=torch.long, device=dev)
         c.ancestors = torch.zeros(B, T, T, dtype=torch.bool, device=dev)
         c.host = torch.zeros(B, 1 + self.max_blocks, dtype=torch.int32, device=dev)
+        c.host[:, 0] = -1  # the warm-up and capture runs are all padding: they write no slot
         return c
 
     def _tree_step(self, c: _Captured):

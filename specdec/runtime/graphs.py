@@ -34,6 +34,7 @@ class _Captured:
     ancestors: torch.Tensor | None = None  # [Bb, T, T] bool
     host: torch.Tensor | None = None  # [Bb, 1 + max_blocks] int32: committed length (-1: padding row), table
     node_slots: torch.Tensor | None = None  # [Bb, T] long, an output
+    columns: torch.Tensor | None = None  # [T] arange: read by the graph, so owned here (a freed one is reused)
 
 
 def batch_bucket(batch: int) -> int:
@@ -134,7 +135,9 @@ class GraphedForward:
         is stored at logical position committed[b] + i, has position id committed[b] + depth[b, i]
         and sees the committed prefix and its ancestors."""
         bs = self.cache.block_size
-        col = torch.arange(c.input_ids.shape[1], device=c.input_ids.device)
+        # every tensor the graph reads must outlive the capture: a temporary made here and freed
+        # after it would be handed to another tensor, and replays would read that one's contents
+        c.columns = col = torch.arange(c.input_ids.shape[1], device=c.input_ids.device)
 
         def run() -> ModelOutput:
             committed = c.host[:, 0].long()

@@ -37,6 +37,27 @@ def sync() -> float:
     return time.perf_counter()
 
 
+def _syncs_per_step(call) -> tuple[float, dict[str, int]]:
+    """Implicit host-device synchronisations of one call (torch's sync debug mode warns at each),
+    per target forward, and the sites they came from."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            out = call()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    sites: dict[str, int] = {}
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            key = f"{w.filename.split('/')[-1]}:{w.lineno}"
+            sites[key] = sites.get(key, 0) + 1
+    steps = max(out.stats.target_forwards, 1) if hasattr(out, "stats") else 1
+    return sum(sites.values()) / steps, sites
+
+
 def _med(rows: list[dict], key: str) -> float:
     values = sorted(r[key] for r in rows)
     return values[len(values) // 2]
@@ -145,6 +166,9 @@ def main() -> None:
                 identical &= torch.equal(out.sequences, plain_out[i])
         tau = tokens / forwards
         steady = sorted(tpots)[len(tpots) // 2]
+        syncs = None
+        if dev.type == "cuda":
+            syncs = _syncs_per_step(lambda kw=kw: specdec.generate(target, prompts[0], **kw))
         row = {
             "method": name,
             "tokens_per_s": tokens / seconds,
@@ -154,6 +178,7 @@ def main() -> None:
             "tpot_ms_per_call": tpots,
             "worst_call_vs_median_tpot": max(tpots) / steady,
             "calls": calls,
+            "host_syncs_per_step": syncs,
         }
         res["rows"].append(row)
         print(
@@ -162,7 +187,8 @@ def main() -> None:
             f"median TPOT {steady:.2f} ms  per call: wall {_med(calls, 'wall_ms'):.1f} ms, engine "
             f"{_med(calls, 'engine_ms'):.1f}, setup {_med(calls, 'setup_ms'):.1f}, "
             f"prefill {_med(calls, 'prefill_ms'):.1f}, "
-            f"captures {sum(c['graph_captures'] for c in calls)}",
+            f"captures {sum(c['graph_captures'] for c in calls)}, "
+            f"host syncs / step {syncs[0] if syncs else float('nan'):.1f}",
             flush=True,
         )
     json.dump(res, open(args.out, "w"), indent=1)

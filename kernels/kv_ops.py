@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "sn_b", "sn_h", "sv_b", "sv_h"])  # they follow T: see paged_attention
 def _store_kernel(Kn, Vn, Kc, Vc, Slots, T, sn_b, sn_t, sn_h, sv_b, sv_t, sv_h, sc_s, sc_h, D: tl.constexpr):
     i = tl.program_id(0)
     h = tl.program_id(1)
@@ -60,7 +60,7 @@ def store_kv_reference(k_new, v_new, k_cache, v_cache, slots) -> None:
     v_cache[slots[keep].long()] = v_new[keep]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["K"])
 def _compact_kernel(Kc, Vc, Src, Dst, K, sc_l, sc_s, sc_h, BLOCK_D: tl.constexpr, D: tl.constexpr):
     layer = tl.program_id(0)
     h = tl.program_id(1)

@@ -23,9 +23,13 @@ def _softcap(s, cap):
     return cap * (1.0 - 2.0 / (tl.exp(2.0 * s / cap) + 1.0))
 
 
-# the sizes that change with every prompt or tree are not specialised on: a new prompt length must
-# not compile a new kernel inside a timed call
-@triton.jit(do_not_specialize=["T", "num_splits", "num_q_tiles", "window"])
+# sizes and the strides that follow them (T, the splits, the batch) are not specialised: an eager
+# prefill meets a new remainder length after every prefix-cache hit, and a specialisation on
+# "divisible by 16" or "== 1" would compile a new variant (about a second) inside the call
+@triton.jit(
+    do_not_specialize=["T", "num_splits", "num_q_tiles", "window", "sq_b", "sn_b", "sm_b", "sm_q", "sp_b",
+                       "sa_b", "sa_s", "sml_b", "sml_s"]
+)  # fmt: skip
 def _split_kernel(
     Q,
     K,
@@ -152,7 +156,7 @@ def _split_kernel(
         tl.store(a_ptr, acc, mask=row_ok[:, None] & d_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["num_splits", "H"])
+@triton.jit(do_not_specialize=["num_splits", "H", "sa_b", "sa_s", "sml_b", "sml_s", "so_b"])
 def _merge_kernel(
     Acc,
     M,
@@ -344,7 +348,7 @@ def paged_tree_attention(
         out.stride(2),
         num_splits,
         H,
-        BLOCK_S=max(2, _next_pow2(num_splits)),
+        BLOCK_S=max(16, _next_pow2(num_splits)),  # few variants: a new split count rarely compiles
         D=D,
         D_PAD=D_PAD,
         HAS_SINKS=sinks is not None,

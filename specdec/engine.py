@@ -109,7 +109,8 @@ class Engine:
         self.time_split = not self.runner.kernels if time_split is None else time_split
         self._hidden = self.proposer is not None and Needs.LAST_HIDDEN in self.proposer.needs
         self._features: tuple[int, ...] | None = None  # the proposer's feature layers (set per call)
-        self._call: tuple[SamplingParams, torch.Tensor, bool] | None = None  # this call's params on the device
+        # this call's params on the device: sampling, seeds, all greedy, EOS ids as a [V] bool mask
+        self._call: tuple[SamplingParams, torch.Tensor, bool, torch.Tensor] | None = None
         # plain decoding launches step k + 1 before reading step k's token back (see _plain_run);
         # settable, e.g. to measure what the overlap saves
         self.pipeline = True
@@ -259,7 +260,9 @@ class Engine:
             for r in rows:
                 r.presence = torch.zeros(self.target.vocab_size, dtype=torch.bool, device=dev)
                 r.presence[r.prompt.to(dev)] = True
-        self._call = (gp.sampling.to(dev), gp.seeds.to(dev), bool(gp.sampling.greedy.all()))
+        eos = torch.zeros(self.target.vocab_size, dtype=torch.bool)
+        eos[[e for e in gp.eos_token_ids if e < self.target.vocab_size]] = True
+        self._call = (gp.sampling.to(dev), gp.seeds.to(dev), bool(gp.sampling.greedy.all()), eos.to(dev))
         t_start = sync_time(dev)
         stats.setup_time_s = t_start - t_call
         waiting, active, used = deque(zip(rows, needs, strict=True)), [], 0
@@ -353,7 +356,7 @@ class Engine:
         """Verify a scored tree; ahead > 0: the step runs that many steps after the rows' host state
         (a pipelined plain step), so its coins and its min_new_tokens count start that much later."""
         dev = logits.device
-        sampling, seeds, all_greedy = self._call
+        sampling, seeds, all_greedy, eos = self._call
         index = [r.index for r in rows]
         if index != list(range(sampling.batch_size)):  # some rows finished or wait: pick the live ones
             idx = torch.tensor(index, device=dev)
@@ -369,8 +372,7 @@ class Engine:
             made = to_device(torch.tensor([len(r.generated) + ahead for r in rows]), dev)
             # the token drawn at a node of depth d is generated token number made + d + 1
             banned = (made[:, None] + tree.depth + 1) <= gp.min_new_tokens  # [B, N]
-            suppress = torch.zeros(logits.shape, dtype=torch.bool, device=dev)
-            suppress[:, :, list(gp.eos_token_ids)] = banned[:, :, None]
+            suppress = banned[:, :, None] & eos  # [B, N, V]; no host index list: no sync
         return verify(
             tree, logits, sampling, mode=mode, presence=presence, rng=rng, typical=gp.typical, suppress=suppress
         )

@@ -108,7 +108,7 @@ def _inject(stage: str, engine: Engine, proposer, monkeypatch):
         _fail_on(proposer, "propose", 2, Boom(stage), monkeypatch, after=True)
     elif stage == "target-forward":
         if engine.cuda_graphs:
-            _fail_on(engine.runner.graphs, "forward", 2, Boom(stage), monkeypatch)
+            _fail_on(engine.runner.graphs, "forward_tree", 2, Boom(stage), monkeypatch)
         else:
             _fail_on(engine.target, "forward", 3, Boom(stage), monkeypatch)  # 1: prefill, 2: first step
     elif stage == "verify":

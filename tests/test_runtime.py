@@ -229,7 +229,9 @@ def test_tree_graph_step_derives_the_same_metadata(arch):
     c = graphs._static_tree(4, tree.width)
     c.input_ids.fill_(3)  # stale padding rows
     anc = tree.ancestor_mask() & tree.valid()[:, None, :]
-    graphs._load_tree(c, tree.tokens, tree.depth, anc, [bm.num_tokens(s) for s in ids], [bm.block_table(s) for s in ids])
+    graphs._load_tree(
+        c, tree.tokens, tree.depth, anc, [bm.num_tokens(s) for s in ids], [bm.block_table(s) for s in ids]
+    )
     got = graphs._tree_step(c)().logits
     torch.testing.assert_close(got[:2], want, atol=ATOL, rtol=0)
     assert torch.equal(c.node_slots[:2], slots) and (c.node_slots[2:] == -1).all()

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .devices import to_device
+
 Number = float | int
 
 
@@ -111,7 +113,7 @@ class SamplingParams:
         return self.temperature == 0
 
     def to(self, device: torch.device | str) -> SamplingParams:
-        return SamplingParams(*(getattr(self, f).to(device) for f in self._TENSORS), filters=self.filters)
+        return SamplingParams(*(to_device(getattr(self, f), device) for f in self._TENSORS), filters=self.filters)
 
     def select(self, rows: torch.Tensor | list[int]) -> SamplingParams:
         """The parameters of the given rows, in that order."""
@@ -308,7 +310,7 @@ def uniform(rng: Rng, batch_size: int, num: int, stream: int, device=None) -> to
         h = _hash32(h ^ (((seeds[:, None] >> 32) & _MASK32) + index * 0x85EBCA77))
         h = _hash32(h + 0x27D4EB2F)
         out = (h >> 8).to(torch.float64) * 2.0**-24
-        return out.to(device) if device is not None else out
+        return to_device(out, device) if device is not None else out
     if rng is not None and not isinstance(rng, torch.Generator):
         raise TypeError(f"rng must be a torch.Generator, a RowSeeds or None, got {type(rng).__name__}")
     gen_device = rng.device if rng is not None else device

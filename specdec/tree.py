@@ -7,11 +7,14 @@ V vocab, K draft depth, L leaves.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
 
 import torch
+
+from .devices import to_device
 
 
 class Law(IntEnum):
@@ -31,6 +34,15 @@ def node_bucket(num_nodes: int, buckets: Sequence[int] = DEFAULT_NODE_BUCKETS) -
         if b >= num_nodes:
             return b
     raise ValueError(f"a tree of {num_nodes} nodes exceeds the largest node bucket {max(buckets)}")
+
+
+@functools.lru_cache(maxsize=64)
+def _choice_structure(depths: tuple, ranks: tuple, parents: tuple, k: int, device: torch.device):
+    """A static tree's structure on the device, made once (a host list copied at every step would
+    wait for the device): depth [N], index into the flattened candidates [N], parent [N]."""
+    depth = torch.tensor(depths)
+    index = (depth - 1).clamp(min=0) * k + torch.tensor(ranks)
+    return tuple(to_device(t, device) for t in (depth, index, torch.tensor(parents)))
 
 
 @dataclass(slots=True)
@@ -166,6 +178,8 @@ class DraftTree:
             num_nodes=self.num_nodes,
             law=grow(self.law, int(Law.POINT)),
             draft_probs=probs,
+            _max_depth=self._max_depth,  # padding nodes have depth 0: the same deepest node
+            _has_wor=self._has_wor,
         )
 
     def _slice(self, width: int) -> DraftTree:
@@ -276,13 +290,16 @@ class DraftTree:
         here = self.tokens.device
         if target.type == here.type and target.index in (None, here.index):
             return self
-        probs = None if self.draft_probs is None else self.draft_probs.to(device)
+        if here.type == "cpu":  # read on the host now, where it costs no device sync later
+            self.max_depth()
+            self.has_wor()
+        probs = None if self.draft_probs is None else to_device(self.draft_probs, target)
         return DraftTree(
-            self.tokens.to(device),
-            self.parents.to(device),
-            self.depth.to(device),
-            self.num_nodes.to(device),
-            self.law.to(device),
+            to_device(self.tokens, target),
+            to_device(self.parents, target),
+            to_device(self.depth, target),
+            to_device(self.num_nodes, target),
+            to_device(self.law, target),
             probs,
             _max_depth=self._max_depth,
             _has_wor=self._has_wor,
@@ -392,17 +409,17 @@ class DraftTree:
             depths.append(len(c))
         dev = candidates.device
         N = len(paths) + 1
-        depth = torch.tensor(depths, device=dev)
-        rank = torch.tensor(ranks, device=dev)
-        flat = candidates.reshape(B, K * k)
-        gathered = flat[:, ((depth - 1).clamp(min=0) * k + rank)]
+        depth, flat_index, parent = _choice_structure(tuple(depths), tuple(ranks), tuple(parents), k, dev)
+        gathered = candidates.reshape(B, K * k)[:, flat_index]
         tokens = torch.where(depth == 0, root_tokens[:, None], gathered)
         return cls(
             tokens=tokens,
-            parents=torch.tensor(parents, device=dev).expand(B, N).clone(),
+            parents=parent.expand(B, N).clone(),
             depth=depth.expand(B, N).clone(),
             num_nodes=torch.full((B,), N, dtype=torch.long, device=dev),
             law=torch.zeros(B, N, dtype=torch.int8, device=dev),
+            _max_depth=max(depths),
+            _has_wor=False,
         )
 
     @classmethod
@@ -494,4 +511,6 @@ class DraftTree:
             depth=torch.cat([torch.zeros(B, 1, dtype=torch.long, device=dev), depth_of_pool[keep]], 1),
             num_nodes=torch.full((B,), N, dtype=torch.long, device=dev),
             law=torch.zeros(B, N, dtype=torch.int8, device=dev),
+            _max_depth=depth,  # a bound (as chain's K): reading the exact one would sync
+            _has_wor=False,
         )

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ..devices import to_device
 from ..heads.medusa import MedusaHeads, load_medusa
 from ..runtime.base import TargetModel
 from ..tree import DraftTree
@@ -168,5 +169,5 @@ class Medusa(Proposer):
             raise RuntimeError("Medusa needs the target's last hidden state (the engine provides it)")
         logits = self.heads(ctx.hidden, self.lm_head)  # [B, K, V]
         candidates = logits.topk(self.top_k, dim=-1).indices  # [B, K, top_k]
-        roots = ctx.roots().to(candidates.device)
+        roots = to_device(ctx.roots(), candidates.device)
         return DraftTree.from_choices(roots, candidates, self.choices)

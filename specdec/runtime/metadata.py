@@ -10,15 +10,9 @@ import torch
 
 from ..cache.block_manager import BlockManager
 from ..cache.paged_kv import PagedKVCache
+from ..devices import to_device
 from ..tree import DraftTree
 from .base import AttentionMetadata
-
-
-def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on the device without waiting for the stream (pinned staging, non-blocking)."""
-    if device.type != "cuda":
-        return x.to(device)
-    return x.pin_memory().to(device, non_blocking=True)
 
 
 def slots_of(tables: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:

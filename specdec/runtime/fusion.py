@@ -55,13 +55,21 @@ def _fused_mlp(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
+def _plain(m: nn.Module) -> bool:
+    """No hooks and no distributed tensors: a tensor-parallel plan's hooks and DTensor weights
+    decide what a module's inputs and outputs are, and the kernels take plain local tensors."""
+    if m._forward_hooks or m._forward_pre_hooks:
+        return False
+    return all(type(p).__name__ != "DTensor" for p in m.parameters(recurse=False))
+
+
 def fusable(model: nn.Module) -> list[tuple[nn.Module, types.MethodType]]:
     """(module, fused forward) for every RMSNorm / SiLU MLP of the model that has the Llama formula."""
     from transformers.activations import SiLUActivation
 
     out = []
     for m in model.modules():
-        if "forward" in m.__dict__:  # already wrapped by someone else
+        if "forward" in m.__dict__ or not _plain(m):  # wrapped by someone else, or sharded
             continue
         cls = type(m)
         weight = getattr(m, "weight", None)
@@ -72,7 +80,11 @@ def fusable(model: nn.Module) -> list[tuple[nn.Module, types.MethodType]]:
             and isinstance(getattr(m, "variance_epsilon", None), float)
         ):
             out.append((m, types.MethodType(_fused_norm, m)))
-        elif _same_code(cls, _LlamaMLPShape) and isinstance(getattr(m, "act_fn", None), (SiLUActivation, nn.SiLU)):
+        elif (
+            _same_code(cls, _LlamaMLPShape)
+            and isinstance(getattr(m, "act_fn", None), (SiLUActivation, nn.SiLU))
+            and all(_plain(getattr(m, name)) for name in ("gate_proj", "up_proj"))
+        ):
             out.append((m, types.MethodType(_fused_mlp, m)))
     return out
 

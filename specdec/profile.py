@@ -102,6 +102,8 @@ class ProfileReport:
                 "num_draft_tokens": s.drafted,
                 "num_accepted_tokens": s.accepted,
                 "mean_acceptance_length": s.tau,
+                # [n] = row-steps that accepted n drafts (sums to num_drafts)
+                "accepted_length_histogram": list(s.accepted_lengths),
             },
             "ttft_ms": s.ttft_ms,
             "tpot_ms": s.tpot_ms,

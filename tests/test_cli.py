@@ -379,6 +379,9 @@ def test_version_json_and_help_with_defaults(zoo, tmp_path, capsys):
     report = json.loads(out)  # nothing but the summary on stdout
     assert report["proposer_options"] == {"name": "ngram", "num_tokens": 4}
     assert report["versions"]["specdec"] and report["counters"]["num_draft_tokens"] >= 0
+    hist = report["counters"]["accepted_length_histogram"]
+    assert sum(hist) == report["counters"]["num_drafts"] > 0
+    assert sum(n * c for n, c in enumerate(hist)) == report["counters"]["num_accepted_tokens"]
     assert report["dtype"] == "float32" and report["target"] == str(zoo / "target")  # --dtype auto: as saved
     assert main(["kv-size", "--layers", "2", "--kv-heads", "2", "--head-dim", "8", "--seq-len", "4", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["kv_bytes_per_sequence"] == 2 * 2 * 2 * 8 * 4 * 2

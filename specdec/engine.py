@@ -62,6 +62,7 @@ class _Row:
     t_first: float = 0.0
     t_last: float = 0.0
     hidden: torch.Tensor | None = None  # [H] the target's final hidden state that produced the root
+    counts: list[int] = field(default_factory=lambda: [0, 0, 0, 0])  # steps, emitted, drafted, accepted
 
 
 def max_tree_nodes(proposer: Proposer | None) -> int:
@@ -297,6 +298,19 @@ class Engine:
         stats.generated_tokens = sum(len(r.generated) for r in rows)
         stats.ttft_s = [r.t_first - t_start for r in rows]
         stats.tpot_s = [(r.t_last - r.t_first) / (len(r.generated) - 1) for r in rows if len(r.generated) > 1]
+        stats.per_sequence = [
+            {
+                "generated_tokens": len(r.generated),
+                "steps": r.counts[0],
+                "tau": r.counts[1] / r.counts[0] if r.counts[0] else 0.0,
+                "drafted": r.counts[2],
+                "accepted": r.counts[3],
+                "acceptance_rate": r.counts[3] / r.counts[2] if r.counts[2] else 0.0,
+                "ttft_ms": 1e3 * (r.t_first - t_start),
+                "tokens_per_s": len(r.generated) / (r.t_last - t_start) if r.t_last > t_start else 0.0,
+            }
+            for r in rows
+        ]
         if streamer is not None:
             streamer.end()
         return [r.generated for r in rows], stats
@@ -390,7 +404,7 @@ class Engine:
         stats.target_forwards += 1
         self._commit_kv(rows, tree, res, out, node_slots)
         stats.verify_time_s += clock(dev) - t1
-        emitted, num_acc = self._read_back(tree, res, stats)
+        emitted, num_acc, drafted = self._read_back(tree, res, stats)
         t_emit = time.perf_counter()  # the read-back waited for the device
         if self.proposer is not None:  # features only for proposers that declared them
             extra = {"features": out.features} if self._features is not None else {}
@@ -400,6 +414,10 @@ class Engine:
             new = emitted[b][: n + 1]
             kept = self._emit(r, new, gp)
             r.step += 1
+            r.counts[0] += 1  # this row's own tau and acceptance (SpecStats.per_sequence)
+            r.counts[1] += n + 1
+            r.counts[2] += drafted[b]
+            r.counts[3] += n
             r.t_last = t_emit
             if not r.done:
                 self.runner.commit(r.seq_id, [root] + new[:n])
@@ -480,6 +498,8 @@ class Engine:
             root = r.tokens[-1]
             kept = self._emit(r, [tokens[b]], gp)
             r.step += 1
+            r.counts[0] += 1
+            r.counts[1] += 1
             r.t_last = t
             if not r.done:
                 self.runner.commit(r.seq_id, [root], keep=int(ahead))
@@ -525,24 +545,26 @@ class Engine:
         dst = node_slots[:, 1 : acc.shape[1] + 1]
         self.runner.compact(torch.where(acc >= 0, src, -1), dst)
 
-    def _read_back(self, tree: DraftTree, res: VerifyResult, stats: SpecStats) -> tuple[list[list[int]], list[int]]:
-        """The step's one device -> host transfer: emitted tokens [B][E], accepted counts [B], and the
-        per-depth counts for the stats."""
+    def _read_back(
+        self, tree: DraftTree, res: VerifyResult, stats: SpecStats
+    ) -> tuple[list[list[int]], list[int], list[int]]:
+        """The step's one device -> host transfer: emitted tokens [B][E], accepted counts [B],
+        drafted counts [B], and the per-depth counts for the stats."""
         B = tree.tokens.shape[0]
         E = res.accepted_indices.shape[1] + 1
         depth = torch.where(tree.valid(), tree.depth, 0).flatten().clamp(max=E - 1)
         drafted = torch.zeros(E, dtype=torch.long, device=depth.device).scatter_add_(0, depth, torch.ones_like(depth))
-        flat = torch.cat(
-            [res.emitted_tokens(tree).flatten(), res.num_accepted, drafted[1:], res.accepted_per_depth.sum(0)]
-        ).tolist()
+        parts = [res.emitted_tokens(tree).flatten(), res.num_accepted, tree.num_nodes.to(depth.device) - 1]
+        flat = torch.cat([*parts, drafted[1:], res.accepted_per_depth.sum(0)]).tolist()
         emitted = [flat[b * E : (b + 1) * E] for b in range(B)]
         num_acc = flat[B * E : B * E + B]
-        per_depth = flat[B * E + B :]
+        row_drafted = flat[B * E + B : B * E + 2 * B]
+        per_depth = flat[B * E + 2 * B :]
         if tree.width > 1:
             stats.record_step(per_depth[: E - 1], per_depth[E - 1 :], B, sum(n + 1 for n in num_acc), num_acc)
         else:
             stats.record_step([], [], B, B, num_acc)
-        return emitted, num_acc
+        return emitted, num_acc, row_drafted
 
     def _emit(self, r: _Row, tokens: list[int], gp: GenerationParams) -> list[int]:
         """Append tokens until a stop condition; returns the tokens kept."""

@@ -48,6 +48,7 @@ class SpecStats:
     total_time_s: float = 0.0
     setup_time_s: float = 0.0  # before the first prefill: pools, proposer start, graph buffers
     graph_captures: int = 0  # CUDA graphs captured during the call (target and drafters); 0 in steady state
+    per_sequence: list[dict] = field(default_factory=list)  # each row's own tau, acceptance, tokens/s
 
     def record_step(
         self,
@@ -99,6 +100,7 @@ class SpecStats:
                 out.record_step([], [], 0, 0, [n] * count)
             out.ttft_s += p.ttft_s
             out.tpot_s += p.tpot_s
+            out.per_sequence += p.per_sequence
         return out
 
     # ----------------------------------------------------------------------------- derived
@@ -175,6 +177,7 @@ class SpecStats:
                 "setup": self.setup_time_s,
             },
             "graph_captures": self.graph_captures,
+            "per_sequence": list(self.per_sequence),
         }
 
     def __str__(self) -> str:

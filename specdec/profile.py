@@ -64,7 +64,7 @@ class ProfileReport:
     settings: ProfileSettings
     spec: SpecStats
     plain: SpecStats
-    rows: list[dict] = field(default_factory=list)  # per prompt (with batch_size > 1: its batch's numbers)
+    rows: list[dict] = field(default_factory=list)  # per prompt: its own tau, acceptance, tokens/s
     per_category: dict = field(default_factory=dict)
     per_choice: dict = field(default_factory=dict)  # Medusa: choice -> offered / accepted
     timestamp: str = ""
@@ -190,15 +190,18 @@ def profile(
             by_category.setdefault(c, []).append(len(spec_parts) - 1)
         for b, p in enumerate(group):
             div = first_divergence(plain.sequences[b, T:], spec.sequences[b, T:])
+            mine, base = spec.stats.per_sequence[b], plain.stats.per_sequence[b]  # this row's own numbers
             rows.append(
                 {
                     "prompt": start + b,
                     "category": p.category,
                     "prompt_tokens": len(encoded[b]),
-                    "tau": spec.stats.tau,
-                    "acceptance_rate": spec.stats.acceptance_rate,
-                    "plain_tokens_per_s": plain.stats.tokens_per_s,
-                    "tokens_per_s": spec.stats.tokens_per_s,
+                    "tau": mine["tau"],
+                    "acceptance_rate": mine["acceptance_rate"],
+                    "accepted": mine["accepted"],
+                    "drafted": mine["drafted"],
+                    "plain_tokens_per_s": base["tokens_per_s"],
+                    "tokens_per_s": mine["tokens_per_s"],
                     "identical": div is None,
                     "first_divergence": div,
                 }

@@ -1,5 +1,6 @@
 """A tensor-parallel target (transformers' tp_plan, two processes under torchrun, gloo on the CPU):
-specdec's outputs equal the unsharded model's for plain decoding, n-gram and draft-model proposers,
+specdec's outputs equal the unsharded model's for plain decoding and every proposer (n-gram, draft
+model, Medusa heads, an EAGLE drafter),
 greedy and sampled draw for draw, every rank makes the same choices, no KV block stays allocated,
 and the job exits (tests/tp_worker.py does the work)."""
 
@@ -25,8 +26,10 @@ def test_two_ranks_decode_like_one_process(tmp_path):
     assert report["world"] == 2 and report["sampled_same_on_every_rank"]
     for rank in report["ranks"]:
         assert rank["q_rows_local"] * 2 == rank["q_rows_full"]  # the model really is sharded
-        for name in ("none", "ngram", "draft"):
+        for name in ("none", "ngram", "draft", "medusa", "eagle"):
             r = rank[name]
             assert r["greedy_equal"] and r["sampled_equal_single_process"] and r["free_blocks"], (name, r)
             assert r["kv_heads_local"] == 1  # each rank keeps the K/V of its own KV head (2 in all)
-        assert rank["draft"]["tau"] > 1.5  # the proposers were accepted: the comparison is not vacuous
+        # drafts were accepted, so the comparison is not vacuous (the random EAGLE drafter is accepted
+        # rarely: it checks the sharded target's features reach the drafter, and its exactness)
+        assert rank["draft"]["tau"] > 1.5 and rank["medusa"]["tau"] > 1.2 and rank["ngram"]["tau"] > 1.2

@@ -15,6 +15,33 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(__file__))
 
 
+PROPOSERS = ("none", "ngram", "draft", "medusa", "eagle")
+
+
+def _medusa_heads(device):
+    """Random Medusa heads, the same on every rank and in the single-process run (seeded)."""
+    from specdec.heads.medusa import MedusaConfig, MedusaHeads
+
+    torch.manual_seed(11)
+    heads = MedusaHeads(MedusaConfig(2, 1, 64, 96, own_lm_head=False))
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.normal_(0, 0.05)
+    return heads.to(device) if device is not None else heads
+
+
+def _eagle_drafter(device):
+    from transformers import LlamaConfig
+
+    from specdec.heads.eagle import EagleDrafter
+
+    torch.manual_seed(12)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+                      vocab_size=96, num_hidden_layers=1)  # fmt: skip
+    drafter = EagleDrafter(cfg, version=1).eval()
+    return drafter.to(device) if device is not None else drafter
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
@@ -61,6 +88,8 @@ def main() -> None:
         "none": lambda: None,
         "ngram": lambda: specdec.Ngram(num_tokens=3),
         "draft": lambda: specdec.DraftModel(draft, num_tokens=3),
+        "medusa": lambda: specdec.Medusa(_medusa_heads(device), tree=6),
+        "eagle": lambda: specdec.Eagle(_eagle_drafter(device), depth=2, top_k=2, total_tokens=4),
     }.items():
         engine = specdec.Engine(model, make())
         out = specdec.generate(
@@ -80,7 +109,7 @@ def main() -> None:
     gathered = [None] * world
     dist.all_gather_object(gathered, results)
     if rank == 0:
-        same = all(g[n]["sampled"] == gathered[0][n]["sampled"] for g in gathered for n in ("none", "ngram", "draft"))
+        same = all(g[n]["sampled"] == gathered[0][n]["sampled"] for g in gathered for n in PROPOSERS)
         report = {"world": world, "ranks": gathered, "sampled_same_on_every_rank": same}
         with open(os.path.join(args.out, "report.json"), "w") as f:
             json.dump(report, f)

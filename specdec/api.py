@@ -92,6 +92,7 @@ def generate(
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
     stop_strings: str | Sequence[str] | None = None,
+    stopping_criteria=None,
     tokenizer=None,
     streamer=None,
     seed: int | Sequence[int] | torch.Tensor | None = None,
@@ -116,6 +117,11 @@ def generate(
     repetition_penalty, eos_token_id, pad_token_id, generation_config : as in transformers; unset
         values come from `generation_config` or `model.generation_config`.
     stop_strings : stop once the output ends with one of them (needs `tokenizer`).
+    stopping_criteria : transformers StoppingCriteria (a StoppingCriteriaList or a list), checked
+        after every emitted token on that row's sequence so far ([1, T] ids, scores=None), as
+        transformers checks them after every token; a row stops at the first token where one says
+        True. Costs one small tensor per token and criterion; criteria that read `scores` are not
+        supported (specdec has no per-token scores to give them).
     streamer : a transformers streamer (TextStreamer, TextIteratorStreamer); batch size 1.
     seed : int (row b uses seed + b), one seed per row, or None (drawn from torch's global RNG).
         A row's output depends only on its prompt, its seed and the settings, not on the batch.
@@ -207,11 +213,16 @@ def generate(
     )
     eos = _eos_list(gc.eos_token_id)
     pad = gc.pad_token_id if gc.pad_token_id is not None else (eos[0] if eos else 0)
-    stop = None
+    checks = []
     if gc.stop_strings:
         if tokenizer is None:
             raise ValueError("stop_strings needs tokenizer=")
-        stop = _stop_checker(tokenizer, gc.stop_strings, prompts)
+        from transformers.generation.stopping_criteria import StopStringCriteria
+
+        checks.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=gc.stop_strings))
+    if stopping_criteria is not None:
+        checks += _criteria(stopping_criteria)
+    stop = _stop_checker(checks, prompts) if checks else None
     gp = GenerationParams(
         max_new_tokens=int(max_new),
         sampling=sampling,
@@ -236,14 +247,25 @@ def generate(
     return sequences
 
 
-def _stop_checker(tokenizer, stop_strings, prompts):
-    from transformers.generation.stopping_criteria import StopStringCriteria
+def _criteria(stopping_criteria) -> list:
+    """The user's stopping criteria as a list of callables (ids [1, T], scores) -> bool or [1] bool."""
+    items = list(stopping_criteria) if hasattr(stopping_criteria, "__iter__") else [stopping_criteria]
+    for c in items:
+        if not callable(c):
+            raise ValueError(
+                f"stopping_criteria holds {type(c).__name__}, which is not callable: give transformers "
+                "StoppingCriteria (called with input_ids [B, T] and scores)"
+            )
+    return items
 
-    criteria = StopStringCriteria(tokenizer=tokenizer, stop_strings=stop_strings)
+
+def _stop_checker(criteria: list, prompts: list[torch.Tensor]):
+    """stop(row, generated ids) -> bool: any criterion true on the row's prompt + generated tokens."""
+    hosts = [p.cpu() for p in prompts]
 
     def stop(row: int, generated: list[int]) -> bool:
-        ids = torch.cat([prompts[row], torch.tensor(generated, dtype=torch.long)])[None]
-        return bool(criteria(ids, None)[0])
+        ids = torch.cat([hosts[row], torch.tensor(generated, dtype=torch.long)])[None]
+        return any(bool(torch.as_tensor(c(ids, None)).reshape(-1)[0]) for c in criteria)
 
     return stop
 
@@ -346,8 +368,9 @@ def custom_generate(proposer: Proposer | str | None = None, **options):
 
     transformers prepares the inputs and the configuration, then calls this loop; specdec decodes
     with `proposer` and the same output law. options go to `specdec.generate` (seed, engine,
-    verify_mode, ...). Logits processors or stopping criteria that transformers did not build from
-    the supported settings (a user's own) are refused: specdec would not apply them.
+    verify_mode, ...). A user's own stopping criteria are checked per emitted token; logits
+    processors that transformers did not build from the supported settings (a user's own) are
+    refused: specdec would not apply them.
     """
 
     def specdec_decode(
@@ -361,9 +384,10 @@ def custom_generate(proposer: Proposer | str | None = None, **options):
         **model_kwargs,
     ):
         foreign = [type(p).__name__ for p in logits_processor or [] if type(p).__name__ not in _OWN_PROCESSORS]
-        foreign += [type(c).__name__ for c in stopping_criteria or [] if type(c).__name__ not in _OWN_CRITERIA]
         if foreign:
             raise ValueError(f"specdec.custom_generate does not apply {', '.join(foreign)}; use model.generate alone")
+        # the user's criteria are checked per emitted token; transformers' own ones are the settings
+        users = [c for c in stopping_criteria or [] if type(c).__name__ not in _OWN_CRITERIA]
         gc = GenerationConfig.from_dict(generation_config.to_dict()) if generation_config is not None else None
         if gc is not None and gc.max_new_tokens is None:  # transformers has turned the length into max_length
             gc.max_new_tokens = gc.max_length - input_ids.shape[1]
@@ -374,6 +398,7 @@ def custom_generate(proposer: Proposer | str | None = None, **options):
             proposer=proposer,
             generation_config=gc,
             streamer=streamer,
+            stopping_criteria=users or None,
             **options,
         )
 

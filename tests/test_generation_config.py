@@ -163,3 +163,43 @@ def test_transformers_entry_point_runs_specdecs_loop(model):
     user = LogitsProcessorList([NoBadWordsLogitsProcessor([[5]], eos_token_id=None)])
     with pytest.raises(ValueError, match="does not apply NoBadWordsLogitsProcessor"):
         model.generate(ids, max_new_tokens=4, logits_processor=user, custom_generate=specdec.custom_generate())
+
+
+class _StopAfter:
+    """A user's criterion: stop a row once it has emitted one of `tokens` after the prompt."""
+
+    def __init__(self, prompt_len: int, tokens: set[int]):
+        self.prompt_len, self.tokens = prompt_len, tokens
+
+    def __call__(self, input_ids, scores, **kwargs):
+        tail = input_ids[:, self.prompt_len :]
+        return torch.tensor([bool(set(row.tolist()) & self.tokens) for row in tail])
+
+
+@pytest.mark.parametrize("proposer", [None, "ngram"])
+def test_user_stopping_criteria_stop_where_transformers_stops(model, proposer):
+    """A user's StoppingCriteria: the same sequences as model.generate with it, for plain decoding and
+    for a proposer whose steps emit several tokens (the criterion is checked after each one)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Criterion(_StopAfter, StoppingCriteria):
+        pass
+
+    ids = torch.randint(3, 12, (2, 9), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    free = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False)
+    gen = free[:, 9:]
+    stop_at = {int(gen[0, 5]), int(gen[1, 3])}  # tokens each row meets before its end
+    crit = StoppingCriteriaList([Criterion(9, stop_at)])
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, stopping_criteria=crit,
+                         pad_token_id=0)  # fmt: skip
+    assert ref.shape[1] < free.shape[1]  # the criterion stopped both rows early: the test can fail
+    prop = specdec.Ngram(num_tokens=3) if proposer else None
+    out = specdec.generate(model, ids, mask, proposer=prop, max_new_tokens=16, do_sample=False,
+                           stopping_criteria=crit, pad_token_id=0)  # fmt: skip
+    assert torch.equal(out, ref)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=16, stopping_criteria=crit, pad_token_id=0,
+                         custom_generate=specdec.custom_generate(prop))  # fmt: skip
+    assert torch.equal(out, ref)
+    with pytest.raises(ValueError, match="stopping_criteria holds int, which is not callable"):
+        specdec.generate(model, ids, mask, max_new_tokens=4, stopping_criteria=[3])

@@ -222,12 +222,17 @@ def generate(
         checks.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=gc.stop_strings))
     if stopping_criteria is not None:
         checks += _criteria(stopping_criteria)
+    if gc.max_time is not None:  # transformers' criterion, its clock started now, checked per token
+        from transformers.generation.stopping_criteria import MaxTimeCriteria
+
+        checks.append(MaxTimeCriteria(max_time=gc.max_time))
     stop = _stop_checker(checks, prompts) if checks else None
     gp = GenerationParams(
         max_new_tokens=int(max_new),
         sampling=sampling,
         seeds=_seeds(seed, B),
-        min_new_tokens=int(gc.min_new_tokens or 0),
+        # min_length counts the (padded) prompt, as transformers' MinLengthLogitsProcessor does
+        min_new_tokens=max(int(gc.min_new_tokens or 0), int(gc.min_length or 0) - L),
         eos_token_ids=eos,
         mode=VerifyMode.parse(verify_mode),
         typical=typical,
@@ -277,7 +282,6 @@ _UNSUPPORTED = {
     "num_beam_groups": (lambda v: v not in (None, 1), "use model.generate"),
     "penalty_alpha": (lambda v: v not in (None, 0), "contrastive search: use model.generate"),
     "num_return_sequences": (lambda v: v not in (None, 1), "repeat the prompt rows instead (one seed per row)"),
-    "min_length": (lambda v: v not in (None, 0), "use min_new_tokens"),
     "no_repeat_ngram_size": (lambda v: v not in (None, 0), "not implemented yet"),
     "encoder_no_repeat_ngram_size": (lambda v: v not in (None, 0), "encoder-decoder only"),
     "bad_words_ids": (lambda v: v is not None, "not implemented yet"),
@@ -291,7 +295,6 @@ _UNSUPPORTED = {
     "epsilon_cutoff": (lambda v: v not in (None, 0.0), "not implemented yet"),
     "eta_cutoff": (lambda v: v not in (None, 0.0), "not implemented yet"),
     "exponential_decay_length_penalty": (lambda v: v is not None, "not implemented yet"),
-    "max_time": (lambda v: v is not None, "not implemented yet"),
     "guidance_scale": (lambda v: v not in (None, 1.0), "classifier-free guidance: use model.generate"),
     "watermarking_config": (lambda v: v is not None, "use model.generate"),
     "dola_layers": (lambda v: v is not None, "DoLa decoding: use model.generate"),

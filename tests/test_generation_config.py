@@ -76,14 +76,12 @@ def test_generation_config_is_merged_with_the_models(model):
         ("suppress_tokens", [5]),
         ("begin_suppress_tokens", [5]),
         ("sequence_bias", {(5,): -1.0}),
-        ("min_length", 3),
         ("forced_bos_token_id", 4),
         ("forced_eos_token_id", 4),
         ("typical_p", 0.9),
         ("epsilon_cutoff", 0.001),
         ("eta_cutoff", 0.001),
         ("exponential_decay_length_penalty", (2, 1.1)),
-        ("max_time", 5.0),
         ("guidance_scale", 1.5),
         ("output_scores", True),
         ("output_logits", True),
@@ -203,3 +201,27 @@ def test_user_stopping_criteria_stop_where_transformers_stops(model, proposer):
     assert torch.equal(out, ref)
     with pytest.raises(ValueError, match="stopping_criteria holds int, which is not callable"):
         specdec.generate(model, ids, mask, max_new_tokens=4, stopping_criteria=[3])
+
+
+def test_min_length_counts_the_prompt_like_transformers(model):
+    """min_length bans EOS while prompt + generated < min_length (the padded prompt, as transformers)."""
+    ids = torch.randint(3, 12, (2, 6), generator=torch.Generator().manual_seed(8))
+    mask = torch.ones_like(ids)
+    free = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    eos = int(free[0, 6])  # row 0's first generated token: an EOS it must not emit before min_length
+    kw = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    ref = model.generate(ids, min_length=10, **kw)
+    assert ref[0, 6] != eos  # the ban changed the output: the comparison can fail
+    assert torch.equal(specdec.generate(model, ids, min_length=10, **kw), ref)
+    assert torch.equal(specdec.generate(model, ids, min_length=10, proposer=specdec.Ngram(3), **kw), ref)
+
+
+def test_max_time_stops_every_row():
+    """max_time: transformers' MaxTimeCriteria, checked per emitted token; a zero budget stops after one."""
+    model = __import__("models").tiny("llama", vocab=96)
+    ids = torch.randint(3, 96, (2, 5), generator=torch.Generator().manual_seed(2))
+    out = specdec.generate(model, ids, max_new_tokens=30, do_sample=False, max_time=0.0, pad_token_id=0,
+                           eos_token_id=None)  # fmt: skip
+    assert out.shape[1] == 5 + 1
+    out = specdec.generate(model, ids, max_new_tokens=30, do_sample=False, max_time=60.0, eos_token_id=None)
+    assert out.shape[1] == 5 + 30

@@ -168,6 +168,16 @@ def generate(
     )
     gc = resolve_generation_config(model, generation_config, **given, **kwargs)
     proposer = _alias_proposer(proposer, assistant_model, gc)
+    n = gc.num_return_sequences or 1
+    if n > 1:  # as transformers: every prompt row repeated n times, each repeat its own draws
+        if not gc.do_sample:
+            raise ValueError(
+                f"num_return_sequences={n} needs do_sample=True: greedy decoding returns the same sequence "
+                "every time (transformers refuses it too)"
+            )
+        input_ids = input_ids.repeat_interleave(n, dim=0)
+        if attention_mask is not None:
+            attention_mask = attention_mask.repeat_interleave(n, dim=0)
     prompts = _prompts(input_ids, attention_mask)
     B = len(prompts)
     longest = max(len(p) for p in prompts)
@@ -281,7 +291,6 @@ _UNSUPPORTED = {
     "num_beams": (lambda v: v not in (None, 1), "beam search is not speculative decoding; use model.generate"),
     "num_beam_groups": (lambda v: v not in (None, 1), "use model.generate"),
     "penalty_alpha": (lambda v: v not in (None, 0), "contrastive search: use model.generate"),
-    "num_return_sequences": (lambda v: v not in (None, 1), "repeat the prompt rows instead (one seed per row)"),
     "no_repeat_ngram_size": (lambda v: v not in (None, 0), "not implemented yet"),
     "encoder_no_repeat_ngram_size": (lambda v: v not in (None, 0), "encoder-decoder only"),
     "bad_words_ids": (lambda v: v is not None, "not implemented yet"),

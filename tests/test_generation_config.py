@@ -70,7 +70,6 @@ def test_generation_config_is_merged_with_the_models(model):
     "field, value",
     [
         ("num_beams", 4),
-        ("num_return_sequences", 2),
         ("no_repeat_ngram_size", 3),
         ("bad_words_ids", [[5]]),
         ("suppress_tokens", [5]),
@@ -225,3 +224,14 @@ def test_max_time_stops_every_row():
     assert out.shape[1] == 5 + 1
     out = specdec.generate(model, ids, max_new_tokens=30, do_sample=False, max_time=60.0, eos_token_id=None)
     assert out.shape[1] == 5 + 30
+
+
+def test_num_return_sequences_repeats_rows_with_their_own_draws(model):
+    ids = torch.randint(3, 12, (2, 5), generator=torch.Generator().manual_seed(9))
+    out = specdec.generate(model, ids, max_new_tokens=12, do_sample=True, num_return_sequences=3, seed=1,
+                           eos_token_id=None)  # fmt: skip
+    assert out.shape == (6, 17)
+    assert torch.equal(out[:, :5], ids.repeat_interleave(3, dim=0))  # transformers' row order
+    assert len({tuple(r) for r in out[:3, 5:].tolist()}) > 1  # the repeats are separate draws
+    with pytest.raises(ValueError, match="num_return_sequences"):  # transformers words it
+        specdec.generate(model, ids, max_new_tokens=4, do_sample=False, num_return_sequences=2)

@@ -241,6 +241,8 @@ def generate(
         max_new_tokens=int(max_new),
         sampling=sampling,
         seeds=_seeds(seed, B),
+        suppress_tokens=tuple(int(t) for t in gc.suppress_tokens or ()),
+        begin_suppress_tokens=tuple(int(t) for t in gc.begin_suppress_tokens or ()),
         # min_length counts the (padded) prompt, as transformers' MinLengthLogitsProcessor does
         min_new_tokens=max(int(gc.min_new_tokens or 0), int(gc.min_length or 0) - L),
         eos_token_ids=eos,
@@ -295,8 +297,6 @@ _UNSUPPORTED = {
     "encoder_no_repeat_ngram_size": (lambda v: v not in (None, 0), "encoder-decoder only"),
     "bad_words_ids": (lambda v: v is not None, "not implemented yet"),
     "force_words_ids": (lambda v: v is not None, "constrained beam search: use model.generate"),
-    "suppress_tokens": (lambda v: v is not None, "not implemented yet"),
-    "begin_suppress_tokens": (lambda v: v is not None, "not implemented yet"),
     "sequence_bias": (lambda v: v is not None, "not implemented yet"),
     "forced_bos_token_id": (lambda v: v is not None, "not implemented yet"),
     "forced_eos_token_id": (lambda v: v is not None, "not implemented yet"),

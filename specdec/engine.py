@@ -46,6 +46,8 @@ class GenerationParams:
     mode: VerifyMode = VerifyMode.EXACT
     typical: TypicalParams | None = None
     stop: Callable[[int, list[int]], bool] | None = None
+    suppress_tokens: tuple[int, ...] = ()  # never drawn (transformers' suppress_tokens)
+    begin_suppress_tokens: tuple[int, ...] = ()  # not drawn as the first generated token
 
 
 @dataclass(slots=True)
@@ -261,9 +263,11 @@ class Engine:
             for r in rows:
                 r.presence = torch.zeros(self.target.vocab_size, dtype=torch.bool, device=dev)
                 r.presence[r.prompt.to(dev)] = True
-        eos = torch.zeros(self.target.vocab_size, dtype=torch.bool)
-        eos[[e for e in gp.eos_token_ids if e < self.target.vocab_size]] = True
-        self._call = (gp.sampling.to(dev), gp.seeds.to(dev), bool(gp.sampling.greedy.all()), eos.to(dev))
+        V = self.target.vocab_size
+        masks = torch.zeros(3, V, dtype=torch.bool)  # EOS (min_new_tokens), always banned, banned first
+        for i, ids in enumerate((gp.eos_token_ids, gp.suppress_tokens, gp.begin_suppress_tokens)):
+            masks[i, [t for t in ids if 0 <= t < V]] = True
+        self._call = (gp.sampling.to(dev), gp.seeds.to(dev), bool(gp.sampling.greedy.all()), masks.to(dev))
         t_start = sync_time(dev)
         stats.setup_time_s = t_start - t_call
         waiting, active, used = deque(zip(rows, needs, strict=True)), [], 0
@@ -370,7 +374,7 @@ class Engine:
         """Verify a scored tree; ahead > 0: the step runs that many steps after the rows' host state
         (a pipelined plain step), so its coins and its min_new_tokens count start that much later."""
         dev = logits.device
-        sampling, seeds, all_greedy, eos = self._call
+        sampling, seeds, all_greedy, masks = self._call
         index = [r.index for r in rows]
         if index != list(range(sampling.batch_size)):  # some rows finished or wait: pick the live ones
             idx = torch.tensor(index, device=dev)
@@ -382,11 +386,19 @@ class Engine:
         rng = None if steps is None else RowSeeds(seeds, steps)
         presence = torch.stack([r.presence for r in rows]) if rows[0].presence is not None else None
         suppress = None
-        if gp.min_new_tokens > 0 and gp.eos_token_ids:
+        min_new = gp.min_new_tokens > 0 and gp.eos_token_ids
+        if min_new or gp.begin_suppress_tokens:
             made = to_device(torch.tensor([len(r.generated) + ahead for r in rows]), dev)
-            # the token drawn at a node of depth d is generated token number made + d + 1
-            banned = (made[:, None] + tree.depth + 1) <= gp.min_new_tokens  # [B, N]
-            suppress = banned[:, :, None] & eos  # [B, N, V]; no host index list: no sync
+            number = made[:, None] + tree.depth + 1  # [B, N]: the generated token a node's children are
+            suppress = torch.zeros(1, 1, masks.shape[1], dtype=torch.bool, device=dev)
+            if min_new:
+                suppress = suppress | ((number <= gp.min_new_tokens)[:, :, None] & masks[0])
+            if gp.begin_suppress_tokens:
+                suppress = suppress | ((number == 1)[:, :, None] & masks[2])
+        if gp.suppress_tokens:
+            suppress = masks[1].expand(logits.shape) if suppress is None else suppress | masks[1]
+        if suppress is not None:
+            suppress = suppress.expand(logits.shape)  # [B, N, V]; no host index list: no sync
         return verify(
             tree, logits, sampling, mode=mode, presence=presence, rng=rng, typical=gp.typical, suppress=suppress
         )

@@ -72,8 +72,6 @@ def test_generation_config_is_merged_with_the_models(model):
         ("num_beams", 4),
         ("no_repeat_ngram_size", 3),
         ("bad_words_ids", [[5]]),
-        ("suppress_tokens", [5]),
-        ("begin_suppress_tokens", [5]),
         ("sequence_bias", {(5,): -1.0}),
         ("forced_bos_token_id", 4),
         ("forced_eos_token_id", 4),
@@ -235,3 +233,23 @@ def test_num_return_sequences_repeats_rows_with_their_own_draws(model):
     assert len({tuple(r) for r in out[:3, 5:].tolist()}) > 1  # the repeats are separate draws
     with pytest.raises(ValueError, match="num_return_sequences"):  # transformers words it
         specdec.generate(model, ids, max_new_tokens=4, do_sample=False, num_return_sequences=2)
+
+
+@pytest.mark.parametrize("proposer", [None, "ngram"])
+def test_suppress_tokens_like_transformers(model, proposer):
+    """suppress_tokens (never) and begin_suppress_tokens (not as the first token): the same sequences as
+    model.generate, with tokens chosen from the free output so that the bans bite."""
+    ids = torch.randint(3, 12, (2, 6), generator=torch.Generator().manual_seed(10))
+    mask = torch.ones_like(ids)
+    kw = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
+    free = model.generate(ids, **kw)[:, 6:]
+    never, first = [int(free[0, 2]), int(free[1, 4])], [int(free[0, 0]), int(free[1, 0])]
+    ref = model.generate(ids, suppress_tokens=never, begin_suppress_tokens=first, **kw)
+    assert not torch.equal(ref[:, 6:], free)  # the bans changed the output: the comparison can fail
+    prop = specdec.Ngram(num_tokens=3) if proposer else None
+    out = specdec.generate(model, ids, proposer=prop, suppress_tokens=never, begin_suppress_tokens=first, **kw)
+    assert torch.equal(out, ref)
+    sampled = specdec.generate(model, ids, proposer=prop, suppress_tokens=never, begin_suppress_tokens=first,
+                               **{**kw, "do_sample": True, "seed": 3})  # fmt: skip
+    gen = sampled[:, 6:]
+    assert not any(t in never for t in gen.flatten().tolist()) and not any(t in first for t in gen[:, 0].tolist())

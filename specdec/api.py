@@ -220,6 +220,7 @@ def generate(
         top_p=(gc.top_p if gc.top_p is not None else 1.0) if sampled else 1.0,
         min_p=(gc.min_p or 0.0) if sampled else 0.0,
         repetition_penalty=gc.repetition_penalty if gc.repetition_penalty is not None else 1.0,
+        warpers=_warpers(gc, model.device) if sampled else (),
     )
     eos = _eos_list(gc.eos_token_id)
     pad = gc.pad_token_id if gc.pad_token_id is not None else (eos[0] if eos else 0)
@@ -264,6 +265,21 @@ def generate(
     return sequences
 
 
+def _warpers(gc: GenerationConfig, device) -> tuple:
+    """transformers' typical / epsilon / eta warpers for these settings, built as transformers builds
+    them for sampling (min_tokens_to_keep 1), in its order."""
+    from transformers.generation.logits_process import EpsilonLogitsWarper, EtaLogitsWarper, TypicalLogitsWarper
+
+    out = []
+    if gc.typical_p is not None and gc.typical_p < 1.0:
+        out.append(TypicalLogitsWarper(mass=gc.typical_p))
+    if gc.epsilon_cutoff is not None and 0.0 < gc.epsilon_cutoff < 1.0:
+        out.append(EpsilonLogitsWarper(epsilon=gc.epsilon_cutoff))
+    if gc.eta_cutoff is not None and 0.0 < gc.eta_cutoff < 1.0:
+        out.append(EtaLogitsWarper(epsilon=gc.eta_cutoff, device=device))
+    return tuple(out)
+
+
 def _criteria(stopping_criteria) -> list:
     """The user's stopping criteria as a list of callables (ids [1, T], scores) -> bool or [1] bool."""
     items = list(stopping_criteria) if hasattr(stopping_criteria, "__iter__") else [stopping_criteria]
@@ -290,6 +306,7 @@ def _stop_checker(criteria: list, prompts: list[torch.Tensor]):
 # GenerationConfig fields whose non-default values change the output and that specdec does not
 # implement: (is it set?, what to do instead)
 _UNSUPPORTED = {
+    "top_h": (lambda v: v is not None, "not implemented yet (a newer transformers sampler)"),
     "num_beams": (lambda v: v not in (None, 1), "beam search is not speculative decoding; use model.generate"),
     "num_beam_groups": (lambda v: v not in (None, 1), "use model.generate"),
     "penalty_alpha": (lambda v: v not in (None, 0), "contrastive search: use model.generate"),
@@ -300,9 +317,6 @@ _UNSUPPORTED = {
     "sequence_bias": (lambda v: v is not None, "not implemented yet"),
     "forced_bos_token_id": (lambda v: v is not None, "not implemented yet"),
     "forced_eos_token_id": (lambda v: v is not None, "not implemented yet"),
-    "typical_p": (lambda v: v not in (None, 1.0), "not implemented yet (the sampler, not Medusa's acceptance)"),
-    "epsilon_cutoff": (lambda v: v not in (None, 0.0), "not implemented yet"),
-    "eta_cutoff": (lambda v: v not in (None, 0.0), "not implemented yet"),
     "exponential_decay_length_penalty": (lambda v: v is not None, "not implemented yet"),
     "guidance_scale": (lambda v: v not in (None, 1.0), "classifier-free guidance: use model.generate"),
     "watermarking_config": (lambda v: v is not None, "use model.generate"),

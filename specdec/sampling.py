@@ -39,6 +39,9 @@ class SamplingParams:
     repetition_penalty [B] float > 0, 1 means off
     filters            host-side (top-k, top-p, min-p) flags: False when no row uses that filter, so
                        that its full-vocabulary sort is skipped without a device sync
+    warpers            transformers' own warpers applied after min-p to sampled rows, one setting for
+                       the whole call (typical_p, epsilon_cutoff, eta_cutoff: their classes, in
+                       transformers' order), so the law follows the installed transformers
     """
 
     temperature: torch.Tensor
@@ -47,6 +50,7 @@ class SamplingParams:
     min_p: torch.Tensor
     repetition_penalty: torch.Tensor
     filters: tuple[bool, bool, bool] = (True, True, True)
+    warpers: tuple = ()
 
     _TENSORS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
 
@@ -61,6 +65,7 @@ class SamplingParams:
         min_p: Number | Sequence[Number] | torch.Tensor = 0.0,
         repetition_penalty: Number | Sequence[Number] | torch.Tensor = 1.0,
         device: torch.device | str | None = None,
+        warpers: Sequence = (),
     ) -> SamplingParams:
         """Build and validate per-row parameters from scalars or per-row values.
 
@@ -80,6 +85,7 @@ class SamplingParams:
             top_p=_per_row(top_p, batch_size, "top_p", torch.float64, device),
             min_p=_per_row(min_p, batch_size, "min_p", f32, device),
             repetition_penalty=_per_row(repetition_penalty, batch_size, "repetition_penalty", f32, device),
+            warpers=tuple(warpers),
         )
         params.validate()
         params.filters = (
@@ -113,12 +119,16 @@ class SamplingParams:
         return self.temperature == 0
 
     def to(self, device: torch.device | str) -> SamplingParams:
-        return SamplingParams(*(to_device(getattr(self, f), device) for f in self._TENSORS), filters=self.filters)
+        return SamplingParams(
+            *(to_device(getattr(self, f), device) for f in self._TENSORS), filters=self.filters, warpers=self.warpers
+        )
 
     def select(self, rows: torch.Tensor | list[int]) -> SamplingParams:
         """The parameters of the given rows, in that order."""
         idx = torch.as_tensor(rows, dtype=torch.long, device=self.temperature.device)
-        return SamplingParams(*(getattr(self, f)[idx] for f in self._TENSORS), filters=self.filters)
+        return SamplingParams(
+            *(getattr(self, f)[idx] for f in self._TENSORS), filters=self.filters, warpers=self.warpers
+        )
 
 
 def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
@@ -201,7 +211,8 @@ def process_logits(
 ) -> torch.Tensor:
     """Logits -> the processed sampling distribution, in transformers' processor order.
 
-    Order: repetition penalty, then (sampled rows) temperature, top-k, top-p, min-p, softmax.
+    Order: repetition penalty, then (sampled rows) temperature, top-k, top-p, min-p, the warpers
+    (typical, epsilon, eta), softmax.
     Greedy rows (temperature 0) become a one-hot at the first argmax of the penalised logits.
 
     Parameters
@@ -235,6 +246,8 @@ def process_logits(
         scores = _top_p_filter(scores, params.top_p)
     if use_min_p:
         scores = _min_p_filter(scores, params.min_p)
+    for warp in params.warpers:  # transformers' classes on [rows, V] (they read no input_ids)
+        scores = warp(None, scores.reshape(-1, scores.shape[-1])).reshape(scores.shape)
     return torch.where(greedy, one_hot, scores.softmax(dim=-1))
 
 

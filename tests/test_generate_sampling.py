@@ -185,3 +185,26 @@ def test_the_sampling_test_catches_argmax_drafts_verified_as_iid(worlds):
     law = exact_law(target, prompt, SamplingParams.make(1, top_k=0, temperature=1.0))
     out = _run(target, prompt, ArgmaxLabelledIID(sharp, num_tokens=3), "t1")
     assert tvs(out.sequences, prompt, law)[1] > 3 * tv_bound(V * V, N_RUNS)
+
+
+@pytest.mark.parametrize("kind", ["draft", "tree"])
+def test_typical_epsilon_eta_follow_transformers_warpers(worlds, kind):
+    """typical_p, epsilon_cutoff and eta_cutoff are transformers' own warpers applied to the target law
+    at every node: the first tokens follow the law they define (and that law differs from the
+    unfiltered one by more than the test's bound, so the test can fail)."""
+    from transformers import GenerationConfig
+
+    from specdec.api import _warpers
+
+    target, draft, prompt = worlds["spread"]
+    settings = dict(temperature=0.9, typical_p=0.9, epsilon_cutoff=0.03, eta_cutoff=0.05)
+    gc = GenerationConfig(do_sample=True, **settings)
+    law = exact_law(target, prompt, SamplingParams.make(1, temperature=0.9, warpers=_warpers(gc, "cpu")))
+    plain_law = exact_law(target, prompt, SamplingParams.make(1, temperature=0.9))
+    bound = tv_bound(V * V, N_RUNS)
+    assert 0.5 * (law.sum(2) - plain_law.sum(2)).abs().sum().item() > 3 * bound
+    out = specdec.generate(target, prompt.expand(N_RUNS, -1), proposer=law_proposer(kind, draft), max_new_tokens=3,
+                           do_sample=True, top_k=0, seed=777, return_dict_in_generate=True, **settings)  # fmt: skip
+    tv12, tv23 = tvs(out.sequences, prompt, law)
+    assert tv12 < bound and tv23 < bound, (tv12, tv23, bound)
+    assert out.stats.accepted > 0.05 * N_RUNS

@@ -75,9 +75,6 @@ def test_generation_config_is_merged_with_the_models(model):
         ("sequence_bias", {(5,): -1.0}),
         ("forced_bos_token_id", 4),
         ("forced_eos_token_id", 4),
-        ("typical_p", 0.9),
-        ("epsilon_cutoff", 0.001),
-        ("eta_cutoff", 0.001),
         ("exponential_decay_length_penalty", (2, 1.1)),
         ("guidance_scale", 1.5),
         ("output_scores", True),
@@ -253,3 +250,28 @@ def test_suppress_tokens_like_transformers(model, proposer):
                                **{**kw, "do_sample": True, "seed": 3})  # fmt: skip
     gen = sampled[:, 6:]
     assert not any(t in never for t in gen.flatten().tolist()) and not any(t in first for t in gen[:, 0].tolist())
+
+
+def test_warpers_are_transformers_own_in_its_order():
+    """process_logits with typical / epsilon / eta gives what transformers' processor list gives."""
+    from transformers import GenerationConfig
+    from transformers.generation.logits_process import LogitsProcessorList, TemperatureLogitsWarper
+
+    from specdec import SamplingParams, process_logits
+    from specdec.api import _warpers
+
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(3)) * 3
+    gc = GenerationConfig(do_sample=True, temperature=0.8, typical_p=0.7, epsilon_cutoff=0.01, eta_cutoff=0.02)
+    warpers = _warpers(gc, "cpu")
+    assert [type(w).__name__ for w in warpers] == ["TypicalLogitsWarper", "EpsilonLogitsWarper", "EtaLogitsWarper"]
+    theirs = LogitsProcessorList([TemperatureLogitsWarper(0.8), *warpers])(None, logits.clone()).softmax(-1)
+    ours = process_logits(logits, SamplingParams.make(4, temperature=0.8, warpers=warpers))
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+    assert (ours == 0).sum() > (process_logits(logits, SamplingParams.make(4, temperature=0.8)) == 0).sum()
+
+
+def test_top_h_is_refused_where_transformers_has_it(model):
+    if not hasattr(GenerationConfig(), "top_h"):
+        pytest.skip("this transformers has no top_h")
+    with pytest.raises(ValueError, match="top_h"):
+        specdec.generate(model, torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=True, top_h=0.5)

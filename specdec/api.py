@@ -169,12 +169,7 @@ def generate(
     gc = resolve_generation_config(model, generation_config, **given, **kwargs)
     proposer = _alias_proposer(proposer, assistant_model, gc)
     n = gc.num_return_sequences or 1
-    if n > 1:  # as transformers: every prompt row repeated n times, each repeat its own draws
-        if not gc.do_sample:
-            raise ValueError(
-                f"num_return_sequences={n} needs do_sample=True: greedy decoding returns the same sequence "
-                "every time (transformers refuses it too)"
-            )
+    if n > 1:  # as transformers (whose config check refuses it without sampling): rows repeated, own draws
         input_ids = input_ids.repeat_interleave(n, dim=0)
         if attention_mask is not None:
             attention_mask = attention_mask.repeat_interleave(n, dim=0)
@@ -242,8 +237,8 @@ def generate(
         max_new_tokens=int(max_new),
         sampling=sampling,
         seeds=_seeds(seed, B),
-        suppress_tokens=tuple(int(t) for t in gc.suppress_tokens or ()),
-        begin_suppress_tokens=tuple(int(t) for t in gc.begin_suppress_tokens or ()),
+        suppress_tokens=_token_ids("suppress_tokens", gc.suppress_tokens),
+        begin_suppress_tokens=_token_ids("begin_suppress_tokens", gc.begin_suppress_tokens),
         # min_length counts the (padded) prompt, as transformers' MinLengthLogitsProcessor does
         min_new_tokens=max(int(gc.min_new_tokens or 0), int(gc.min_length or 0) - L),
         eos_token_ids=eos,
@@ -263,6 +258,16 @@ def generate(
     if gc.return_dict_in_generate:
         return GenerateOutput(sequences=sequences, stats=stats)
     return sequences
+
+
+def _token_ids(name: str, ids) -> tuple[int, ...]:
+    """Token ids of a ban list; an id >= the vocabulary can never be drawn (harmless), a negative one
+    is an error rather than a silent wrap-around."""
+    out = tuple(int(t) for t in ids or ())
+    bad = [t for t in out if t < 0]
+    if bad:
+        raise ValueError(f"{name} holds {bad[0]}: token ids must be >= 0")
+    return out
 
 
 def _warpers(gc: GenerationConfig, device) -> tuple:

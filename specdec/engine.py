@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import threading
 import time
 from collections import deque
@@ -19,11 +20,11 @@ import torch
 
 from .cache.block_manager import BlockManager, OutOfBlocksError
 from .cache.paged_kv import PagedKVCache
+from .devices import to_device
 from .metrics import SpecStats, sync_time
 from .proposers.base import Needs, ProposeContext, Proposer, resolve_proposer
 from .runtime.base import ModelOutput
 from .runtime.graphs import GraphedForward
-from .runtime.metadata import to_device
 from .runtime.runner import PagedRunner
 from .sampling import RowSeeds, SamplingParams
 from .tree import DraftTree, node_bucket
@@ -64,7 +65,9 @@ class _Row:
     t_first: float = 0.0
     t_last: float = 0.0
     hidden: torch.Tensor | None = None  # [H] the target's final hidden state that produced the root
-    counts: list[int] = field(default_factory=lambda: [0, 0, 0, 0])  # steps, emitted, drafted, accepted
+    emitted: int = 0  # tokens its steps emitted (bonus included; steps = step - 1): its own tau
+    drafted: int = 0
+    accepted: int = 0
 
 
 def max_tree_nodes(proposer: Proposer | None) -> int:
@@ -112,7 +115,8 @@ class Engine:
         self.time_split = not self.runner.kernels if time_split is None else time_split
         self._hidden = self.proposer is not None and Needs.LAST_HIDDEN in self.proposer.needs
         self._features: tuple[int, ...] | None = None  # the proposer's feature layers (set per call)
-        # this call's params on the device: sampling, seeds, all greedy, EOS ids as a [V] bool mask
+        # this call's params on the device: sampling, seeds, all greedy, and [3, V] bool token masks
+        # (EOS for min_new_tokens, suppress_tokens, begin_suppress_tokens)
         self._call: tuple[SamplingParams, torch.Tensor, bool, torch.Tensor] | None = None
         # plain decoding launches step k + 1 before reading step k's token back (see _plain_run);
         # settable, e.g. to measure what the overlap saves
@@ -305,11 +309,11 @@ class Engine:
         stats.per_sequence = [
             {
                 "generated_tokens": len(r.generated),
-                "steps": r.counts[0],
-                "tau": r.counts[1] / r.counts[0] if r.counts[0] else 0.0,
-                "drafted": r.counts[2],
-                "accepted": r.counts[3],
-                "acceptance_rate": r.counts[3] / r.counts[2] if r.counts[2] else 0.0,
+                "steps": r.step - 1,
+                "tau": r.emitted / (r.step - 1) if r.step > 1 else 0.0,
+                "drafted": r.drafted,
+                "accepted": r.accepted,
+                "acceptance_rate": r.accepted / r.drafted if r.drafted else 0.0,
                 "ttft_ms": 1e3 * (r.t_first - t_start),
                 "tokens_per_s": len(r.generated) / (r.t_last - t_start) if r.t_last > t_start else 0.0,
             }
@@ -385,20 +389,17 @@ class Engine:
         steps = None if mode is VerifyMode.GREEDY else to_device(torch.tensor([r.step + ahead for r in rows]), dev)
         rng = None if steps is None else RowSeeds(seeds, steps)
         presence = torch.stack([r.presence for r in rows]) if rows[0].presence is not None else None
-        suppress = None
+        bans = [masks[1]] if gp.suppress_tokens else []  # [V]
         min_new = gp.min_new_tokens > 0 and gp.eos_token_ids
         if min_new or gp.begin_suppress_tokens:
             made = to_device(torch.tensor([len(r.generated) + ahead for r in rows]), dev)
             number = made[:, None] + tree.depth + 1  # [B, N]: the generated token a node's children are
-            suppress = torch.zeros(1, 1, masks.shape[1], dtype=torch.bool, device=dev)
             if min_new:
-                suppress = suppress | ((number <= gp.min_new_tokens)[:, :, None] & masks[0])
+                bans.append((number <= gp.min_new_tokens)[:, :, None] & masks[0])  # [B, N, V]
             if gp.begin_suppress_tokens:
-                suppress = suppress | ((number == 1)[:, :, None] & masks[2])
-        if gp.suppress_tokens:
-            suppress = masks[1].expand(logits.shape) if suppress is None else suppress | masks[1]
-        if suppress is not None:
-            suppress = suppress.expand(logits.shape)  # [B, N, V]; no host index list: no sync
+                bans.append((number == 1)[:, :, None] & masks[2])
+        # [B, N, V] from device masks: no host index list, no sync
+        suppress = functools.reduce(torch.logical_or, bans).expand(logits.shape) if bans else None
         return verify(
             tree, logits, sampling, mode=mode, presence=presence, rng=rng, typical=gp.typical, suppress=suppress
         )
@@ -426,10 +427,9 @@ class Engine:
             new = emitted[b][: n + 1]
             kept = self._emit(r, new, gp)
             r.step += 1
-            r.counts[0] += 1  # this row's own tau and acceptance (SpecStats.per_sequence)
-            r.counts[1] += n + 1
-            r.counts[2] += drafted[b]
-            r.counts[3] += n
+            r.emitted += n + 1  # this row's own tau and acceptance (SpecStats.per_sequence)
+            r.drafted += drafted[b]
+            r.accepted += n
             r.t_last = t_emit
             if not r.done:
                 self.runner.commit(r.seq_id, [root] + new[:n])
@@ -510,8 +510,7 @@ class Engine:
             root = r.tokens[-1]
             kept = self._emit(r, [tokens[b]], gp)
             r.step += 1
-            r.counts[0] += 1
-            r.counts[1] += 1
+            r.emitted += 1
             r.t_last = t
             if not r.done:
                 self.runner.commit(r.seq_id, [root], keep=int(ahead))

@@ -250,6 +250,8 @@ def test_suppress_tokens_like_transformers(model, proposer):
                                **{**kw, "do_sample": True, "seed": 3})  # fmt: skip
     gen = sampled[:, 6:]
     assert not any(t in never for t in gen.flatten().tolist()) and not any(t in first for t in gen[:, 0].tolist())
+    with pytest.raises(ValueError, match="suppress_tokens holds -3: token ids must be >= 0"):
+        specdec.generate(model, ids, suppress_tokens=[-3], **kw)
 
 
 def test_warpers_are_transformers_own_in_its_order():

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from ..devices import to_device
 from ..runtime.base import TargetModel
 from ..runtime.hf import HFModel
-from ..runtime.metadata import to_device
 from ..runtime.runner import PagedRunner
 from ..tree import DraftTree
 from ..validation import is_int, require_int

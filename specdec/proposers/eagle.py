@@ -21,10 +21,11 @@ import torch.nn.functional as F
 
 from ..cache.block_manager import BlockManager
 from ..cache.paged_kv import PagedKVCache
+from ..devices import to_device
 from ..heads.eagle import EagleDrafter, load_eagle
 from ..runtime.base import TargetModel
 from ..runtime.hf import paged_attention
-from ..runtime.metadata import prefill_metadata, slots_of, to_device
+from ..runtime.metadata import prefill_metadata, slots_of
 from ..tree import DraftTree
 from ..verify import VerifyResult
 from .base import Needs, ProposeContext, Proposer, draft_chain, register_proposer

@@ -119,11 +119,20 @@ def main() -> None:
         "specdec Medusa(32)": lambda: specdec.Medusa.from_pretrained(root / "medusa", tree=32),
         "specdec Eagle(6, 10, 60)": lambda: specdec.Eagle.from_pretrained(root / "eagle"),
         "specdec Eagle chain(5)": lambda: specdec.Eagle.from_pretrained(root / "eagle", depth=5, chain=True),
+        # ablations in the same run: the step tail (verify, K/V moves, read-back) and EAGLE's tree
+        # expansion eagerly, as before they were captured
+        "specdec Ngram(4), eager step tail": lambda: specdec.Ngram(num_tokens=4),
+        "specdec Eagle(6, 10, 60), eager tail and expansion": lambda: specdec.Eagle.from_pretrained(root / "eagle"),
     }
     plain_out = {}
     for name, make in proposers.items():
-        engine = specdec.Engine(target, make())
+        proposer = make()
+        eager = "eager" in name
+        if eager and isinstance(proposer, specdec.Eagle):
+            proposer.graphs = False
+        engine = specdec.Engine(target, proposer)
         engine.pipeline = name != "specdec plain, one step at a time"
+        engine.tail_graphs = not eager
         kw = dict(engine=engine, max_new_tokens=N, min_new_tokens=N, do_sample=False, return_dict_in_generate=True)
         t0 = sync()
         cold_tokens = sum(specdec.generate(target, p, **kw).stats.generated_tokens for p in [warm, *prompts])

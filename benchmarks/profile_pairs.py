@@ -59,6 +59,26 @@ def main() -> None:
             stats.sort_stats("cumulative").print_stats(45)
             stats.sort_stats("tottime").print_stats(30)
         print(name, f"tau {res.stats.tau:.2f}", f"{res.stats.total_time_s * 1e3:.0f} ms", flush=True)
+        if dev.type == "cuda":  # device time: is a step waiting for the GPU or the GPU for the host?
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as trace:
+                t0 = torch.cuda.Event(enable_timing=True)
+                t1 = torch.cuda.Event(enable_timing=True)
+                t0.record()
+                res = specdec.generate(target, ids, **kw)
+                t1.record()
+                torch.cuda.synchronize()
+            table = trace.key_averages().table(sort_by="self_device_time_total", row_limit=30)
+            kernel_us = sum(e.self_device_time_total for e in trace.key_averages())
+            wall_ms = t0.elapsed_time(t1)
+            steps = max(res.stats.target_forwards, 1)
+            line = (
+                f"{name}: wall {wall_ms:.1f} ms (under the profiler), device busy {kernel_us / 1e3:.1f} ms, "
+                f"{steps} target forwards: {wall_ms / steps:.3f} ms a step, device {kernel_us / 1e3 / steps:.3f} ms"
+            )
+            print(line, flush=True)
+            (out / f"device_{name}.txt").write_text(line + "\n\n" + table)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from .devices import to_device
 from .metrics import SpecStats, sync_time
 from .proposers.base import Needs, ProposeContext, Proposer, resolve_proposer
 from .runtime.base import ModelOutput
-from .runtime.graphs import GraphedForward
+from .runtime.graphs import GraphedCalls, GraphedForward
 from .runtime.runner import PagedRunner
 from .sampling import RowSeeds, SamplingParams
 from .tree import DraftTree, node_bucket
@@ -122,6 +122,10 @@ class Engine:
         # settable, e.g. to measure what the overlap saves
         self.pipeline = True
         self._root_trees: dict[int, DraftTree] = {}  # root-only tree structure per batch size
+        # the step tail (verify, K/V moves, read-back pack) as CUDA graphs after a graphed forward;
+        # settable, e.g. to measure what it saves
+        self.tail_graphs = True
+        self._tails = GraphedCalls()
 
     @property
     def bm(self) -> BlockManager | None:
@@ -208,7 +212,8 @@ class Engine:
             )
         try:
             self._check_ids(prompts, gp)
-            return self._run(prompts, gp, streamer)
+            with torch.inference_mode():  # the pool's tensors are inference tensors, moved in place
+                return self._run(prompts, gp, streamer)
         except BaseException:
             if streamer is not None:  # a consumer waiting on the stream (TextIteratorStreamer) must wake up
                 with contextlib.suppress(Exception):
@@ -372,37 +377,167 @@ class Engine:
 
     # ----------------------------------------------------------------------------- one step
 
-    def _verify(
-        self, rows: list[_Row], tree: DraftTree, logits: torch.Tensor, gp: GenerationParams, ahead: int = 0
-    ) -> VerifyResult:
-        """Verify a scored tree; ahead > 0: the step runs that many steps after the rows' host state
-        (a pipelined plain step), so its coins and its min_new_tokens count start that much later."""
-        dev = logits.device
-        sampling, seeds, all_greedy, masks = self._call
+    def _verify_inputs(self, rows: list[_Row], gp: GenerationParams, ahead: int = 0) -> dict[str, torch.Tensor]:
+        """The per-row tensors verification reads, on the device: the rows' sampling parameters and
+        seeds; their step counters (coins) unless every row is greedy; the tokens each has made
+        when min_new_tokens / begin_suppress_tokens need it; the presence masks for the penalty.
+        ahead > 0: the step runs that many steps after the rows' host state (a pipelined plain step)."""
+        dev = self.target.device
+        sampling, seeds, all_greedy, _ = self._call
         index = [r.index for r in rows]
         if index != list(range(sampling.batch_size)):  # some rows finished or wait: pick the live ones
             idx = torch.tensor(index, device=dev)
             sampling, seeds = sampling.select(idx), seeds[idx]
-        mode = gp.mode
-        if mode is VerifyMode.EXACT and all_greedy:
-            mode = VerifyMode.GREEDY  # the same tokens, without coins or residuals
-        steps = None if mode is VerifyMode.GREEDY else to_device(torch.tensor([r.step + ahead for r in rows]), dev)
-        rng = None if steps is None else RowSeeds(seeds, steps)
-        presence = torch.stack([r.presence for r in rows]) if rows[0].presence is not None else None
+        t = {f: getattr(sampling, f) for f in SamplingParams._TENSORS}
+        t["seeds"] = seeds
+        if self._verify_mode(gp) is not VerifyMode.GREEDY:
+            t["steps"] = to_device(torch.tensor([r.step + ahead for r in rows]), dev)
+        if (gp.min_new_tokens > 0 and gp.eos_token_ids) or gp.begin_suppress_tokens:
+            t["made"] = to_device(torch.tensor([len(r.generated) + ahead for r in rows]), dev)
+        if rows[0].presence is not None:
+            t["presence"] = torch.stack([r.presence for r in rows])
+        return t
+
+    def _verify_mode(self, gp: GenerationParams) -> VerifyMode:
+        if gp.mode is VerifyMode.EXACT and self._call[2]:
+            return VerifyMode.GREEDY  # every row greedy: the same tokens, without coins or residuals
+        return gp.mode
+
+    def _verify_tensors(
+        self, tree: DraftTree, logits: torch.Tensor, t: dict[str, torch.Tensor], gp: GenerationParams
+    ) -> VerifyResult:
+        """Verify a scored tree from `_verify_inputs`' tensors (a pure function of them: captured
+        in the step tail's graph)."""
+        sampling_all, _, _, masks = self._call
+        sampling = SamplingParams(
+            *(t[f] for f in SamplingParams._TENSORS), filters=sampling_all.filters, warpers=sampling_all.warpers
+        )
+        rng = RowSeeds(t["seeds"], t["steps"]) if "steps" in t else None
         bans = [masks[1]] if gp.suppress_tokens else []  # [V]
-        min_new = gp.min_new_tokens > 0 and gp.eos_token_ids
-        if min_new or gp.begin_suppress_tokens:
-            made = to_device(torch.tensor([len(r.generated) + ahead for r in rows]), dev)
-            number = made[:, None] + tree.depth + 1  # [B, N]: the generated token a node's children are
-            if min_new:
+        if "made" in t:
+            number = t["made"][:, None] + tree.depth + 1  # [B, N]: the generated token a node's children are
+            if gp.min_new_tokens > 0 and gp.eos_token_ids:
                 bans.append((number <= gp.min_new_tokens)[:, :, None] & masks[0])  # [B, N, V]
             if gp.begin_suppress_tokens:
                 bans.append((number == 1)[:, :, None] & masks[2])
         # [B, N, V] from device masks: no host index list, no sync
         suppress = functools.reduce(torch.logical_or, bans).expand(logits.shape) if bans else None
         return verify(
-            tree, logits, sampling, mode=mode, presence=presence, rng=rng, typical=gp.typical, suppress=suppress
+            tree,
+            logits,
+            sampling,
+            mode=self._verify_mode(gp),
+            presence=t.get("presence"),
+            rng=rng,
+            typical=gp.typical,
+            suppress=suppress,
         )
+
+    def _verify(
+        self, rows: list[_Row], tree: DraftTree, logits: torch.Tensor, gp: GenerationParams, ahead: int = 0
+    ) -> VerifyResult:
+        """Verify a scored tree for these rows (eagerly; see `_verify_inputs` for `ahead`)."""
+        return self._verify_tensors(tree, logits, self._verify_inputs(rows, gp, ahead), gp)
+
+    # ----------------------------------------------------------------------------- the step tail
+
+    _TREE_FIELDS = ("tokens", "parents", "depth", "num_nodes", "law", "draft_probs")
+
+    def _tail_fn(self, tree: DraftTree, gp: GenerationParams):
+        """The step after the target's forward, as a function of tensors: verify, move the accepted
+        path's K/V, pick the final hidden state, and pack what the host reads back. Captured as one
+        graph per (batch bucket, tree shape, settings) when the forward ran in a graph."""
+        K_bound, has_wor = tree._max_depth, tree._has_wor
+        hidden = self._hidden
+
+        def run(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            tr = DraftTree(*(t.get(f) for f in self._TREE_FIELDS), _max_depth=K_bound, _has_wor=has_wor)
+            res = self._verify_tensors(tr, t["logits"], t, gp)
+            N = tr.width
+            acc = res.accepted_indices[:, : N - 1]  # [B, K]; a root-only tree accepts nothing
+            slots = t["node_slots"]
+            src = torch.where((acc >= 0) & t["live"][:, None], slots.gather(1, acc.clamp(min=0)), -1)
+            self.runner.compact(src, slots[:, 1 : acc.shape[1] + 1])
+            out = {
+                "accepted_indices": res.accepted_indices,
+                "num_accepted": res.num_accepted,
+                "next_tokens": res.next_tokens,
+                "is_bonus": res.is_bonus,
+                "pack": self._pack(tr, res),
+            }
+            if hidden:
+                last = res.accepted_indices.gather(1, (res.num_accepted - 1).clamp(min=0)[:, None]).squeeze(1)
+                end = torch.where(res.num_accepted > 0, last, 0)
+                out["final"] = t["last_hidden"][torch.arange(tr.batch_size, device=end.device), end]
+            return out
+
+        return run
+
+    @staticmethod
+    def _pack(tree: DraftTree, res: VerifyResult) -> torch.Tensor:
+        """[B, 2 + 3 K + 1] long, the step's read-back per row: emitted tokens [K + 1] (-1 pads),
+        accepted count, drafted count, drafted nodes per depth 1..K, accepted per depth 1..K."""
+        B, E = tree.batch_size, res.accepted_indices.shape[1] + 1
+        depth = torch.where(tree.valid(), tree.depth, 0).clamp(max=E - 1)
+        per_depth = torch.zeros(B, E, dtype=torch.long, device=depth.device).scatter_add_(
+            1, depth, torch.ones_like(depth)
+        )
+        return torch.cat(
+            [
+                res.emitted_tokens(tree),
+                res.num_accepted[:, None],
+                (tree.num_nodes.to(depth.device) - 1)[:, None],
+                per_depth[:, 1:],
+                res.accepted_per_depth.long(),
+            ],
+            1,
+        )
+
+    def _tail(
+        self, rows: list[_Row], tree: DraftTree, out: ModelOutput, node_slots: torch.Tensor, gp: GenerationParams
+    ) -> tuple[VerifyResult, torch.Tensor, torch.Tensor | None]:
+        """Run the step tail: through a captured graph after a graphed forward, else eagerly.
+        Returns the VerifyResult, the pack (see `_pack`) and the final hidden states [B, H] (or None)."""
+        t = self._verify_inputs(rows, gp)
+        for f in self._TREE_FIELDS:
+            if getattr(tree, f) is not None:
+                t[f] = getattr(tree, f)
+        tree.max_depth(), tree.has_wor()  # known by the builders; else a sync here, not in the graph
+        fn = self._tail_fn(tree, gp)
+        c = self.runner.captured
+        sampling = self._call[0]
+        # eager: a forward that ran eagerly, the repetition penalty (its presence masks grow per
+        # token on the host side) and transformers' warpers (objects the key cannot see into)
+        if c is None or "presence" in t or sampling.warpers or not self.tail_graphs:
+            live = torch.ones(len(rows), dtype=torch.bool, device=node_slots.device)
+            fixed = {"logits": out.logits, "node_slots": node_slots, "live": live}
+            if self._hidden:
+                fixed["last_hidden"] = out.last_hidden
+            o = fn({**t, **fixed})
+        else:
+            fixed = {"logits": c.logits, "node_slots": c.node_slots}
+            if self._hidden:
+                fixed["last_hidden"] = c.hidden
+            key = (
+                self._verify_mode(gp),
+                None if gp.typical is None else (gp.typical.posterior_threshold, gp.typical.posterior_alpha),
+                sampling.filters,
+                bool(gp.suppress_tokens),
+                gp.min_new_tokens if gp.eos_token_ids else 0,
+                bool(gp.begin_suppress_tokens),
+                tree._max_depth,
+                tree._has_wor,
+                self._hidden,
+            )
+            o = self._tails(key, fn, len(rows), t, fixed, {}, owner=self.runner.graphs)
+        res = VerifyResult(
+            o["accepted_indices"],
+            o["num_accepted"],
+            o["next_tokens"],
+            o["is_bonus"],
+            lossy=gp.mode is VerifyMode.TYPICAL,
+        )
+        return res, o["pack"], o.get("final")
 
     def _step(self, rows: list[_Row], gp: GenerationParams, stats: SpecStats, streamer) -> None:
         """One speculative step for the live rows: propose, score, verify, commit, update, emit."""
@@ -413,12 +548,15 @@ class Engine:
         t1 = clock(dev)
         stats.draft_time_s += t1 - t0
         out, node_slots = self.runner.forward_tree([r.seq_id for r in rows], tree)  # score: [B, N, V]
-        res = self._verify(rows, tree, out.logits, gp)
+        res, pack, final = self._tail(rows, tree, out, node_slots, gp)  # verify, move K/V, pack
         stats.target_forwards += 1
-        self._commit_kv(rows, tree, res, out, node_slots)
         stats.verify_time_s += clock(dev) - t1
-        emitted, num_acc, drafted = self._read_back(tree, res, stats)
+        emitted, num_acc, drafted = self._read_back(tree, pack, stats)
         t_emit = time.perf_counter()  # the read-back waited for the device
+        if final is not None:
+            final = final.clone()  # a static buffer of the tail's graph: the next step overwrites it
+            for b, r in enumerate(rows):
+                r.hidden = final[b]
         if self.proposer is not None:  # features only for proposers that declared them
             extra = {"features": out.features} if self._features is not None else {}
             self.proposer.update(ctx, tree, res, **extra)
@@ -541,38 +679,21 @@ class Engine:
         widest = tree.width if tree.num_nodes.device.type == "cuda" else int(tree.num_nodes.max())
         return ctx, tree.pad_to(node_bucket(widest))
 
-    def _commit_kv(self, rows: list[_Row], tree: DraftTree, res: VerifyResult, out: ModelOutput, node_slots) -> None:
-        """Keep the accepted path's K/V: the node at depth d moves to logical position L + d; and the
-        final hidden state at the end of the path (it produced the next root) for proposers that read it."""
-        N = tree.width
-        if self._hidden:
-            last = res.accepted_indices.gather(1, (res.num_accepted - 1).clamp(min=0)[:, None]).squeeze(1)
-            end = torch.where(res.num_accepted > 0, last, 0)
-            final = out.last_hidden[torch.arange(len(rows), device=end.device), end].clone()
-            for b, r in enumerate(rows):
-                r.hidden = final[b]
-        acc = res.accepted_indices[:, : N - 1]  # [B, K]; a root-only tree accepts nothing
-        src = node_slots.gather(1, acc.clamp(min=0))
-        dst = node_slots[:, 1 : acc.shape[1] + 1]
-        self.runner.compact(torch.where(acc >= 0, src, -1), dst)
-
     def _read_back(
-        self, tree: DraftTree, res: VerifyResult, stats: SpecStats
+        self, tree: DraftTree, pack: torch.Tensor, stats: SpecStats
     ) -> tuple[list[list[int]], list[int], list[int]]:
-        """The step's one device -> host transfer: emitted tokens [B][E], accepted counts [B],
-        drafted counts [B], and the per-depth counts for the stats."""
-        B = tree.tokens.shape[0]
-        E = res.accepted_indices.shape[1] + 1
-        depth = torch.where(tree.valid(), tree.depth, 0).flatten().clamp(max=E - 1)
-        drafted = torch.zeros(E, dtype=torch.long, device=depth.device).scatter_add_(0, depth, torch.ones_like(depth))
-        parts = [res.emitted_tokens(tree).flatten(), res.num_accepted, tree.num_nodes.to(depth.device) - 1]
-        flat = torch.cat([*parts, drafted[1:], res.accepted_per_depth.sum(0)]).tolist()
-        emitted = [flat[b * E : (b + 1) * E] for b in range(B)]
-        num_acc = flat[B * E : B * E + B]
-        row_drafted = flat[B * E + B : B * E + 2 * B]
-        per_depth = flat[B * E + 2 * B :]
+        """The step's one device -> host transfer (the pack, see `_pack`): emitted tokens [B][E],
+        accepted counts [B], drafted counts [B]; the per-depth counts go to the stats."""
+        K = (pack.shape[1] - 3) // 3
+        flat = pack.tolist()
+        emitted = [row[: K + 1] for row in flat]
+        num_acc = [row[K + 1] for row in flat]
+        row_drafted = [row[K + 2] for row in flat]
+        B = len(flat)
         if tree.width > 1:
-            stats.record_step(per_depth[: E - 1], per_depth[E - 1 :], B, sum(n + 1 for n in num_acc), num_acc)
+            drafted = [sum(row[K + 3 + d] for row in flat) for d in range(K)]
+            accepted = [sum(row[2 * K + 3 + d] for row in flat) for d in range(K)]
+            stats.record_step(drafted, accepted, B, sum(n + 1 for n in num_acc), num_acc)
         else:
             stats.record_step([], [], B, B, num_acc)
         return emitted, num_acc, row_drafted

@@ -108,3 +108,39 @@ def test_a_reused_engine_keeps_its_pool_and_graphs_for_longer_prompts(name):
         now = [x for r in runners for x in (r.cache, r.graphs)]
         assert seen is None or all(a is b for a, b in zip(now, seen, strict=True)), f"rebuilt at prompt length {n}"
         seen = now
+
+
+@pytest.mark.parametrize("name", ["ngram", "draft", "medusa", "eagle"])
+def test_the_step_tail_graphs_draw_what_the_eager_tail_draws(name):
+    """The step tail (verify, K/V moves, read-back pack) and EAGLE's tree expansion replayed from
+    their graphs give the tokens and counts of the eager ones: a greedy row beside sampled ones
+    (top-p), rows that stop at different steps (the batch shrinks), min_new_tokens and
+    suppress_tokens bans. A second call with the same shapes captures nothing."""
+    from specdec.engine import GenerationParams
+
+    model = tiny("llama", vocab=V, eos_token_id=None).cuda()
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 12, (4,), generator=g).repeat(n)[: 3 * n] for n in (7, 3, 5)]
+    sampling = SamplingParams.make(3, temperature=[0.0, 0.9, 1.3], top_p=0.95, device="cuda")
+    gp = GenerationParams(
+        max_new_tokens=24, sampling=sampling, seeds=torch.tensor([11, 12, 13]), min_new_tokens=4,
+        eos_token_ids=(5,), suppress_tokens=(7,),
+    )  # fmt: skip
+    results = {}
+    for graphs in (False, True):
+        proposer = _proposer(name, model)
+        if name == "draft":
+            proposer = DraftModel(noisy_copy(model, 0.05).cuda(), num_tokens=3)
+        if name == "eagle":
+            proposer.graphs = graphs  # the tree expansion's graphs
+        engine = specdec.Engine(model, proposer)
+        engine.tail_graphs = graphs
+        out, stats = engine.run(prompts, gp)
+        again, stats2 = engine.run(prompts, gp)
+        assert again == out
+        if graphs:
+            assert stats.graph_captures > 0 and stats2.graph_captures == 0
+            assert engine._tails.calls, "no step tail was captured"
+        results[graphs] = (out, stats.accepted, stats.drafted, stats.target_forwards)
+        assert engine.bm.num_free_blocks == engine.bm.num_blocks
+    assert results[True] == results[False]

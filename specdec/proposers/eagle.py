@@ -24,6 +24,7 @@ from ..cache.paged_kv import PagedKVCache
 from ..devices import to_device
 from ..heads.eagle import EagleDrafter, load_eagle
 from ..runtime.base import TargetModel
+from ..runtime.graphs import GraphedCalls
 from ..runtime.hf import paged_attention
 from ..runtime.metadata import prefill_metadata, slots_of
 from ..tree import DraftTree
@@ -99,7 +100,9 @@ class Eagle(Proposer):
         self.embed = None
         self.lm_head = None
         self.kernels = False
+        self.graphs = True  # capture the tree expansion on a CUDA device (settable: off runs it eagerly)
         self._draft_ids: torch.Tensor | None = None  # [Vd] target id of each draft id (EAGLE-3)
+        self._graphs: GraphedCalls | None = None  # the tree expansion's CUDA graphs (on a GPU)
 
     @classmethod
     def from_pretrained(
@@ -136,6 +139,10 @@ class Eagle(Proposer):
         if d.version == 3:
             self._draft_ids = d.target_ids(torch.arange(d.draft_vocab_size, device=param.device))
         self.kernels = param.device.type == "cuda"
+        if self.kernels and self.graphs and self._graphs is None:
+            self._graphs = GraphedCalls()
+        elif not (self.kernels and self.graphs):
+            self._graphs = None
         if self.bm is None or self.bm.num_blocks < num_blocks or self.bm.block_size != block_size:
             self.bm = BlockManager(num_blocks, block_size)
             self.cache = PagedKVCache(1, num_blocks, block_size)
@@ -201,16 +208,14 @@ class Eagle(Proposer):
             self.bm.commit(s, t[n:].tolist())
         return h[:, -1]
 
-    def _tree_attend(self, seqs: list[int], dev: torch.device) -> tuple[_TreeAttend, torch.Tensor]:
-        """The committed entries' K/V gathered once per proposal; also the root entry's positions [B]."""
-        lengths = [self.bm.num_tokens(s) for s in seqs]
-        P = max(lengths)
-        committed = to_device(torch.tensor(lengths), dev)
-        tables = to_device(self.bm.block_tables(seqs, width=self.bm.blocks_needed(P)), dev)
-        pos = torch.arange(P, device=dev).expand(len(seqs), P)
+    def _tree_attend(self, tables: torch.Tensor, committed: torch.Tensor, width: int) -> _TreeAttend:
+        """The committed entries' K/V gathered once per proposal: tables [B, W] and committed [B] on
+        the device, width >= the longest row (a bucket when graphed: padding entries are masked)."""
+        B = committed.shape[0]
+        pos = torch.arange(width, device=committed.device).expand(B, width)
         pos = torch.where(pos < committed[:, None], pos, -1)
         k, v = self.cache.gather(0, slots_of(tables, pos, self.bm.block_size))
-        return _TreeAttend(k, v, pos >= 0), committed - 1
+        return _TreeAttend(k, v, pos >= 0)
 
     def _draft_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.drafter.logits(hidden, self.lm_head).float()
@@ -231,36 +236,77 @@ class Eagle(Proposer):
         if int(ctx.max_drafts.max()) < 1:  # every row emits its last token: nothing to draft
             return DraftTree.chain(roots, torch.zeros(B, 0, dtype=torch.long, device=dev))
         h_root = self._catch_up(ctx)  # [B, H]
-        attend, root_pos = self._tree_attend(ctx.seq_ids, dev)
+        lengths = [self.bm.num_tokens(s) for s in ctx.seq_ids]
+        # graphed: the gathered prefix is padded to a power of two, so a few graphs serve every length
+        width = max(lengths) if self._graphs is None else max(64, 1 << (max(lengths) - 1).bit_length())
+        inputs = {
+            "h_root": h_root,
+            "roots": roots,
+            "committed": to_device(torch.tensor(lengths), dev),
+            "tables": to_device(self.bm.block_tables(ctx.seq_ids, width=self.bm.blocks_needed(width)), dev),
+        }
         if self.chain:
-            return self._chain(ctx, roots, h_root, attend, root_pos)
-        H = h_root.shape[-1]
-        state = {"hidden": h_root[:, None], "anc": torch.zeros(B, 1, 0, dtype=torch.bool, device=dev), "step": 0}
+            return self._chain(ctx, inputs, width)
+        expand = self._expansion(width)
+        if self._graphs is None:
+            out = expand(inputs)
+        else:
+            key = ("tree", width, self.depth, self.top_k, self.total_tokens)
+            out = self._graphs(key, expand, B, inputs, {}, owner=self.cache.k)
+        N = self.total_tokens + 1
+        return DraftTree(
+            tokens=out["tokens"].clone(),  # graphed: static buffers that the next proposal overwrites
+            parents=out["parents"].clone(),
+            depth=out["depth"].clone(),
+            num_nodes=torch.full((B,), N, dtype=torch.long, device=dev),
+            law=torch.zeros(B, N, dtype=torch.int8, device=dev),
+            _max_depth=self.depth,
+            _has_wor=False,
+        )
 
-        def expand(tokens: torch.Tensor, parent: torch.Tensor) -> torch.Tensor:
-            k = tokens.shape[1]
-            state["step"] += 1
-            feats = state["hidden"].gather(1, parent[:, :, None].expand(-1, -1, H))
-            prev = state["anc"]
-            anc = prev.gather(1, parent[:, :, None].expand(-1, -1, prev.shape[2]))
-            anc = torch.cat([anc, torch.eye(k, dtype=torch.bool, device=dev).expand(B, k, k)], 2)
-            positions = (root_pos + state["step"])[:, None].expand(B, k)
-            emb = self.embed(self.drafter.target_ids(tokens))
-            h = self.drafter(emb, feats, positions, attend.step(anc), from_target=False)
-            state["hidden"], state["anc"] = h, anc
-            return torch.log_softmax(self._draft_logits(h), -1)
+    def _expansion(self, width: int):
+        """EAGLE-2's tree expansion as a function of tensors (captured as one CUDA graph per prefix
+        width on the GPU): root hidden [B, H], roots [B], committed [B], tables [B, W] -> the tree's
+        tokens, parents, depth [B, N]."""
 
-        root_lp = torch.log_softmax(self._draft_logits(h_root), -1)
-        tree = DraftTree.from_topk_expansion(roots, root_lp, expand, self.depth, self.top_k, self.total_tokens)
-        if self.drafter.version == 3:
-            tree.tokens[:, 1:] = self.drafter.target_ids(tree.tokens[:, 1:])
-        return tree
+        def run(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            h_root, roots = t["h_root"], t["roots"]
+            dev = h_root.device
+            B, H = h_root.shape
+            attend = self._tree_attend(t["tables"], t["committed"], width)
+            root_pos = t["committed"] - 1
+            state = {"hidden": h_root[:, None], "anc": torch.zeros(B, 1, 0, dtype=torch.bool, device=dev), "step": 0}
 
-    def _chain(self, ctx, roots, h, attend: _TreeAttend, root_pos) -> DraftTree:
+            def expand(tokens: torch.Tensor, parent: torch.Tensor) -> torch.Tensor:
+                k = tokens.shape[1]
+                state["step"] += 1
+                feats = state["hidden"].gather(1, parent[:, :, None].expand(-1, -1, H))
+                prev = state["anc"]
+                anc = prev.gather(1, parent[:, :, None].expand(-1, -1, prev.shape[2]))
+                anc = torch.cat([anc, torch.eye(k, dtype=torch.bool, device=dev).expand(B, k, k)], 2)
+                positions = (root_pos + state["step"])[:, None].expand(B, k)
+                emb = self.embed(self.drafter.target_ids(tokens))
+                h = self.drafter(emb, feats, positions, attend.step(anc), from_target=False)
+                state["hidden"], state["anc"] = h, anc
+                return torch.log_softmax(self._draft_logits(h), -1)
+
+            root_lp = torch.log_softmax(self._draft_logits(h_root), -1)
+            tree = DraftTree.from_topk_expansion(roots, root_lp, expand, self.depth, self.top_k, self.total_tokens)
+            tokens = tree.tokens
+            if self.drafter.version == 3:
+                tokens = torch.cat([tokens[:, :1], self.drafter.target_ids(tokens[:, 1:])], 1)
+            return {"tokens": tokens, "parents": tree.parents, "depth": tree.depth}
+
+        return run
+
+    def _chain(self, ctx: ProposeContext, t: dict[str, torch.Tensor], width: int) -> DraftTree:
+        roots = t["roots"]
         dev = roots.device
         B = ctx.batch_size
         K = int(min(self.depth, int(ctx.max_drafts.max())))
-        state = {"h": h}
+        attend = self._tree_attend(t["tables"], t["committed"], width)
+        root_pos = t["committed"] - 1
+        state = {"h": t["h_root"]}
 
         def advance(j: int, tok: torch.Tensor) -> torch.Tensor:
             mask = torch.ones(B, 1, j + 1, dtype=torch.bool, device=dev)  # every earlier draft + itself
@@ -269,6 +315,6 @@ class Eagle(Proposer):
             state["h"] = h[:, 0]
             return self._to_target_vocab(self._draft_logits(state["h"]))
 
-        drafts, q, law = draft_chain(self._to_target_vocab(self._draft_logits(h)), K, ctx, advance)
+        drafts, q, law = draft_chain(self._to_target_vocab(self._draft_logits(state["h"])), K, ctx, advance)
         num = to_device(ctx.max_drafts, dev).clamp(max=K)
         return DraftTree.chain(roots, drafts, law, q, num_drafts=num)

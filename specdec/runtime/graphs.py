@@ -71,6 +71,7 @@ class GraphedForward:
         self.tree_graphs: dict[tuple[int, int], _Captured] = {}
         self.pool = None
         self.uncapturable: str | None = None  # why capture failed: every step then runs eagerly
+        self.last: _Captured | None = None  # the tree graph of the latest forward_tree replay
 
     def _eager(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> ModelOutput:
         """The same forward without a graph, on the paged metadata (batches beyond the largest bucket,
@@ -226,6 +227,7 @@ class GraphedForward:
             return None
         self._load_tree(c, tokens, depth, ancestors, committed, tables)
         c.graph.replay()
+        self.last = c
         out = ModelOutput(
             logits=c.logits[:B],
             last_hidden=c.hidden[:B] if c.hidden is not None else None,
@@ -261,3 +263,93 @@ class GraphedForward:
             last_hidden=c.hidden[:B] if c.hidden is not None else None,
             features=c.features[:B] if c.features is not None else None,
         )
+
+
+class GraphedCalls:
+    """A function of per-row tensors captured as one CUDA graph per key, for the work around a
+    graphed forward: the engine's step tail (verification, K/V compaction, the read-back pack)
+    replays as one launch instead of a few hundred.
+
+    `fn(inputs) -> dict[str, Tensor]` must be a pure function of `inputs` (a dict of tensors)
+    whose control flow is fixed by the key, and every output must have the batch bucket as its
+    first dimension. Inputs come in three kinds:
+
+    rows   : [B, ...] tensors, copied into static buffers of the bucket Bb >= B before each replay;
+             rows B.. keep row 0's values from the capture (a valid input whose results are unused).
+    fixed  : tensors that are already static with Bb rows (another graph's outputs); their
+             addresses are part of the key, so a re-captured forward gets new calls.
+    shared : tensors without a batch dimension (copied whole).
+
+    `inputs["live"]` ([Bb] bool) is False for padding rows and during the warm-up runs, which
+    execute for real: `fn` must make its side effects (K/V moves) conditional on it.
+    """
+
+    def __init__(self) -> None:
+        self.calls: dict[tuple, tuple[torch.cuda.CUDAGraph, dict, dict]] = {}
+        self.pool = None
+        self.owner = None  # the GraphedForward whose outputs are `fixed`: a new one drops every call
+
+    def __call__(
+        self,
+        key: tuple,
+        fn,
+        B: int,
+        rows: dict[str, torch.Tensor],
+        fixed: dict[str, torch.Tensor],
+        shared: dict[str, torch.Tensor] | None = None,
+        owner=None,
+    ) -> dict[str, torch.Tensor]:
+        shared = shared or {}
+        if owner is not self.owner:
+            self.calls.clear()
+            self.owner = owner
+        Bb = batch_bucket(B)
+        full = (
+            key,
+            Bb,
+            tuple((n, t.data_ptr(), tuple(t.shape), t.dtype) for n, t in sorted(fixed.items())),
+            tuple((n, tuple(t.shape[1:]), t.dtype) for n, t in sorted(rows.items())),
+            tuple((n, tuple(t.shape), t.dtype) for n, t in sorted(shared.items())),
+        )
+        entry = self.calls.get(full)
+        if entry is None:
+            entry = self._capture(fn, B, Bb, rows, fixed, shared)
+            self.calls[full] = entry
+        graph, static, outputs = entry
+        for n, t in rows.items():
+            static[n][:B].copy_(t, non_blocking=True)
+        for n, t in shared.items():
+            static[n].copy_(t, non_blocking=True)
+        live = static["live"]
+        live[:B] = True
+        live[B:] = False
+        graph.replay()
+        return {n: t[:B] for n, t in outputs.items()}
+
+    def _capture(self, fn, B: int, Bb: int, rows: dict, fixed: dict, shared: dict):
+        static: dict[str, torch.Tensor] = {}
+        for n, t in rows.items():
+            buf = t[:1].expand(Bb, *t.shape[1:]).clone()  # padding rows: row 0's (valid) values
+            buf[:B].copy_(t)
+            static[n] = buf
+        for n, t in shared.items():
+            static[n] = t.clone()
+        dev = next(iter(fixed.values())).device if fixed else next(iter(rows.values())).device
+        static["live"] = torch.zeros(Bb, dtype=torch.bool, device=dev)  # the warm-up runs move nothing
+        inputs = {**static, **fixed}
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # Triton compiles, cuBLAS picks its kernels
+                fn(inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            outputs = fn(inputs)
+        self.pool = graph.pool()
+        GraphedForward.captures += 1
+        bad = [n for n, t in outputs.items() if t.shape[:1] != (Bb,)]
+        if bad:
+            raise ValueError(f"GraphedCalls outputs {bad} do not have the batch bucket {Bb} as their first dim")
+        # `fixed` tensors are owned by their graph; keep them alive with this call all the same
+        return graph, {**static, "_fixed": tuple(fixed.values())}, outputs

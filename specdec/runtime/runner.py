@@ -51,6 +51,9 @@ class PagedRunner:
         self.graphs: GraphedForward | None = None
         self.last_hidden = False  # also return the lm_head's input
         self.features: tuple[int, ...] | None = None  # also return these layers' features
+        # the tree graph that ran the latest forward_tree (None: it ran eagerly): its static
+        # buffers (logits [Bb, N, V], node_slots, hidden) feed graphs captured after it
+        self.captured = None
 
     # ----------------------------------------------------------------------------- pool and graphs
 
@@ -170,6 +173,7 @@ class PagedRunner:
         if reserve:
             for s in seq_ids:
                 self.reserve(s, tree.width)
+        self.captured = None
         if self.graphs is not None and self.graphs.capturable(len(seq_ids)):
             done = self.graphs.forward_tree(
                 tree.tokens,
@@ -179,6 +183,7 @@ class PagedRunner:
                 [self.bm.block_table(s) for s in seq_ids],
             )
             if done is not None:
+                self.captured = self.graphs.last
                 return done
         positions, meta, node_slots = tree_metadata(
             self.cache, self.bm, seq_ids, tree, self.device, self.kernels, gathered=self.graphs is None, offset=offset

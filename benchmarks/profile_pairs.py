@@ -70,7 +70,9 @@ def main() -> None:
                 t1.record()
                 torch.cuda.synchronize()
             table = trace.key_averages().table(sort_by="self_device_time_total", row_limit=30)
-            kernel_us = sum(e.self_device_time_total for e in trace.key_averages())
+            from torch.autograd import DeviceType
+
+            kernel_us = sum(e.self_device_time_total for e in trace.events() if e.device_type == DeviceType.CUDA)
             wall_ms = t0.elapsed_time(t1)
             steps = max(res.stats.target_forwards, 1)
             line = (

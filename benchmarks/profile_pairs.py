@@ -24,14 +24,17 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--dtype", default="float32", help="the demo models' dtype (float32 or bfloat16)")
+    ap.add_argument("--only", default="draft,ngram,medusa,eagle", help="comma-separated proposers")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     root = demo_dir()
     tok = AutoTokenizer.from_pretrained(root / "target")
-    target = AutoModelForCausalLM.from_pretrained(root / "target", dtype=torch.float32).to(dev).eval()
-    draft = AutoModelForCausalLM.from_pretrained(root / "draft", dtype=torch.float32).to(dev).eval()
+    dtype = getattr(torch, args.dtype)
+    target = AutoModelForCausalLM.from_pretrained(root / "target", dtype=dtype).to(dev).eval()
+    draft = AutoModelForCausalLM.from_pretrained(root / "draft", dtype=dtype).to(dev).eval()
     with gzip.open(humaneval_path(), "rt") as f:
         text = json.loads(next(iter(f)))["prompt"]
     ids = tok(text, return_tensors="pt").input_ids.to(dev)
@@ -42,6 +45,8 @@ def main() -> None:
         "eagle": lambda: specdec.Eagle.from_pretrained(root / "eagle"),
     }
     for name, make in makers.items():
+        if name not in args.only.split(","):
+            continue
         engine = specdec.Engine(target, make())
         kw = dict(engine=engine, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
                   return_dict_in_generate=True)  # fmt: skip

@@ -398,6 +398,14 @@ class Engine:
             t["presence"] = torch.stack([r.presence for r in rows])
         return t
 
+    def _ban_masks(self, gp: GenerationParams) -> dict[str, torch.Tensor]:
+        """This call's [3, V] token masks (EOS for min_new_tokens, suppressed, suppressed first) when
+        any is used: an input of the step tail, never a tensor its graph holds (a later call's
+        masks are new tensors)."""
+        if gp.suppress_tokens or (gp.min_new_tokens > 0 and gp.eos_token_ids) or gp.begin_suppress_tokens:
+            return {"masks": self._call[3]}
+        return {}
+
     def _verify_mode(self, gp: GenerationParams) -> VerifyMode:
         if gp.mode is VerifyMode.EXACT and self._call[2]:
             return VerifyMode.GREEDY  # every row greedy: the same tokens, without coins or residuals
@@ -408,7 +416,8 @@ class Engine:
     ) -> VerifyResult:
         """Verify a scored tree from `_verify_inputs`' tensors (a pure function of them: captured
         in the step tail's graph)."""
-        sampling_all, _, _, masks = self._call
+        sampling_all = self._call[0]
+        masks = t.get("masks")
         sampling = SamplingParams(
             *(t[f] for f in SamplingParams._TENSORS), filters=sampling_all.filters, warpers=sampling_all.warpers
         )
@@ -437,7 +446,7 @@ class Engine:
         self, rows: list[_Row], tree: DraftTree, logits: torch.Tensor, gp: GenerationParams, ahead: int = 0
     ) -> VerifyResult:
         """Verify a scored tree for these rows (eagerly; see `_verify_inputs` for `ahead`)."""
-        return self._verify_tensors(tree, logits, self._verify_inputs(rows, gp, ahead), gp)
+        return self._verify_tensors(tree, logits, {**self._verify_inputs(rows, gp, ahead), **self._ban_masks(gp)}, gp)
 
     # ----------------------------------------------------------------------------- the step tail
 
@@ -513,7 +522,7 @@ class Engine:
             fixed = {"logits": out.logits, "node_slots": node_slots, "live": live}
             if self._hidden:
                 fixed["last_hidden"] = out.last_hidden
-            o = fn({**t, **fixed})
+            o = fn({**t, **fixed, **self._ban_masks(gp)})
         else:
             fixed = {"logits": c.logits, "node_slots": c.node_slots}
             if self._hidden:
@@ -529,7 +538,7 @@ class Engine:
                 tree._has_wor,
                 self._hidden,
             )
-            o = self._tails(key, fn, len(rows), t, fixed, {}, owner=self.runner.graphs)
+            o = self._tails(key, fn, len(rows), t, fixed, self._ban_masks(gp), owner=self.runner.graphs)
         res = VerifyResult(
             o["accepted_indices"],
             o["num_accepted"],

@@ -404,8 +404,13 @@ def proposer_options(args) -> dict:
         "draft": {"draft": args.draft, "num_tokens": args.num_tokens},
         "ngram": {"num_tokens": args.num_tokens},
         "medusa": {"heads": args.heads, "tree": args.tree},
-        "eagle": {"heads": args.heads, "depth": args.depth, "tree_top_k": args.tree_top_k,
-                  "total_tokens": args.total_tokens, "chain": args.chain},  # fmt: skip
+        "eagle": {
+            "heads": args.heads,
+            "depth": args.depth,
+            "tree_top_k": args.tree_top_k,
+            "total_tokens": args.total_tokens,
+            "chain": args.chain,
+        },  # fmt: skip
     }.get(name, {})
     return {"name": name, **options}
 

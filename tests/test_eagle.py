@@ -266,3 +266,46 @@ def test_from_pretrained_detects_the_version(tmp_path, target):
     assert torch.equal(
         specdec.generate(target, ids, proposer=e1, max_new_tokens=8), specdec.generate(target, ids, max_new_tokens=8)
     )
+
+
+@pytest.mark.parametrize("version", [1, 3])
+def test_the_captured_drafting_step_drafts_what_the_eager_one_drafts(target, version):
+    """The function a CUDA graph captures for a drafting step (catch-up over the new entries,
+    written into the drafter's pages through the Triton kernels, then the tree expansion), run
+    eagerly on padded static buffers (GraphedCalls(capture=False): 3 rows in a bucket of 4, the
+    padding row live=False): the same trees at every step as the eager path, after the first
+    catch-up (a prompt: eager in both)."""
+    from specdec.runtime.graphs import GraphedCalls
+
+    torch.manual_seed(3)
+    ids = torch.randint(0, V, (3, 11))
+    mask = torch.ones_like(ids)
+    mask[0, :6], mask[2, :9] = 0, 0
+    runs = []
+    for graphs in (False, GraphedCalls(capture=False)):
+        trees, graphed = [], []
+
+        class Spy(Eagle):
+            def propose(self, ctx):
+                tree = super().propose(ctx)
+                self.trees.append((tree.tokens.tolist(), tree.parents.tolist()))
+                return tree
+
+            def _propose_graphed(self, ctx, roots):
+                self.graphed.append(ctx.batch_size)
+                return super()._propose_graphed(ctx, roots)
+
+        proposer = Spy(make_drafter(version), depth=3, top_k=2, total_tokens=5)
+        proposer.trees, proposer.graphed = trees, graphed
+        proposer.graphs = graphs
+        out = specdec.generate(
+            target, ids, mask, proposer=proposer, max_new_tokens=20, do_sample=True, temperature=0.8,
+            seed=torch.tensor([1, 2, 3]), return_dict_in_generate=True,
+        )  # fmt: skip
+        runs.append((out.sequences, trees))
+        # graphed: every step but the first (a prompt's catch-up) and a last one with nothing to draft
+        assert len(graphed) == 0 if graphs is False else len(graphed) >= len(trees) - 2 > 0
+        if graphs is not False:
+            assert graphs.calls and all(g is None for g, _, _ in graphs.calls.values())
+    assert runs[0][1] == runs[1][1]
+    assert torch.equal(runs[0][0], runs[1][0])

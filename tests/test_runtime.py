@@ -228,9 +228,14 @@ def test_tree_graph_step_derives_the_same_metadata(arch):
     graphs = GraphedForward(rt, cache, max_blocks=16)
     c = graphs._static_tree(4, tree.width)
     c.input_ids.fill_(3)  # stale padding rows
-    anc = tree.ancestor_mask() & tree.valid()[:, None, :]
     graphs._load_tree(
-        c, tree.tokens, tree.depth, anc, [bm.num_tokens(s) for s in ids], [bm.block_table(s) for s in ids]
+        c,
+        tree.tokens,
+        tree.depth,
+        tree.parents,
+        tree.num_nodes,
+        [bm.num_tokens(s) for s in ids],
+        [bm.block_table(s) for s in ids],
     )
     got = graphs._tree_step(c)().logits
     torch.testing.assert_close(got[:2], want, atol=ATOL, rtol=0)
@@ -238,5 +243,26 @@ def test_tree_graph_step_derives_the_same_metadata(arch):
     assert torch.equal(cache.k, k_host)  # the same slots written, and none for the padding rows
     with pytest.raises(ValueError, match="exceeds the graphs' 2"):
         GraphedForward(rt, cache, max_blocks=2)._load_tree(
-            graphs._static_tree(2, tree.width), tree.tokens, tree.depth, anc, [9, 5], [bm.block_table(s) for s in ids]
+            graphs._static_tree(2, tree.width),
+            tree.tokens,
+            tree.depth,
+            tree.parents,
+            tree.num_nodes,
+            [9, 5],
+            [bm.block_table(s) for s in ids],
         )
+
+
+def test_the_ancestor_closure_of_a_graph_is_the_trees_ancestor_mask():
+    """Tree graphs derive the mask by matrix squaring: equal to DraftTree.ancestor_mask (masked by
+    validity) for chains (the deepest case), bushy and ragged trees, and a root-only tree."""
+    from specdec.runtime.graphs import ancestor_closure
+
+    g = torch.Generator().manual_seed(4)
+    for N in (1, 2, 5, 8, 33, 64):
+        chain = [-1] + list(range(N - 1))
+        bushy = [-1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, N)]
+        tree = DraftTree.from_parents([[0] * N, [0] * N], [chain, bushy])
+        tree.num_nodes = torch.tensor([N, max(1, N // 2)])
+        want = tree.ancestor_mask() & tree.valid()[:, None, :]
+        assert torch.equal(ancestor_closure(tree.parents, tree.valid()), want), N

@@ -23,7 +23,7 @@ from ..cache.block_manager import BlockManager
 from ..cache.paged_kv import PagedKVCache
 from ..devices import to_device
 from ..heads.eagle import EagleDrafter, load_eagle
-from ..runtime.base import TargetModel
+from ..runtime.base import AttentionMetadata, TargetModel
 from ..runtime.graphs import GraphedCalls
 from ..runtime.hf import paged_attention
 from ..runtime.metadata import prefill_metadata, slots_of
@@ -54,6 +54,14 @@ class _TreeAttend:
             q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask[:, None], scale=module.scaling
         )
         return out.transpose(1, 2)
+
+
+CATCH_UP_BUCKET = 8  # new drafter entries per row that a captured step takes (accepted path + root)
+
+
+def _width_bucket(entries: int) -> int:
+    """The gathered prefix width of a captured step: a power of two >= entries (at least 64)."""
+    return max(64, 1 << (max(entries, 1) - 1).bit_length())
 
 
 @register_proposer("eagle")
@@ -100,7 +108,9 @@ class Eagle(Proposer):
         self.embed = None
         self.lm_head = None
         self.kernels = False
-        self.graphs = True  # capture the tree expansion on a CUDA device (settable: off runs it eagerly)
+        # capture the drafting step on a CUDA device (settable: False runs it eagerly; a GraphedCalls
+        # instance is used as it is, on any device: the CPU tests pass one with capture=False)
+        self.graphs: bool | GraphedCalls = True
         self._draft_ids: torch.Tensor | None = None  # [Vd] target id of each draft id (EAGLE-3)
         self._graphs: GraphedCalls | None = None  # the tree expansion's CUDA graphs (on a GPU)
 
@@ -139,9 +149,11 @@ class Eagle(Proposer):
         if d.version == 3:
             self._draft_ids = d.target_ids(torch.arange(d.draft_vocab_size, device=param.device))
         self.kernels = param.device.type == "cuda"
-        if self.kernels and self.graphs and self._graphs is None:
-            self._graphs = GraphedCalls()
-        elif not (self.kernels and self.graphs):
+        if isinstance(self.graphs, GraphedCalls):
+            self._graphs = self.graphs
+        elif self.kernels and self.graphs:
+            self._graphs = self._graphs or GraphedCalls()
+        else:
             self._graphs = None
         if self.bm is None or self.bm.num_blocks < num_blocks or self.bm.block_size != block_size:
             self.bm = BlockManager(num_blocks, block_size)
@@ -235,10 +247,18 @@ class Eagle(Proposer):
         roots = to_device(ctx.roots(), dev)
         if int(ctx.max_drafts.max()) < 1:  # every row emits its last token: nothing to draft
             return DraftTree.chain(roots, torch.zeros(B, 0, dtype=torch.long, device=dev))
+        new = [sum(len(f) for f in self.pending[s]) for s in ctx.seq_ids]
+        if (
+            self._graphs is not None
+            and not self.chain
+            and max(new) <= CATCH_UP_BUCKET
+            and all(s in self.bm for s in ctx.seq_ids)
+        ):
+            return self._propose_graphed(ctx, roots)
         h_root = self._catch_up(ctx)  # [B, H]
         lengths = [self.bm.num_tokens(s) for s in ctx.seq_ids]
         # graphed: the gathered prefix is padded to a power of two, so a few graphs serve every length
-        width = max(lengths) if self._graphs is None else max(64, 1 << (max(lengths) - 1).bit_length())
+        width = max(lengths) if self._graphs is None else _width_bucket(max(lengths))
         inputs = {
             "h_root": h_root,
             "roots": roots,
@@ -253,6 +273,9 @@ class Eagle(Proposer):
         else:
             key = ("tree", width, self.depth, self.top_k, self.total_tokens)
             out = self._graphs(key, expand, B, inputs, {}, owner=self.cache.k)
+        return self._tree(out, B, dev)
+
+    def _tree(self, out: dict[str, torch.Tensor], B: int, dev: torch.device) -> DraftTree:
         N = self.total_tokens + 1
         return DraftTree(
             tokens=out["tokens"].clone(),  # graphed: static buffers that the next proposal overwrites
@@ -263,6 +286,80 @@ class Eagle(Proposer):
             _max_depth=self.depth,
             _has_wor=False,
         )
+
+    def _propose_graphed(self, ctx: ProposeContext, roots: torch.Tensor) -> DraftTree:
+        """Catch-up and tree expansion as one CUDA graph per prefix-width bucket: every row has at
+        most CATCH_UP_BUCKET new entries (after a step: the accepted path and the root). The host
+        only reserves the entries' slots, pads them into [B, C] arrays and commits them after."""
+        dev = roots.device
+        B, C = ctx.batch_size, CATCH_UP_BUCKET
+        seqs = ctx.seq_ids
+        feats = [torch.cat(self.pending.pop(s)) for s in seqs]
+        Fw = feats[0].shape[-1]
+        tokens = torch.zeros(B, C, dtype=torch.long)
+        x = torch.zeros(B, C, Fw, dtype=feats[0].dtype, device=dev)
+        done, ends = [], []
+        for b, (s, h, f) in enumerate(zip(seqs, ctx.histories, feats, strict=True)):
+            m = len(f)
+            n = len(h) - 1 - m  # entry e reads token e + 1: a row with L tokens has L - 1 entries
+            if self.bm.num_tokens(s) != n:
+                raise RuntimeError(f"EAGLE row {s}: {self.bm.num_tokens(s)} entries cached, expected {n}")
+            _, copies = self.bm.reserve(s, m)
+            self.cache.copy_blocks(copies)
+            tokens[b, :m] = h[n + 1 :]
+            x[b, :m] = f
+            done.append(n)
+            ends.append(n + m)
+        width = _width_bucket(max(ends))
+        inputs = {
+            "tokens": to_device(tokens, dev),
+            "feats": x,
+            "done": to_device(torch.tensor(done), dev),
+            "count": to_device(torch.tensor([len(f) for f in feats]), dev),
+            "tables": to_device(self.bm.block_tables(seqs, width=self.bm.blocks_needed(width)), dev),
+            "roots": roots,
+        }
+        key = ("step", width, C, self.depth, self.top_k, self.total_tokens)
+        out = self._graphs(key, self._catch_up_and_expand(width), B, inputs, {}, owner=self.cache.k)
+        for s, h, n in zip(seqs, ctx.histories, done, strict=True):
+            self.bm.commit(s, h[n + 1 :].tolist())
+        return self._tree(out, B, dev)
+
+    def _catch_up_and_expand(self, width: int):
+        """The captured step of `_propose_graphed`: the drafter over each row's new entries
+        (tokens, feats [B, C(, F)], right-padded to count [B], after done [B] committed ones;
+        their K/V written into the drafter's pages, not in warm-up runs), then `_expansion`."""
+        bs = self.bm.block_size
+        expand = self._expansion(width)
+
+        def run(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            tokens, done, count, tables = t["tokens"], t["done"], t["count"], t["tables"]
+            B, C = tokens.shape
+            col = torch.arange(C, device=tokens.device)
+            valid = (col < count[:, None]) & t["live"][:, None]  # warm-up runs write nothing
+            pos = done[:, None] + col
+            slots = slots_of(tables, torch.where(valid, pos, -1), bs)
+            causal = col[None, :, None] >= col[None, None, :]
+            meta = AttentionMetadata(
+                cache=self.cache,
+                write_slots=slots,
+                q_positions=pos,
+                block_tables=tables.int(),
+                prefix_lens=done.int(),
+                new_slots=slots.int(),
+                new_mask=causal & valid[:, None, :],
+                max_prefix=tables.shape[1] * bs,
+            )
+
+            def attend(module, q, k, v):
+                return paged_attention(module, q, k, v, None, scaling=module.scaling, specdec_meta=meta)[0]
+
+            h = self.drafter(self.embed(tokens), t["feats"], pos, attend, from_target=True)  # [B, C, H]
+            last = (count - 1).clamp(min=0)
+            h_root = h.gather(1, last[:, None, None].expand(-1, 1, h.shape[-1]))[:, 0]
+            return expand({"h_root": h_root, "roots": t["roots"], "committed": done + count, "tables": tables})
+
+        return run
 
     def _expansion(self, width: int):
         """EAGLE-2's tree expansion as a function of tensors (captured as one CUDA graph per prefix

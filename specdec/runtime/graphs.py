@@ -31,10 +31,23 @@ class _Captured:
     features: torch.Tensor | None = None  # [Bb, T, F] layer features, when captured
     # tree graphs (GraphedForward.forward_tree) derive the metadata inside the graph from these:
     depth: torch.Tensor | None = None  # [Bb, T] long
-    ancestors: torch.Tensor | None = None  # [Bb, T, T] bool
+    parents: torch.Tensor | None = None  # [Bb, T] long (-1: the root; padding rows: 0)
+    num_nodes: torch.Tensor | None = None  # [Bb] long (padding rows: 0, no valid node)
     host: torch.Tensor | None = None  # [Bb, 1 + max_blocks] int32: committed length (-1: padding row), table
     node_slots: torch.Tensor | None = None  # [Bb, T] long, an output
     columns: torch.Tensor | None = None  # [T] arange: read by the graph, so owned here (a freed one is reused)
+
+
+def ancestor_closure(parents: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[B, T, T] bool: node i sees node j when j is i or an ancestor of i and j is valid; from
+    parents [B, T] (-1 for the root) and valid [B, T], in ceil(log2 T) boolean matrix squarings
+    (a fixed number of launches for any depth, so it can live inside a graph)."""
+    T = parents.shape[1]
+    col = torch.arange(T, device=parents.device)
+    reach = ((parents[:, :, None] == col) | (col[:, None] == col)).float()  # itself and its parent
+    for _ in range(max(T - 1, 0).bit_length()):  # covers distances up to 2**k >= T - 1
+        reach = (torch.bmm(reach, reach) > 0).float()
+    return (reach > 0) & valid[:, None, :]
 
 
 def batch_bucket(batch: int) -> int:
@@ -126,7 +139,8 @@ class GraphedForward:
         dev = self.runtime.device
         c = self._static(B, T)
         c.depth = torch.zeros(B, T, dtype=torch.long, device=dev)
-        c.ancestors = torch.zeros(B, T, T, dtype=torch.bool, device=dev)
+        c.parents = torch.zeros(B, T, dtype=torch.long, device=dev)
+        c.num_nodes = torch.zeros(B, dtype=torch.long, device=dev)
         c.host = torch.zeros(B, 1 + self.max_blocks, dtype=torch.int32, device=dev)
         c.host[:, 0] = -1  # the warm-up and capture runs are all padding: they write no slot
         return c
@@ -134,7 +148,7 @@ class GraphedForward:
     def _tree_step(self, c: _Captured):
         """The captured function of a tree graph: the metadata is derived inside it. Node i of row b
         is stored at logical position committed[b] + i, has position id committed[b] + depth[b, i]
-        and sees the committed prefix and its ancestors."""
+        and sees the committed prefix, itself and its valid ancestors (`ancestor_closure`)."""
         bs = self.cache.block_size
         # every tensor the graph reads must outlive the capture: a temporary made here and freed
         # after it would be handed to another tensor, and replays would read that one's contents
@@ -155,7 +169,7 @@ class GraphedForward:
                 block_tables=tables,
                 prefix_lens=prefix.int(),
                 new_slots=slots.int(),
-                new_mask=c.ancestors,
+                new_mask=ancestor_closure(c.parents, col < c.num_nodes[:, None]),
                 max_prefix=self.max_blocks * bs,
             )
             out = self.runtime.forward(
@@ -166,7 +180,9 @@ class GraphedForward:
 
         return run
 
-    def _load_tree(self, c: _Captured, tokens, depth, ancestors, committed: list[int], tables: list[list[int]]) -> None:
+    def _load_tree(
+        self, c: _Captured, tokens, depth, parents, num_nodes, committed: list[int], tables: list[list[int]]
+    ) -> None:
         """Fill a tree graph's inputs: rows beyond the batch are padding (committed -1)."""
         B = tokens.shape[0]
         host = np.zeros(tuple(c.host.shape), dtype=np.int32)
@@ -182,7 +198,8 @@ class GraphedForward:
         c.host.copy_(staged, non_blocking=True)
         c.input_ids[:B].copy_(tokens)
         c.depth[:B].copy_(depth)
-        c.ancestors[:B].copy_(ancestors)
+        c.parents[:B].copy_(parents)
+        c.num_nodes[:B].copy_(num_nodes)
 
     def capturable(self, batch: int) -> bool:
         return batch <= BATCH_BUCKETS[-1] and not self.uncapturable
@@ -210,13 +227,14 @@ class GraphedForward:
         self,
         tokens: torch.Tensor,
         depth: torch.Tensor,
-        ancestors: torch.Tensor,
+        parents: torch.Tensor,
+        num_nodes: torch.Tensor,
         committed: list[int],
         tables: list[list[int]],
     ) -> tuple[ModelOutput, torch.Tensor] | None:
         """One tree step with its metadata built inside the graph (a few copies and one host ->
-        device transfer before the replay): tokens, depth [B, T], ancestors [B, T, T] bool (a node
-        and its valid ancestors), committed [B] lengths and block tables [B][<= max_blocks] on the
+        device transfer before the replay): tokens, depth, parents [B, T], num_nodes [B] (the
+        ancestor mask is derived in the graph), committed [B] lengths and block tables [B][<= max_blocks] on the
         host. Returns (output, node_slots [B, T]) as static views, or None when the model cannot
         be captured (the caller runs it eagerly)."""
         B, T = tokens.shape
@@ -225,7 +243,7 @@ class GraphedForward:
         c = self._get(self.tree_graphs, self._capture_tree, B, T)
         if c is None:
             return None
-        self._load_tree(c, tokens, depth, ancestors, committed, tables)
+        self._load_tree(c, tokens, depth, parents, num_nodes, committed, tables)
         c.graph.replay()
         self.last = c
         out = ModelOutput(
@@ -282,9 +300,13 @@ class GraphedCalls:
 
     `inputs["live"]` ([Bb] bool) is False for padding rows and during the warm-up runs, which
     execute for real: `fn` must make its side effects (K/V moves) conditional on it.
+
+    capture=False runs `fn` eagerly on the same padded static buffers at every call (no CUDA
+    needed): the CPU tests check the padding and `live` rules of a captured function with it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, capture: bool = True) -> None:
+        self.capture = capture
         self.calls: dict[tuple, tuple[torch.cuda.CUDAGraph, dict, dict]] = {}
         self.pool = None
         self.owner = None  # the GraphedForward whose outputs are `fixed`: a new one drops every call
@@ -323,7 +345,10 @@ class GraphedCalls:
         live = static["live"]
         live[:B] = True
         live[B:] = False
-        graph.replay()
+        if graph is None:  # capture=False
+            outputs = fn({**{n: t for n, t in static.items() if n != "_fixed"}, **fixed})
+        else:
+            graph.replay()
         return {n: t[:B] for n, t in outputs.items()}
 
     def _capture(self, fn, B: int, Bb: int, rows: dict, fixed: dict, shared: dict):
@@ -337,6 +362,9 @@ class GraphedCalls:
         dev = next(iter(fixed.values())).device if fixed else next(iter(rows.values())).device
         static["live"] = torch.zeros(Bb, dtype=torch.bool, device=dev)  # the warm-up runs move nothing
         inputs = {**static, **fixed}
+        if not self.capture:
+            fn(inputs)  # a warm-up run as the captured path has one: it must write nothing
+            return None, {**static, "_fixed": tuple(fixed.values())}, {}
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):

@@ -178,7 +178,8 @@ class PagedRunner:
             done = self.graphs.forward_tree(
                 tree.tokens,
                 tree.depth,
-                tree.ancestor_mask() & tree.valid()[:, None, :],
+                tree.parents,
+                tree.num_nodes,
                 [self.bm.num_tokens(s) + offset for s in seq_ids],
                 [self.bm.block_table(s) for s in seq_ids],
             )

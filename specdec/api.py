@@ -93,6 +93,7 @@ def generate(
     pad_token_id: int | None = None,
     stop_strings: str | Sequence[str] | None = None,
     stopping_criteria=None,
+    logits_processor=None,
     tokenizer=None,
     streamer=None,
     seed: int | Sequence[int] | torch.Tensor | None = None,
@@ -122,6 +123,12 @@ def generate(
         transformers checks them after every token; a row stops at the first token where one says
         True. Costs one small tensor per token and criterion; criteria that read `scores` are not
         supported (specdec has no per-token scores to give them).
+    logits_processor : transformers LogitsProcessors (a LogitsProcessorList or a list), applied as
+        transformers applies them (after its own processors, before temperature / top-k / top-p)
+        at every tree node with that node's own history (input_ids = the row's tokens, left padding
+        included, then the drafted tokens on the path to the node), so the output law is the
+        processed target law. Cost: one host read of the tree per step and one call per processor
+        for each row and tree depth; steps with processors run eagerly (no step-tail graph).
     streamer : a transformers streamer (TextStreamer, TextIteratorStreamer); batch size 1.
     seed : int (row b uses seed + b), one seed per row, or None (drawn from torch's global RNG).
         A row's output depends only on its prompt, its seed and the settings, not on the batch.
@@ -134,7 +141,9 @@ def generate(
         transformers exactly as `model.generate` resolves it (keywords over `generation_config` over
         `model.generation_config` over transformers' global defaults, e.g. top_k=50 and
         max_length=20); a field specdec does not implement that would change the output (beam
-        search, no_repeat_ngram_size, bad_words_ids, ...) is a ValueError naming it.
+        search, guidance, ...) is a ValueError naming it. no_repeat_ngram_size, bad_words_ids,
+        sequence_bias, forced_bos_token_id, forced_eos_token_id and exponential_decay_length_penalty
+        are transformers' own processors, applied per tree node as logits_processor is.
 
     Returns
     -------
@@ -233,12 +242,20 @@ def generate(
 
         checks.append(MaxTimeCriteria(max_time=gc.max_time))
     stop = _stop_checker(checks, prompts) if checks else None
+    processors = _history_processors(gc, eos, L, max_new, model.device) + _processor_list(logits_processor)
+    prefix = None
+    if processors and any(len(p) < L for p in prompts):  # transformers' processors see the left padding
+        prefix = [row[: L - len(p)].tolist() for row, p in zip(input_ids.cpu(), prompts, strict=True)]
     gp = GenerationParams(
         max_new_tokens=int(max_new),
         sampling=sampling,
         seeds=_seeds(seed, B),
         suppress_tokens=_token_ids("suppress_tokens", gc.suppress_tokens),
         begin_suppress_tokens=_token_ids("begin_suppress_tokens", gc.begin_suppress_tokens),
+        # as transformers: after a forced BOS (a 1-token prompt) the ban moves to the second token
+        begin_index=2 if L == 1 and gc.forced_bos_token_id is not None else 1,
+        processors=tuple(processors),
+        history_prefix=prefix,
         # min_length counts the (padded) prompt, as transformers' MinLengthLogitsProcessor does
         min_new_tokens=max(int(gc.min_new_tokens or 0), int(gc.min_length or 0) - L),
         eos_token_ids=eos,
@@ -285,6 +302,49 @@ def _warpers(gc: GenerationConfig, device) -> tuple:
     return tuple(out)
 
 
+def _history_processors(gc: GenerationConfig, eos: list[int], L: int, max_new: int, device) -> list:
+    """transformers' own processors for the history-dependent settings, built with the arguments
+    `model.generate` gives them (L: the padded prompt length, max_length = L + max_new), in its order."""
+    from transformers.generation import logits_process as lp
+
+    rep = gc.repetition_penalty if gc.repetition_penalty is not None else 1.0
+    if gc.sequence_bias is not None and rep != 1.0:
+        raise ValueError(
+            "sequence_bias with repetition_penalty is not supported: transformers biases before the penalty and "
+            "specdec applies history processors after it; drop one of them or use model.generate"
+        )
+    out = []
+    if gc.sequence_bias is not None:
+        out.append(lp.SequenceBiasLogitsProcessor(sequence_bias=gc.sequence_bias))
+    if gc.no_repeat_ngram_size is not None and gc.no_repeat_ngram_size > 0:
+        out.append(lp.NoRepeatNGramLogitsProcessor(gc.no_repeat_ngram_size))
+    if gc.bad_words_ids is not None:
+        out.append(lp.NoBadWordsLogitsProcessor(gc.bad_words_ids, eos or None))
+    if gc.forced_bos_token_id is not None:
+        out.append(lp.ForcedBOSTokenLogitsProcessor(gc.forced_bos_token_id))
+    if gc.forced_eos_token_id is not None:
+        out.append(lp.ForcedEOSTokenLogitsProcessor(L + max_new, gc.forced_eos_token_id, device=device))
+    if gc.exponential_decay_length_penalty is not None:
+        if not eos:
+            raise ValueError("exponential_decay_length_penalty needs an eos_token_id")
+        out.append(lp.ExponentialDecayLengthPenalty(gc.exponential_decay_length_penalty, eos, L))
+    return out
+
+
+def _processor_list(logits_processor) -> list:
+    """The user's logits processors as a list of callables (input_ids [n, T], scores [n, V]) -> scores."""
+    if logits_processor is None:
+        return []
+    items = list(logits_processor) if hasattr(logits_processor, "__iter__") else [logits_processor]
+    for p in items:
+        if not callable(p):
+            raise ValueError(
+                f"logits_processor holds {type(p).__name__}, which is not callable: give transformers "
+                "LogitsProcessors (called with input_ids [n, T] and scores [n, V])"
+            )
+    return items
+
+
 def _criteria(stopping_criteria) -> list:
     """The user's stopping criteria as a list of callables (ids [1, T], scores) -> bool or [1] bool."""
     items = list(stopping_criteria) if hasattr(stopping_criteria, "__iter__") else [stopping_criteria]
@@ -315,14 +375,8 @@ _UNSUPPORTED = {
     "num_beams": (lambda v: v not in (None, 1), "beam search is not speculative decoding; use model.generate"),
     "num_beam_groups": (lambda v: v not in (None, 1), "use model.generate"),
     "penalty_alpha": (lambda v: v not in (None, 0), "contrastive search: use model.generate"),
-    "no_repeat_ngram_size": (lambda v: v not in (None, 0), "not implemented yet"),
     "encoder_no_repeat_ngram_size": (lambda v: v not in (None, 0), "encoder-decoder only"),
-    "bad_words_ids": (lambda v: v is not None, "not implemented yet"),
     "force_words_ids": (lambda v: v is not None, "constrained beam search: use model.generate"),
-    "sequence_bias": (lambda v: v is not None, "not implemented yet"),
-    "forced_bos_token_id": (lambda v: v is not None, "not implemented yet"),
-    "forced_eos_token_id": (lambda v: v is not None, "not implemented yet"),
-    "exponential_decay_length_penalty": (lambda v: v is not None, "not implemented yet"),
     "guidance_scale": (lambda v: v not in (None, 1.0), "classifier-free guidance: use model.generate"),
     "watermarking_config": (lambda v: v is not None, "use model.generate"),
     "dola_layers": (lambda v: v is not None, "DoLa decoding: use model.generate"),
@@ -390,6 +444,33 @@ _OWN_PROCESSORS = {
     "MinNewTokensLengthLogitsProcessor",
     "MinLengthLogitsProcessor",
 }
+# built by transformers from a configuration field (then specdec builds it again from the same
+# field); with that field unset, a processor of the type is the user's own
+_OWN_IF_SET = {
+    "SequenceBiasLogitsProcessor": "sequence_bias",
+    "NoRepeatNGramLogitsProcessor": "no_repeat_ngram_size",
+    "NoBadWordsLogitsProcessor": "bad_words_ids",
+    "ForcedBOSTokenLogitsProcessor": "forced_bos_token_id",
+    "ForcedEOSTokenLogitsProcessor": "forced_eos_token_id",
+    "ExponentialDecayLengthPenalty": "exponential_decay_length_penalty",
+    "SuppressTokensLogitsProcessor": "suppress_tokens",
+    "SuppressTokensAtBeginLogitsProcessor": "begin_suppress_tokens",
+    "TypicalLogitsWarper": "typical_p",
+    "EpsilonLogitsWarper": "epsilon_cutoff",
+    "EtaLogitsWarper": "eta_cutoff",
+}
+_FIELD_OFF = {"typical_p": 1.0}  # a field's value at which transformers builds no processor (else None / 0)
+
+
+def _built_by_transformers(processor, gc: GenerationConfig | None) -> bool:
+    name = type(processor).__name__
+    if name in _OWN_PROCESSORS:
+        return True
+    field = _OWN_IF_SET.get(name)
+    if field is None or gc is None:
+        return False
+    value = getattr(gc, field, None)
+    return value is not None and value != 0 and value != _FIELD_OFF.get(field)
 _OWN_CRITERIA = {"MaxLengthCriteria", "EosTokenCriteria", "StopStringCriteria"}
 
 
@@ -399,9 +480,8 @@ def custom_generate(proposer: Proposer | str | None = None, **options):
 
     transformers prepares the inputs and the configuration, then calls this loop; specdec decodes
     with `proposer` and the same output law. options go to `specdec.generate` (seed, engine,
-    verify_mode, ...). A user's own stopping criteria are checked per emitted token; logits
-    processors that transformers did not build from the supported settings (a user's own) are
-    refused: specdec would not apply them.
+    verify_mode, ...). A user's own stopping criteria are checked per emitted token and a user's
+    own logits processors applied at every tree node (see `generate`'s logits_processor).
     """
 
     def specdec_decode(
@@ -414,9 +494,8 @@ def custom_generate(proposer: Proposer | str | None = None, **options):
         streamer=None,
         **model_kwargs,
     ):
-        foreign = [type(p).__name__ for p in logits_processor or [] if type(p).__name__ not in _OWN_PROCESSORS]
-        if foreign:
-            raise ValueError(f"specdec.custom_generate does not apply {', '.join(foreign)}; use model.generate alone")
+        # transformers' own processors are rebuilt from the configuration; the user's are applied per node
+        foreign = [p for p in logits_processor or [] if not _built_by_transformers(p, generation_config)]
         # the user's criteria are checked per emitted token; transformers' own ones are the settings
         users = [c for c in stopping_criteria or [] if type(c).__name__ not in _OWN_CRITERIA]
         gc = GenerationConfig.from_dict(generation_config.to_dict()) if generation_config is not None else None
@@ -430,6 +509,7 @@ def custom_generate(proposer: Proposer | str | None = None, **options):
             generation_config=gc,
             streamer=streamer,
             stopping_criteria=users or None,
+            logits_processor=foreign or None,
             **options,
         )
 

@@ -48,7 +48,13 @@ class GenerationParams:
     typical: TypicalParams | None = None
     stop: Callable[[int, list[int]], bool] | None = None
     suppress_tokens: tuple[int, ...] = ()  # never drawn (transformers' suppress_tokens)
-    begin_suppress_tokens: tuple[int, ...] = ()  # not drawn as the first generated token
+    begin_suppress_tokens: tuple[int, ...] = ()  # not drawn as the begin_index-th generated token
+    begin_index: int = 1  # 2 when transformers forces a BOS first (a 1-token prompt, forced_bos_token_id)
+    # transformers LogitsProcessors called with each tree node's own history (input_ids [n, T] =
+    # history_prefix[row] + the row's tokens + the node's path, scores [n, V]) after the repetition
+    # penalty: no_repeat_ngram_size, bad_words_ids, forced BOS / EOS, the length penalty, the user's
+    processors: tuple = ()
+    history_prefix: list[list[int]] | None = None  # per row: the left padding transformers would see
 
 
 @dataclass(slots=True)
@@ -292,7 +298,8 @@ class Engine:
                     active += new
                 if active:
                     live = [r for r in active if not r.done]
-                    if live and self.proposer is None and self.pipeline and not use_presence:
+                    pipelined = self.pipeline and not use_presence and not gp.processors  # host histories
+                    if live and self.proposer is None and pipelined:
                         self._plain_run(live, gp, stats, streamer)
                     elif live:
                         self._step(live, gp, stats, streamer)
@@ -412,7 +419,12 @@ class Engine:
         return gp.mode
 
     def _verify_tensors(
-        self, tree: DraftTree, logits: torch.Tensor, t: dict[str, torch.Tensor], gp: GenerationParams
+        self,
+        tree: DraftTree,
+        logits: torch.Tensor,
+        t: dict[str, torch.Tensor],
+        gp: GenerationParams,
+        processors=None,
     ) -> VerifyResult:
         """Verify a scored tree from `_verify_inputs`' tensors (a pure function of them: captured
         in the step tail's graph)."""
@@ -428,7 +440,7 @@ class Engine:
             if gp.min_new_tokens > 0 and gp.eos_token_ids:
                 bans.append((number <= gp.min_new_tokens)[:, :, None] & masks[0])  # [B, N, V]
             if gp.begin_suppress_tokens:
-                bans.append((number == 1)[:, :, None] & masks[2])
+                bans.append((number == gp.begin_index)[:, :, None] & masks[2])
         # [B, N, V] from device masks: no host index list, no sync
         suppress = functools.reduce(torch.logical_or, bans).expand(logits.shape) if bans else None
         return verify(
@@ -440,19 +452,49 @@ class Engine:
             rng=rng,
             typical=gp.typical,
             suppress=suppress,
+            processors=processors,
         )
+
+    def _node_processors(self, rows: list[_Row], tree: DraftTree, gp: GenerationParams):
+        """scores [B, N, V] -> scores with gp.processors applied at every valid node, each called
+        with the node's own history: the row's tokens (root last), then the drafted tokens on the
+        path to the node; nodes of one row and depth share one call. Reads the tree on the host
+        (one sync a step) and calls each processor ~depth times per row: the price of exactness."""
+        if not gp.processors:
+            return None
+        tokens, parents, num = tree.tokens.tolist(), tree.parents.tolist(), tree.num_nodes.tolist()
+
+        def apply(scores: torch.Tensor) -> torch.Tensor:
+            out = scores.clone()
+            for b, r in enumerate(rows):
+                history = (gp.history_prefix[r.index] if gp.history_prefix else []) + r.tokens
+                paths: list[list[int]] = [[]]
+                groups: dict[int, list[int]] = {0: [0]}
+                for i in range(1, num[b]):
+                    paths.append(paths[parents[b][i]] + [tokens[b][i]])
+                    groups.setdefault(len(paths[i]), []).append(i)
+                for nodes in groups.values():
+                    ids = torch.tensor([history + paths[i] for i in nodes], dtype=torch.long, device=scores.device)
+                    x = out[b, nodes]
+                    for proc in gp.processors:
+                        x = proc(ids, x)
+                    out[b, nodes] = x
+            return out
+
+        return apply
 
     def _verify(
         self, rows: list[_Row], tree: DraftTree, logits: torch.Tensor, gp: GenerationParams, ahead: int = 0
     ) -> VerifyResult:
         """Verify a scored tree for these rows (eagerly; see `_verify_inputs` for `ahead`)."""
-        return self._verify_tensors(tree, logits, {**self._verify_inputs(rows, gp, ahead), **self._ban_masks(gp)}, gp)
+        t = {**self._verify_inputs(rows, gp, ahead), **self._ban_masks(gp)}
+        return self._verify_tensors(tree, logits, t, gp, self._node_processors(rows, tree, gp))
 
     # ----------------------------------------------------------------------------- the step tail
 
     _TREE_FIELDS = ("tokens", "parents", "depth", "num_nodes", "law", "draft_probs")
 
-    def _tail_fn(self, tree: DraftTree, gp: GenerationParams):
+    def _tail_fn(self, tree: DraftTree, gp: GenerationParams, processors=None):
         """The step after the target's forward, as a function of tensors: verify, move the accepted
         path's K/V, pick the final hidden state, and pack what the host reads back. Captured as one
         graph per (batch bucket, tree shape, settings) when the forward ran in a graph."""
@@ -461,7 +503,7 @@ class Engine:
 
         def run(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             tr = DraftTree(*(t.get(f) for f in self._TREE_FIELDS), _max_depth=K_bound, _has_wor=has_wor)
-            res = self._verify_tensors(tr, t["logits"], t, gp)
+            res = self._verify_tensors(tr, t["logits"], t, gp, processors)
             N = tr.width
             acc = res.accepted_indices[:, : N - 1]  # [B, K]; a root-only tree accepts nothing
             slots = t["node_slots"]
@@ -512,12 +554,13 @@ class Engine:
             if getattr(tree, f) is not None:
                 t[f] = getattr(tree, f)
         tree.max_depth(), tree.has_wor()  # known by the builders; else a sync here, not in the graph
-        fn = self._tail_fn(tree, gp)
+        fn = self._tail_fn(tree, gp, self._node_processors(rows, tree, gp))
         c = self.runner.captured
         sampling = self._call[0]
         # eager: a forward that ran eagerly, the repetition penalty (its presence masks grow per
-        # token on the host side) and transformers' warpers (objects the key cannot see into)
-        if c is None or "presence" in t or sampling.warpers or not self.tail_graphs:
+        # token on the host side), transformers' warpers (objects the key cannot see into) and
+        # history processors (called on the host's token lists)
+        if c is None or "presence" in t or sampling.warpers or gp.processors or not self.tail_graphs:
             live = torch.ones(len(rows), dtype=torch.bool, device=node_slots.device)
             fixed = {"logits": out.logits, "node_slots": node_slots, "live": live}
             if self._hidden:
@@ -533,7 +576,7 @@ class Engine:
                 sampling.filters,
                 bool(gp.suppress_tokens),
                 gp.min_new_tokens if gp.eos_token_ids else 0,
-                bool(gp.begin_suppress_tokens),
+                gp.begin_index if gp.begin_suppress_tokens else 0,
                 tree._max_depth,
                 tree._has_wor,
                 self._hidden,

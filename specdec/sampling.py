@@ -183,12 +183,14 @@ def _min_p_filter(scores: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return scores.masked_fill(remove, float("-inf"))
 
 
-def _penalised(logits, params, presence, suppress) -> torch.Tensor:
+def _penalised(logits, params, presence, suppress, processors=None) -> torch.Tensor:
     scores = logits.to(_compute_dtype(logits))
     if suppress is not None:
         scores = scores.masked_fill(suppress, float("-inf"))
     if presence is not None:
         scores = apply_repetition_penalty(scores, presence, params.repetition_penalty)
+    if processors is not None:
+        scores = processors(scores)
     return scores
 
 
@@ -197,10 +199,12 @@ def greedy_tokens(
     params: SamplingParams,
     presence: torch.Tensor | None = None,
     suppress: torch.Tensor | None = None,
+    processors=None,
 ) -> torch.Tensor:
-    """[B, ...] the argmax (first index on ties) after suppression and the repetition penalty: what
-    `process_logits` puts its one-hot on for a temperature-0 row, without building the one-hot."""
-    return _penalised(logits, params, presence, suppress).argmax(dim=-1)
+    """[B, ...] the argmax (first index on ties) after suppression, the repetition penalty and the
+    history processors: what `process_logits` puts its one-hot on for a temperature-0 row, without
+    building the one-hot."""
+    return _penalised(logits, params, presence, suppress, processors).argmax(dim=-1)
 
 
 def process_logits(
@@ -208,11 +212,13 @@ def process_logits(
     params: SamplingParams,
     presence: torch.Tensor | None = None,
     suppress: torch.Tensor | None = None,
+    processors=None,
 ) -> torch.Tensor:
     """Logits -> the processed sampling distribution, in transformers' processor order.
 
-    Order: repetition penalty, then (sampled rows) temperature, top-k, top-p, min-p, the warpers
-    (typical, epsilon, eta), softmax.
+    Order: repetition penalty, the history processors (no_repeat_ngram_size, bad_words_ids, forced
+    BOS / EOS, the length penalty, the user's logits processors), then (sampled rows) temperature,
+    top-k, top-p, min-p, the warpers (typical, epsilon, eta), softmax.
     Greedy rows (temperature 0) become a one-hot at the first argmax of the penalised logits.
 
     Parameters
@@ -221,6 +227,8 @@ def process_logits(
     params : SamplingParams with B rows.
     presence : [B, ..., V] bool or None; tokens in each row's history, for the repetition penalty.
     suppress : [B, ..., V] bool or None; tokens that may not be produced (EOS before min_new_tokens).
+    processors : scores [B, ..., V] -> scores of the same shape, or None: transformers' logits
+        processors applied with each row's (each tree node's) own history (Engine builds it).
 
     Returns
     -------
@@ -234,7 +242,7 @@ def process_logits(
     """
     if logits.shape[0] != params.batch_size:
         raise ValueError(f"logits have batch {logits.shape[0]} but sampling params have {params.batch_size} rows")
-    scores = _penalised(logits, params, presence, suppress)
+    scores = _penalised(logits, params, presence, suppress, processors)
     greedy = _view_rows(params.greedy, scores)
     one_hot = torch.zeros_like(scores).scatter_(-1, scores.argmax(dim=-1, keepdim=True), 1.0)
     temperature = torch.where(params.greedy, torch.ones_like(params.temperature), params.temperature)

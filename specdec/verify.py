@@ -125,14 +125,17 @@ def process_tree_logits(
     params: SamplingParams,
     presence: torch.Tensor | None = None,
     suppress: torch.Tensor | None = None,
+    processors=None,
 ) -> torch.Tensor:
     """Processed target distributions p at every node: [B, N, V].
 
     The history of node u is the committed sequence (presence [B, V] bool, root included) plus the
     draft tokens on the path to u; it matters only for the repetition penalty. suppress [B, N, V]
-    bool bans tokens per node (EOS before min_new_tokens).
+    bool bans tokens per node (EOS before min_new_tokens); processors (scores [B, N, V] -> the same)
+    applies transformers' history processors with each node's own history.
     """
-    return process_logits(target_logits, params, _node_presence(tree, target_logits, params, presence), suppress)
+    presence = _node_presence(tree, target_logits, params, presence)
+    return process_logits(target_logits, params, presence, suppress, processors)
 
 
 def _node_presence(tree, target_logits, params, presence) -> torch.Tensor | None:
@@ -277,6 +280,7 @@ def verify(
     typical: TypicalParams | None = None,
     suppress: torch.Tensor | None = None,
     fused: bool | None = None,
+    processors=None,
 ) -> VerifyResult:
     """Verify a batch of draft trees against the target's logits at every node.
 
@@ -295,6 +299,8 @@ def verify(
     suppress : [B, N, V] bool or None, tokens banned at each node (EOS before min_new_tokens).
     fused : walk the tree in one Triton program per row (the same rules; default: on a CUDA device
         for trees without WOR nodes). Off, the torch walk below is the reference.
+    processors : scores [B, N, V] -> scores, or None: history-dependent logits processors, applied
+        with every node's own history (see Engine); part of the target law.
 
     Returns
     -------
@@ -319,8 +325,8 @@ def verify(
     K = max(tree.max_depth(), 1)
     if mode is VerifyMode.GREEDY:
         node_presence = _node_presence(tree, target_logits, params, presence)
-        return _verify_greedy(tree, greedy_tokens(target_logits, params, node_presence, suppress), K)
-    p = process_tree_logits(tree, target_logits, params, presence, suppress)
+        return _verify_greedy(tree, greedy_tokens(target_logits, params, node_presence, suppress, processors), K)
+    p = process_tree_logits(tree, target_logits, params, presence, suppress, processors)
     final_u = uniform(rng, B, 1, STREAM_FINAL, device=p.device)[:, 0]
     if mode is VerifyMode.TYPICAL:
         return _verify_typical(tree, p, K, typical or TypicalParams(), final_u)

@@ -27,12 +27,14 @@ def tv_bound(k: int, n: int) -> float:
     return math.sqrt((k * math.log(2) + math.log(1 / DELTA)) / (2 * n))
 
 
-def exact_law(model, prompt: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """[V, V, V] law of the first three generated tokens, by enumeration."""
+def exact_law(model, prompt: torch.Tensor, params: SamplingParams, processors=None) -> torch.Tensor:
+    """[V, V, V] law of the first three generated tokens, by enumeration; processors: a transformers
+    LogitsProcessor applied with each prefix as its input_ids."""
 
     def p(seq):
+        proc = None if processors is None else (lambda s: processors(seq, s))
         with torch.no_grad():
-            return process_logits(model(seq).logits[:, -1].double(), params)[0]
+            return process_logits(model(seq).logits[:, -1].double(), params, processors=proc)[0]
 
     law = torch.zeros(V, V, V, dtype=torch.float64)
     p1 = p(prompt)

@@ -70,12 +70,6 @@ def test_generation_config_is_merged_with_the_models(model):
     "field, value",
     [
         ("num_beams", 4),
-        ("no_repeat_ngram_size", 3),
-        ("bad_words_ids", [[5]]),
-        ("sequence_bias", {(5,): -1.0}),
-        ("forced_bos_token_id", 4),
-        ("forced_eos_token_id", 4),
-        ("exponential_decay_length_penalty", (2, 1.1)),
         ("guidance_scale", 1.5),
         ("output_scores", True),
         ("output_logits", True),
@@ -152,9 +146,15 @@ def test_transformers_entry_point_runs_specdecs_loop(model):
     assert torch.equal(out.sequences, ref) and out.stats.proposer == "ngram"
     from transformers import LogitsProcessorList, NoBadWordsLogitsProcessor
 
-    user = LogitsProcessorList([NoBadWordsLogitsProcessor([[5]], eos_token_id=None)])
-    with pytest.raises(ValueError, match="does not apply NoBadWordsLogitsProcessor"):
-        model.generate(ids, max_new_tokens=4, logits_processor=user, custom_generate=specdec.custom_generate())
+    # a user's own processor reaches specdec's loop and is applied at every node (none was: refused before)
+    user = LogitsProcessorList([NoBadWordsLogitsProcessor([[int(ref[0, 9])]], eos_token_id=None)])
+    want = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, logits_processor=user)
+    assert not torch.equal(want, ref)
+    for custom in (specdec.custom_generate(specdec.Ngram(3)), specdec.custom_generate_repo()):
+        extra = dict(trust_remote_code=True, proposer=specdec.Ngram(3)) if isinstance(custom, str) else {}
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, logits_processor=user,
+                             custom_generate=custom, **extra)  # fmt: skip
+        assert torch.equal(out, want)
 
 
 class _StopAfter:

@@ -16,14 +16,16 @@ def generate(model, inputs=None, generation_config=None, streamer=None, **kwargs
     attention_mask = kwargs.pop("attention_mask", None)
     input_ids = kwargs.pop("input_ids", inputs)
     unused_args = (
-        "logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "synced_gpus", "negative_prompt_ids",
-        "negative_prompt_attention_mask", "use_model_defaults",
+        "prefix_allowed_tokens_fn", "synced_gpus", "negative_prompt_ids", "negative_prompt_attention_mask",
+        "use_model_defaults",
     )  # fmt: skip
     for unused in unused_args:
         value = kwargs.pop(unused, None)
         if value:
             raise ValueError(f"specdec's custom_generate does not take {unused}; use model.generate alone")
+    # the user's own logits processors and stopping criteria: applied per tree node / per token
     return specdec.generate(
         model, input_ids, attention_mask, proposer=proposer, generation_config=generation_config, streamer=streamer,
+        logits_processor=kwargs.pop("logits_processor", None), stopping_criteria=kwargs.pop("stopping_criteria", None),
         **kwargs,
     )  # fmt: skip

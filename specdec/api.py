@@ -24,10 +24,15 @@ from .verify import TypicalParams, VerifyMode
 
 @dataclass(slots=True)
 class GenerateOutput:
-    """sequences [B, T + G] long (prompt as given, then new tokens, pad after a row finished); stats."""
+    """sequences [B, T + G] long (prompt as given, then new tokens, pad after a row finished); stats;
+    scores / logits (with output_scores / output_logits): one [B, V] fp32 tensor per generated
+    position, as transformers returns them (the processed scores a token was drawn from, the raw
+    logits at its position); positions after a row finished hold -inf for that row."""
 
     sequences: torch.Tensor
     stats: SpecStats
+    scores: tuple[torch.Tensor, ...] | None = None
+    logits: tuple[torch.Tensor, ...] | None = None
 
 
 def _eos_list(eos) -> tuple[int, ...]:
@@ -256,6 +261,9 @@ def generate(
         begin_index=2 if L == 1 and gc.forced_bos_token_id is not None else 1,
         processors=tuple(processors),
         history_prefix=prefix,
+        outputs={} if gc.return_dict_in_generate and (gc.output_scores or gc.output_logits) else None,
+        output_scores=bool(gc.output_scores),
+        output_logits=bool(gc.output_logits),
         # min_length counts the (padded) prompt, as transformers' MinLengthLogitsProcessor does
         min_new_tokens=max(int(gc.min_new_tokens or 0), int(gc.min_length or 0) - L),
         eos_token_ids=eos,
@@ -273,8 +281,28 @@ def generate(
         new[b, : len(g)] = torch.tensor(g, dtype=input_ids.dtype)
     sequences = torch.cat([input_ids.cpu(), new], 1).to(input_ids.device)
     if gc.return_dict_in_generate:
-        return GenerateOutput(sequences=sequences, stats=stats)
+        out = GenerateOutput(sequences=sequences, stats=stats)
+        if gp.outputs is not None:
+            if gc.output_scores:
+                out.scores = _per_position(gp.outputs, "scores", B, width, input_ids.device)
+            if gc.output_logits:
+                out.logits = _per_position(gp.outputs, "logits", B, width, input_ids.device)
+        return out
     return sequences
+
+
+def _per_position(outputs: dict, name: str, B: int, width: int, device) -> tuple[torch.Tensor, ...]:
+    """Per-row lists of [V] tensors -> one [B, V] tensor per generated position (-inf past a row's end)."""
+    rows = [outputs.get(b, {}).get(name, []) for b in range(B)]
+    V = next(t.shape[-1] for r in rows for t in r)
+    out = []
+    for i in range(width):
+        step = torch.full((B, V), float("-inf"), dtype=torch.float32, device=device)
+        for b, r in enumerate(rows):
+            if i < len(r):
+                step[b] = r[i].to(device)
+        out.append(step)
+    return tuple(out)
 
 
 def _token_ids(name: str, ids) -> tuple[int, ...]:
@@ -380,8 +408,6 @@ _UNSUPPORTED = {
     "guidance_scale": (lambda v: v not in (None, 1.0), "classifier-free guidance: use model.generate"),
     "watermarking_config": (lambda v: v is not None, "use model.generate"),
     "dola_layers": (lambda v: v is not None, "DoLa decoding: use model.generate"),
-    "output_scores": (lambda v: bool(v), "scores are not returned yet"),
-    "output_logits": (lambda v: bool(v), "logits are not returned yet"),
     "output_attentions": (lambda v: bool(v), "attentions are not returned"),
     "output_hidden_states": (lambda v: bool(v), "hidden states are not returned"),
     "assistant_early_exit": (lambda v: v is not None, "use a Proposer"),
@@ -471,6 +497,8 @@ def _built_by_transformers(processor, gc: GenerationConfig | None) -> bool:
         return False
     value = getattr(gc, field, None)
     return value is not None and value != 0 and value != _FIELD_OFF.get(field)
+
+
 _OWN_CRITERIA = {"MaxLengthCriteria", "EosTokenCriteria", "StopStringCriteria"}
 
 

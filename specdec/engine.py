@@ -29,7 +29,7 @@ from .runtime.runner import PagedRunner
 from .sampling import RowSeeds, SamplingParams
 from .tree import DraftTree, node_bucket
 from .validation import require_int
-from .verify import TypicalParams, VerifyMode, VerifyResult, verify
+from .verify import TypicalParams, VerifyMode, VerifyResult, process_tree_scores, verify
 
 
 @dataclass(slots=True)
@@ -55,6 +55,11 @@ class GenerationParams:
     # penalty: no_repeat_ngram_size, bad_words_ids, forced BOS / EOS, the length penalty, the user's
     processors: tuple = ()
     history_prefix: list[list[int]] | None = None  # per row: the left padding transformers would see
+    # output_scores / output_logits: filled per row index with the processed scores and the raw
+    # logits ([V] fp32 tensors on the device) of every emitted token, as transformers returns them
+    outputs: dict[int, dict[str, list[torch.Tensor]]] | None = None
+    output_scores: bool = False
+    output_logits: bool = False
 
 
 @dataclass(slots=True)
@@ -298,7 +303,8 @@ class Engine:
                     active += new
                 if active:
                     live = [r for r in active if not r.done]
-                    pipelined = self.pipeline and not use_presence and not gp.processors  # host histories
+                    # pipelined steps run ahead of the host's histories and outputs
+                    pipelined = self.pipeline and not use_presence and not gp.processors and gp.outputs is None
                     if live and self.proposer is None and pipelined:
                         self._plain_run(live, gp, stats, streamer)
                     elif live:
@@ -361,12 +367,15 @@ class Engine:
         roots = to_device(torch.tensor([r.tokens[-1] for r in rows]), dev)
         tree = DraftTree.chain(roots, torch.zeros(len(rows), 0, dtype=torch.long, device=dev))
         res = self._verify(rows, tree, logits, gp)
+        outputs = self._path_outputs(rows, tree, logits, res, gp) if gp.outputs is not None else None
         if streamer is not None and len(rows) == 1:
             streamer.put(rows[0].prompt[None])
         t1 = sync_time(dev)
         stats.prefill_time_s += t1 - t0
         for b, r in enumerate(rows):
             kept = self._emit(r, [int(res.next_tokens[b])], gp)
+            if outputs is not None:
+                self._keep_outputs(r, gp, outputs[b], len(kept))
             r.step = 1  # step 0's draws made the first token; every step draws fresh uniforms
             r.t_first = r.t_last = t1
             if streamer is not None and len(rows) == 1 and kept:
@@ -428,21 +437,8 @@ class Engine:
     ) -> VerifyResult:
         """Verify a scored tree from `_verify_inputs`' tensors (a pure function of them: captured
         in the step tail's graph)."""
-        sampling_all = self._call[0]
-        masks = t.get("masks")
-        sampling = SamplingParams(
-            *(t[f] for f in SamplingParams._TENSORS), filters=sampling_all.filters, warpers=sampling_all.warpers
-        )
+        sampling = self._sampling(t)
         rng = RowSeeds(t["seeds"], t["steps"]) if "steps" in t else None
-        bans = [masks[1]] if gp.suppress_tokens else []  # [V]
-        if "made" in t:
-            number = t["made"][:, None] + tree.depth + 1  # [B, N]: the generated token a node's children are
-            if gp.min_new_tokens > 0 and gp.eos_token_ids:
-                bans.append((number <= gp.min_new_tokens)[:, :, None] & masks[0])  # [B, N, V]
-            if gp.begin_suppress_tokens:
-                bans.append((number == gp.begin_index)[:, :, None] & masks[2])
-        # [B, N, V] from device masks: no host index list, no sync
-        suppress = functools.reduce(torch.logical_or, bans).expand(logits.shape) if bans else None
         return verify(
             tree,
             logits,
@@ -451,9 +447,63 @@ class Engine:
             presence=t.get("presence"),
             rng=rng,
             typical=gp.typical,
-            suppress=suppress,
+            suppress=self._suppress(tree, logits, t, gp),
             processors=processors,
         )
+
+    def _sampling(self, t: dict[str, torch.Tensor]) -> SamplingParams:
+        sampling_all = self._call[0]
+        return SamplingParams(
+            *(t[f] for f in SamplingParams._TENSORS), filters=sampling_all.filters, warpers=sampling_all.warpers
+        )
+
+    @staticmethod
+    def _suppress(tree: DraftTree, logits: torch.Tensor, t: dict[str, torch.Tensor], gp: GenerationParams):
+        """[B, N, V] bool tokens banned at each node (suppress_tokens, EOS before min_new_tokens,
+        begin_suppress_tokens), or None; from the call's device masks: no host index list, no sync."""
+        masks = t.get("masks")
+        bans = [masks[1]] if gp.suppress_tokens else []  # [V]
+        if "made" in t:
+            number = t["made"][:, None] + tree.depth + 1  # [B, N]: the generated token a node's children are
+            if gp.min_new_tokens > 0 and gp.eos_token_ids:
+                bans.append((number <= gp.min_new_tokens)[:, :, None] & masks[0])  # [B, N, V]
+            if gp.begin_suppress_tokens:
+                bans.append((number == gp.begin_index)[:, :, None] & masks[2])
+        return functools.reduce(torch.logical_or, bans).expand(logits.shape) if bans else None
+
+    def _path_outputs(
+        self, rows: list[_Row], tree: DraftTree, logits: torch.Tensor, res: VerifyResult, gp: GenerationParams
+    ) -> list[dict[str, torch.Tensor]]:
+        """output_scores / output_logits of one verified step: per row, the raw logits and the
+        processed scores [n + 1, V] (fp32) at the nodes the emitted tokens were drawn at (the root,
+        then the accepted path)."""
+        t = {**self._verify_inputs(rows, gp), **self._ban_masks(gp)}
+        path = torch.cat([torch.zeros_like(res.num_accepted)[:, None], res.accepted_indices.clamp(min=0)], 1)
+        out = []
+        scores = None
+        if gp.output_scores:
+            scores = process_tree_scores(
+                tree,
+                logits,
+                self._sampling(t),
+                t.get("presence"),
+                self._suppress(tree, logits, t, gp),
+                self._node_processors(rows, tree, gp),
+            )
+        for b in range(len(rows)):
+            row = {}
+            if gp.output_logits:
+                row["logits"] = logits[b, path[b]].float()
+            if scores is not None:
+                row["scores"] = scores[b, path[b]].float()
+            out.append(row)
+        return out
+
+    @staticmethod
+    def _keep_outputs(r: _Row, gp: GenerationParams, step: dict[str, torch.Tensor], kept: int) -> None:
+        slot = gp.outputs.setdefault(r.index, {"scores": [], "logits": []})
+        for name, rows in step.items():
+            slot[name].extend(rows[:kept].unbind(0))
 
     def _node_processors(self, rows: list[_Row], tree: DraftTree, gp: GenerationParams):
         """scores [B, N, V] -> scores with gp.processors applied at every valid node, each called
@@ -601,6 +651,7 @@ class Engine:
         stats.draft_time_s += t1 - t0
         out, node_slots = self.runner.forward_tree([r.seq_id for r in rows], tree)  # score: [B, N, V]
         res, pack, final = self._tail(rows, tree, out, node_slots, gp)  # verify, move K/V, pack
+        outputs = self._path_outputs(rows, tree, out.logits, res, gp) if gp.outputs is not None else None
         stats.target_forwards += 1
         stats.verify_time_s += clock(dev) - t1
         emitted, num_acc, drafted = self._read_back(tree, pack, stats)
@@ -616,6 +667,8 @@ class Engine:
             root, n = r.tokens[-1], num_acc[b]
             new = emitted[b][: n + 1]
             kept = self._emit(r, new, gp)
+            if outputs is not None:
+                self._keep_outputs(r, gp, outputs[b], len(kept))
             r.step += 1
             r.emitted += n + 1  # this row's own tau and acceptance (SpecStats.per_sequence)
             r.drafted += drafted[b]

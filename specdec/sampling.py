@@ -245,6 +245,12 @@ def process_logits(
     scores = _penalised(logits, params, presence, suppress, processors)
     greedy = _view_rows(params.greedy, scores)
     one_hot = torch.zeros_like(scores).scatter_(-1, scores.argmax(dim=-1, keepdim=True), 1.0)
+    return torch.where(greedy, one_hot, _warped(scores, params).softmax(dim=-1))
+
+
+def _warped(scores: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Penalised scores -> the sampled rows' scores before the softmax: temperature, top-k, top-p,
+    min-p, the warpers (greedy rows are divided by 1 and filtered like the others)."""
     temperature = torch.where(params.greedy, torch.ones_like(params.temperature), params.temperature)
     scores = scores / _view_rows(temperature, scores).to(scores.dtype)
     use_k, use_p, use_min_p = params.filters
@@ -256,7 +262,21 @@ def process_logits(
         scores = _min_p_filter(scores, params.min_p)
     for warp in params.warpers:  # transformers' classes on [rows, V] (they read no input_ids)
         scores = warp(None, scores.reshape(-1, scores.shape[-1])).reshape(scores.shape)
-    return torch.where(greedy, one_hot, scores.softmax(dim=-1))
+    return scores
+
+
+def processed_scores(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    presence: torch.Tensor | None = None,
+    suppress: torch.Tensor | None = None,
+    processors=None,
+) -> torch.Tensor:
+    """[B, ..., V] the scores transformers returns with `output_scores`: sampled rows after every
+    processor and warper (softmax of them = `process_logits`), greedy rows after the processors
+    (the scores their argmax is taken of). Same arguments as `process_logits`."""
+    scores = _penalised(logits, params, presence, suppress, processors)
+    return torch.where(_view_rows(params.greedy, scores), scores, _warped(scores, params))
 
 
 def sample_from_probs(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,15 @@ from enum import Enum
 
 import torch
 
-from .sampling import Rng, SamplingParams, greedy_tokens, process_logits, sample_from_probs, uniform
+from .sampling import (
+    Rng,
+    SamplingParams,
+    greedy_tokens,
+    process_logits,
+    processed_scores,
+    sample_from_probs,
+    uniform,
+)
 from .tree import DraftTree, Law
 
 STREAM_COINS = 1
@@ -136,6 +144,20 @@ def process_tree_logits(
     """
     presence = _node_presence(tree, target_logits, params, presence)
     return process_logits(target_logits, params, presence, suppress, processors)
+
+
+def process_tree_scores(
+    tree: DraftTree,
+    target_logits: torch.Tensor,
+    params: SamplingParams,
+    presence: torch.Tensor | None = None,
+    suppress: torch.Tensor | None = None,
+    processors=None,
+) -> torch.Tensor:
+    """[B, N, V] the processed scores (before the softmax, see `sampling.processed_scores`) at every
+    node, with the same arguments as `process_tree_logits`: what `output_scores` returns."""
+    presence = _node_presence(tree, target_logits, params, presence)
+    return processed_scores(target_logits, params, presence, suppress, processors)
 
 
 def _node_presence(tree, target_logits, params, presence) -> torch.Tensor | None:

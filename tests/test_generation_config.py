@@ -71,8 +71,6 @@ def test_generation_config_is_merged_with_the_models(model):
     [
         ("num_beams", 4),
         ("guidance_scale", 1.5),
-        ("output_scores", True),
-        ("output_logits", True),
     ],
 )
 @pytest.mark.parametrize("via", ["keyword", "generation_config", "model.generation_config"])

@@ -117,3 +117,43 @@ def test_the_sampled_law_is_the_processed_target_law(kind):
     tv12, tv23 = tvs(out.sequences, prompt, law)
     assert tv12 < bound and tv23 < bound, (tv12, tv23, bound)
     assert out.stats.accepted > 0.05 * N_RUNS
+
+
+@pytest.mark.parametrize("proposer", ["none", "ngram", "draft", "eagle"])
+def test_scores_and_logits_are_transformers_scores_and_logits(model, proposer):
+    """output_scores / output_logits with return_dict_in_generate: greedy, with a history processor,
+    the same [B, V] per position as model.generate returns (fp32, tree steps vs one-token steps);
+    finished rows hold -inf."""
+    ids, mask = _batch()
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, no_repeat_ngram_size=3, output_scores=True,
+              output_logits=True, return_dict_in_generate=True)  # fmt: skip
+    ref = model.generate(ids, attention_mask=mask, **kw)
+    out = specdec.generate(model, ids, mask, proposer=_proposer(proposer, model), **kw)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert len(out.scores) == len(ref.scores) == 12 and len(out.logits) == 12
+    for mine, theirs in zip(out.scores + out.logits, ref.scores + ref.logits, strict=True):
+        finite = torch.isfinite(theirs)
+        assert torch.equal(torch.isfinite(mine), finite)
+        torch.testing.assert_close(mine[finite], theirs[finite], atol=2e-5, rtol=1e-5)
+
+
+def test_sampled_scores_are_the_warped_scores_of_each_prefix(model):
+    """Sampled (temperature 0.7, top-k 20): each position's scores are transformers' temperature
+    and top-k warpers applied to the model's logits for the emitted prefix, and the logits are the
+    raw ones (teacher-forced recomputation)."""
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper
+
+    ids = torch.randint(3, 9, (1, 10), generator=torch.Generator().manual_seed(2))
+    out = specdec.generate(model, ids, proposer=specdec.Ngram(num_tokens=3), max_new_tokens=10, do_sample=True,
+                           temperature=0.7, top_k=20, seed=5, output_scores=True, output_logits=True,
+                           return_dict_in_generate=True)  # fmt: skip
+    seq = out.sequences
+    with torch.no_grad():
+        full = model(seq).logits[0].float()
+    for i in range(10):
+        raw = full[ids.shape[1] - 1 + i][None]
+        torch.testing.assert_close(out.logits[i], raw, atol=2e-5, rtol=1e-5)
+        want = TopKLogitsWarper(20)(seq[:, : ids.shape[1] + i], TemperatureLogitsWarper(0.7)(None, raw))
+        finite = torch.isfinite(want)
+        assert torch.equal(torch.isfinite(out.scores[i]), finite)
+        torch.testing.assert_close(out.scores[i][finite], want[finite], atol=5e-5, rtol=1e-5)

@@ -175,8 +175,10 @@ def make_proposer(args, target):
             draft = AutoModelForCausalLM.from_pretrained(args.draft, dtype=target.dtype).to(target.device).eval()
         except LOAD_ERRORS as e:
             raise _load_error("--draft", args.draft, e) from None
+        from specdec.proposers.draft_model import VOCAB_PADDING
+
         d_vocab, t_vocab = draft.get_output_embeddings().weight.shape[0], target.get_output_embeddings().weight.shape[0]
-        if d_vocab != t_vocab:
+        if abs(d_vocab - t_vocab) > VOCAB_PADDING * max(d_vocab, t_vocab):  # padded matrices of one tokenizer pass
             raise CliError(f"draft vocabulary {d_vocab} != target vocabulary {t_vocab}")
         return specdec.DraftModel(draft, num_tokens=args.num_tokens)
     if name == "medusa":

@@ -215,3 +215,23 @@ def test_a_malformed_plugin_tree_is_an_error_not_a_wrong_walk(model):
 
     with pytest.raises(ValueError, match="parent"):
         specdec.generate(model, torch.tensor([[5, 6, 7]]), proposer=Backwards(), max_new_tokens=4)
+
+
+@pytest.mark.parametrize("extra", [4, -3])
+def test_a_draft_padded_to_another_vocabulary_size_drafts_for_the_target(extra):
+    """A draft whose embedding matrix has more (or fewer) rows than the target's, same tokenizer
+    (Qwen2.5-0.5B 151936 vs 7B 152064): greedy equal to the target alone, drafts accepted; an id the
+    draft has no row for is fed to it as 0 (only its drafts change)."""
+    target = tiny("llama", vocab=400, init=0.06, eos_token_id=None)
+    import copy
+
+    draft = copy.deepcopy(target)  # the target's weights (acceptance shows the padding is handled), own config
+    draft.resize_token_embeddings(400 + extra)
+    ids = torch.randint(3, 40, (2, 12), generator=torch.Generator().manual_seed(4))
+    if extra < 0:
+        ids[1, 3] = 399  # a prompt id beyond the draft's embedding
+    ref = target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False)
+    out = specdec.generate(target, ids, proposer=DraftModel(draft, 3), max_new_tokens=16, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, ref) and out.stats.accepted > 0
+    sampled = specdec.generate(target, ids, proposer=DraftModel(draft, 3), max_new_tokens=8, do_sample=True, seed=1)
+    assert sampled.shape == (2, 20) and int(sampled.max()) < 400

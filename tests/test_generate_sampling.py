@@ -210,3 +210,23 @@ def test_typical_epsilon_eta_follow_transformers_warpers(worlds, kind):
     tv12, tv23 = tvs(out.sequences, prompt, law)
     assert tv12 < bound and tv23 < bound, (tv12, tv23, bound)
     assert out.stats.accepted > 0.05 * N_RUNS
+
+
+@pytest.mark.parametrize("extra", [1, -1])
+def test_a_draft_padded_to_another_vocabulary_keeps_the_target_law(worlds, monkeypatch, extra):
+    """A draft with one embedding row more (its logits cut to the target's width) or fewer (padded
+    with -inf; the target's last id fed to it as 0): the first tokens follow the target's law."""
+    import specdec.proposers.draft_model as dm
+
+    monkeypatch.setattr(dm, "VOCAB_PADDING", 0.2)  # V = 8: one row is 12 %
+    target, draft, prompt = worlds["spread"]
+    import copy
+
+    padded = copy.deepcopy(draft)  # resizing updates the config in place: not the fixture's
+    padded.resize_token_embeddings(V + extra)
+    law = exact_law(target, prompt, SamplingParams.make(1, top_k=0, temperature=1.0))
+    out = _run(target, prompt, DraftModel(padded, num_tokens=3), "t1")
+    bound = tv_bound(V * V, N_RUNS)
+    tv12, tv23 = tvs(out.sequences, prompt, law)
+    assert tv12 < bound and tv23 < bound, (tv12, tv23, bound)
+    assert out.stats.accepted > 0.05 * N_RUNS

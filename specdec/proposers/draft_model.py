@@ -18,6 +18,8 @@ from ..validation import is_int, require_int
 from ..verify import VerifyResult
 from .base import ProposeContext, Proposer, draft_chain, register_proposer
 
+VOCAB_PADDING = 0.01  # vocabulary sizes further apart than this fraction are different tokenizers
+
 
 @register_proposer("draft")
 class DraftModel(Proposer):
@@ -25,7 +27,11 @@ class DraftModel(Proposer):
 
     Parameters
     ----------
-    model : a transformers *ForCausalLM with the target's vocabulary (same logits size).
+    model : a transformers *ForCausalLM with the target's tokenizer. Its embedding matrix may be
+        padded to another size than the target's (Qwen2.5-0.5B has 151936 rows, 7B 152064): its
+        logits are cut or padded (-inf) to the target's width, and an id it has no row for (in
+        the other model's padding, which the tokenizer never produces) is fed to it as id 0:
+        that only changes its drafts, never the output law.
     num_tokens : tokens drafted per step, or "auto": start at 4, +2 after a fully accepted chain,
         -1 otherwise (transformers' assisted-generation heuristic), within [1, max_tokens].
     max_tokens : the ceiling for "auto".
@@ -41,6 +47,7 @@ class DraftModel(Proposer):
         self.max_tokens = max_tokens
         self.num_tokens = min(4, max_tokens) if self.adaptive else num_tokens
         self._drafted = 0  # K of the last proposal
+        self._target_vocab: int | None = None  # the target's logits width (set by start)
 
     @property
     def runtime(self) -> HFModel:
@@ -63,11 +70,13 @@ class DraftModel(Proposer):
         return (self.max_tokens if self.adaptive else self.num_tokens) + 1
 
     def start(self, target: TargetModel, *, block_size: int, num_blocks: int, max_blocks_per_row: int) -> None:
-        if self.runtime.vocab_size != target.vocab_size:
+        Vd, V = self.runtime.vocab_size, target.vocab_size
+        if abs(Vd - V) > VOCAB_PADDING * max(Vd, V):
             raise ValueError(
-                f"draft vocabulary {self.runtime.vocab_size} != target vocabulary {target.vocab_size}: "
-                "the draft model must share the target's tokenizer"
+                f"draft vocabulary {Vd} != target vocabulary {V}: the draft model must share the target's tokenizer "
+                f"(embedding matrices padded to sizes within {VOCAB_PADDING:.0%} of each other are accepted)"
             )
+        self._target_vocab = V
         target_cfg = getattr(target, "model", None)
         for key in ("eos_token_id", "bos_token_id"):
             t = getattr(getattr(target_cfg, "config", None), key, None)
@@ -77,8 +86,22 @@ class DraftModel(Proposer):
         self.runner.ensure_pool(num_blocks, block_size)  # the target's pool size: every row fits
         self.runner.set_outputs(max_blocks_per_row)
 
+    def _ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Target ids as the draft's inputs: an id beyond its embedding (padding) becomes 0."""
+        n = self.runtime.input_vocab_size
+        return ids if n >= self._target_vocab else torch.where(ids < n, ids, 0)
+
+    def _logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """[..., Vd] draft logits -> [..., V] the target's width (cut, or padded with -inf)."""
+        V, Vd = self._target_vocab, logits.shape[-1]
+        if Vd == V:
+            return logits
+        if Vd > V:
+            return logits[..., :V]
+        return torch.nn.functional.pad(logits, (0, V - Vd), value=float("-inf"))
+
     def prefill(self, seq_ids: list[int], prompts: list[torch.Tensor], features=None) -> None:
-        self.runner.prefill(seq_ids, prompts)
+        self.runner.prefill(seq_ids, [self._ids(p) for p in prompts])
 
     def propose(self, ctx: ProposeContext) -> DraftTree:
         B = ctx.batch_size
@@ -89,7 +112,7 @@ class DraftModel(Proposer):
         if K < 1:
             return DraftTree.chain(roots, torch.zeros(B, 0, dtype=torch.long, device=dev))
         # 1. catch up: every committed token the draft has not seen, up to and including the root
-        logits = self.runner.extend(ctx.seq_ids, ctx.histories)  # [B, V]
+        logits = self._logits(self.runner.extend(ctx.seq_ids, [self._ids(h) for h in ctx.histories]))  # [B, V]
         for s in ctx.seq_ids:
             self.runner.reserve(s, K - 1)  # the chain's own K/V; committed in update()
 
@@ -97,7 +120,7 @@ class DraftModel(Proposer):
         def advance(j: int, tok: torch.Tensor) -> torch.Tensor:
             step = DraftTree.chain(tok, torch.zeros(B, 0, dtype=torch.long, device=dev))
             out, _ = self.runner.forward_tree(ctx.seq_ids, step, offset=j, reserve=False)
-            return out.logits[:, -1]
+            return self._logits(out.logits[:, -1])
 
         drafts, q, law = draft_chain(logits, K, ctx, advance)
         num = to_device(ctx.max_drafts, dev).clamp(max=K)

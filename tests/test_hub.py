@@ -56,3 +56,27 @@ def test_heads_and_the_cli_take_hub_ids(hub, capsys):
     argv = ["generate", "--target", "org/tiny-target", "--proposer", "medusa", "--heads", "org/tiny-medusa"]
     assert main([*argv, "--prompt", "def f(x):", "--max-new-tokens", "6", "--device", "cpu"]) == 0
     assert "[medusa]" in capsys.readouterr().err
+
+
+def test_proposers_from_pretrained_take_hub_ids(hub):
+    """Medusa.from_pretrained and Eagle.from_pretrained resolve Hub ids (and a revision) as the
+    loaders do; the proposers then decode greedy-equal to the target."""
+    from transformers import LlamaConfig
+
+    import specdec
+    from specdec.heads.eagle import EagleDrafter
+
+    target = tiny("llama", vocab=96, eos_token_id=None)
+    heads = MedusaHeads(MedusaConfig(2, 1, 64, 96, own_lm_head=False))
+    _publish(hub, "org/medusa", heads.save_pretrained, "v1", "c" * 40)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+                      vocab_size=96, num_hidden_layers=1)  # fmt: skip
+    _publish(hub, "org/eagle", EagleDrafter(cfg, version=1).save_pretrained)
+    ids = torch.randint(3, 96, (1, 8), generator=torch.Generator().manual_seed(1))
+    ref = specdec.generate(target, ids, max_new_tokens=8)
+    medusa = specdec.Medusa.from_pretrained("org/medusa", tree=4, revision="v1")
+    eagle = specdec.Eagle.from_pretrained("org/eagle", depth=2, top_k=2, total_tokens=3)
+    for proposer in (medusa, eagle):
+        assert torch.equal(specdec.generate(target, ids, proposer=proposer, max_new_tokens=8), ref)
+    with pytest.raises(FileNotFoundError, match="org/medusa"):
+        specdec.Medusa.from_pretrained("org/medusa")  # no "main" revision in the cache

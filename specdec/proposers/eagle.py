@@ -116,10 +116,18 @@ class Eagle(Proposer):
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, depth: int = 6, top_k: int = 10, total_tokens: int = 60, chain: bool = False
+        cls,
+        path: str | Path,
+        depth: int = 6,
+        top_k: int = 10,
+        total_tokens: int = 60,
+        chain: bool = False,
+        revision: str | None = None,
     ) -> Eagle:
-        """A SafeAILab / vLLM / SGLang / specdec EAGLE folder; EAGLE-1/2 vs 3 is read from its config."""
-        return cls(load_eagle(path), depth=depth, top_k=top_k, total_tokens=total_tokens, chain=chain)
+        """A SafeAILab / vLLM / SGLang / specdec EAGLE folder, or a Hugging Face Hub id at `revision`;
+        EAGLE-1/2 vs 3 is read from its config."""
+        drafter = load_eagle(path, revision=revision)
+        return cls(drafter, depth=depth, top_k=top_k, total_tokens=total_tokens, chain=chain)
 
     @property
     def version(self) -> int:

@@ -13,6 +13,7 @@ import torch
 
 from ..devices import to_device
 from ..heads.medusa import MedusaHeads, load_medusa
+from ..hub import resolve
 from ..runtime.base import TargetModel
 from ..tree import DraftTree
 from ..validation import is_int, require_int
@@ -101,11 +102,15 @@ class Medusa(Proposer):
         self._set_choices(heads.config.num_heads if heads is not None else None)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, tree: Sequence[Sequence[int]] | int | None = None) -> Medusa:
-        """Heads from a FasterDecoding v1 / v2, vLLM or specdec checkpoint folder (see `load_medusa`)."""
-        if not (Path(path) / "config.json").exists():
-            raise FileNotFoundError(f"{Path(path) / 'config.json'} not found: pass a Medusa checkpoint folder")
-        return cls(path=path, tree=tree)
+    def from_pretrained(
+        cls, path: str | Path, tree: Sequence[Sequence[int]] | int | None = None, revision: str | None = None
+    ) -> Medusa:
+        """Heads from a FasterDecoding v1 / v2, vLLM or specdec checkpoint folder (see `load_medusa`),
+        or a Hugging Face Hub id at `revision` (fetched now through huggingface_hub's cache)."""
+        folder = resolve(path, revision)
+        if not (folder / "config.json").exists():
+            raise FileNotFoundError(f"{folder / 'config.json'} not found: pass a Medusa checkpoint folder")
+        return cls(path=folder, tree=tree)
 
     def _set_choices(self, num_heads: int | None) -> None:
         """Resolve and check the tree; num_heads None (heads not loaded yet) checks its shape only."""

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import GenerationConfig
+from transformers.utils import ModelOutput
 
 from .engine import Engine, GenerationParams
 from .metrics import SpecStats
@@ -22,17 +23,27 @@ from .validation import is_int, require_int
 from .verify import TypicalParams, VerifyMode
 
 
-@dataclass(slots=True)
-class GenerateOutput:
-    """sequences [B, T + G] long (prompt as given, then new tokens, pad after a row finished); stats;
-    scores / logits (with output_scores / output_logits): one [B, V] fp32 tensor per generated
-    position, as transformers returns them (the processed scores a token was drawn from, the raw
-    logits at its position); positions after a row finished hold -inf for that row."""
+@dataclass
+class GenerateOutput(ModelOutput):
+    """What `generate` returns with return_dict_in_generate: a transformers ModelOutput (attribute,
+    key and index access, `keys()`, `to_tuple()`), as `model.generate`'s output is.
 
-    sequences: torch.Tensor
-    stats: SpecStats
+    sequences [B, T + G] long: the prompt as given, then the new tokens, pad after a row finished.
+    stats     SpecStats of the call.
+    scores    with output_scores: one [B, V] fp32 tensor per generated position, the processed scores
+              (before the softmax) each token was drawn from, as transformers returns them.
+    logits    with output_logits: one [B, V] fp32 tensor per position, the raw logits.
+    logprobs  with output_scores: [B, G] fp32, the log-probability of each emitted token under the
+              processed target law it was drawn from (0 for greedy rows: a point mass; use `scores`
+              for the model's log-probabilities there). Positions after a row finished hold -inf in
+              scores / logits and nan in logprobs.
+    """
+
+    sequences: torch.Tensor | None = None
+    stats: SpecStats | None = None
     scores: tuple[torch.Tensor, ...] | None = None
     logits: tuple[torch.Tensor, ...] | None = None
+    logprobs: torch.Tensor | None = None
 
 
 def _eos_list(eos) -> tuple[int, ...]:
@@ -282,13 +293,28 @@ def generate(
     sequences = torch.cat([input_ids.cpu(), new], 1).to(input_ids.device)
     if gc.return_dict_in_generate:
         out = GenerateOutput(sequences=sequences, stats=stats)
-        if gp.outputs is not None:
+        if gp.outputs is not None:  # in the fields' order (a ModelOutput's keys follow assignment)
             if gc.output_scores:
                 out.scores = _per_position(gp.outputs, "scores", B, width, input_ids.device)
             if gc.output_logits:
                 out.logits = _per_position(gp.outputs, "logits", B, width, input_ids.device)
+            if gc.output_scores:
+                out.logprobs = _logprobs(out.scores, new.to(input_ids.device), generated, bool(gc.do_sample))
         return out
     return sequences
+
+
+def _logprobs(scores: tuple, new: torch.Tensor, generated: list[list[int]], sampled: bool) -> torch.Tensor:
+    """[B, G] log p(token) under the law each token was drawn from: log_softmax of its scores when
+    sampling, 0 for greedy (a point mass); nan past a row's end."""
+    B, G = new.shape
+    out = torch.full((B, G), float("nan"), dtype=torch.float32, device=new.device)
+    for i, step in enumerate(scores):
+        lp = torch.log_softmax(step, -1).gather(1, new[:, i : i + 1])[:, 0] if sampled else torch.zeros(B)
+        for b in range(B):
+            if i < len(generated[b]):
+                out[b, i] = lp[b]
+    return out
 
 
 def _per_position(outputs: dict, name: str, B: int, width: int, device) -> tuple[torch.Tensor, ...]:

@@ -157,3 +157,8 @@ def test_sampled_scores_are_the_warped_scores_of_each_prefix(model):
         finite = torch.isfinite(want)
         assert torch.equal(torch.isfinite(out.scores[i]), finite)
         torch.testing.assert_close(out.scores[i][finite], want[finite], atol=5e-5, rtol=1e-5)
+        token = seq[0, ids.shape[1] + i]
+        assert abs(float(out.logprobs[0, i]) - float(torch.log_softmax(want, -1)[0, token])) < 1e-4
+    # transformers' output object: key, index and attribute access
+    assert out["sequences"] is out.sequences and out[0] is out.sequences
+    assert list(out.keys()) == ["sequences", "stats", "scores", "logits", "logprobs"]

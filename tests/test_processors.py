@@ -1,8 +1,10 @@
-"""History-dependent logits processors (transformers' own classes and a user's) applied at every tree
-node with that node's own history: greedy outputs equal `model.generate` with the same settings for
-plain decoding and for chain and tree proposers on left-padded batches, and the sampled law at
-vocabulary 8 is the processed target law (false failure <= 1e-6 per comparison), with negative
-controls that show each test can fail."""
+"""Parity with `model.generate` for the settings that change the law per tree node: history-dependent
+logits processors (transformers' own classes and a user's, called with each node's own history) and
+the token bans (suppress / begin-suppress / min-new-tokens / min-length): greedy outputs equal
+`model.generate` with the same settings for plain decoding and for every proposer on left-padded
+batches; the sampled law at vocabulary 8 is the processed target law (false failure <= 1e-6 per
+comparison); scores, logits and logprobs as transformers returns them. Each test has a negative
+control that shows it can fail."""
 
 import pytest
 import torch
@@ -48,7 +50,24 @@ SETTINGS = {
     "forced_eos_token_id": dict(forced_eos_token_id=3),
     "exponential_decay_length_penalty": dict(exponential_decay_length_penalty=(3, 1.6), eos_token_id=3),
     "user processor": dict(logits_processor=LogitsProcessorList([NoImmediateRepeat()])),
+    # the ban settings (device masks, not processors), built from the free output in the test
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "min_new_tokens": None,
+    "min_length": None,
 }
+
+
+def _from_free(setting: str, free: torch.Tensor, T: int) -> dict:
+    """Settings whose tokens come from the unconstrained output, so that they bind."""
+    g = free[:, T:]
+    return {
+        "bad_words_ids": dict(bad_words_ids=[[int(g[0, 2])], g[1, 4:6].tolist(), [1, 2, 3]]),
+        "suppress_tokens": dict(suppress_tokens=[int(g[0, 1]), int(g[1, 2])]),
+        "begin_suppress_tokens": dict(begin_suppress_tokens=[int(g[0, 0]), int(g[1, 0])]),
+        "min_new_tokens": dict(eos_token_id=int(g[0, 3]), min_new_tokens=8),
+        "min_length": dict(eos_token_id=int(g[0, 3]), min_length=T + 8),
+    }[setting]
 
 
 @pytest.mark.parametrize("proposer", ["none", "ngram", "draft", "medusa", "eagle"])
@@ -57,16 +76,14 @@ def test_greedy_output_is_transformers_output(model, setting, proposer):
     ids, mask = _batch()
     free = model.generate(ids, attention_mask=mask, max_new_tokens=18, do_sample=False, pad_token_id=0)
     T = ids.shape[1]
-    setting_kw = SETTINGS[setting] or dict(  # one token and one two-token word of the free output
-        bad_words_ids=[[int(free[0, T + 2])], free[1, T + 4 : T + 6].tolist(), [1, 2, 3]]
-    )
+    setting_kw = SETTINGS[setting] or _from_free(setting, free, T)
     kw = dict(max_new_tokens=18, do_sample=False, pad_token_id=0, **setting_kw)
     ref = model.generate(ids, attention_mask=mask, **kw)
     assert not torch.equal(ref, free), "the setting must change the output, or the test cannot fail"
     prop = _proposer(proposer, model)
     out = specdec.generate(model, ids, mask, proposer=prop, return_dict_in_generate=True, **kw)
     assert torch.equal(out.sequences, ref), (setting, proposer)
-    if proposer == "draft" and setting not in ("sequence_bias", "bad_words_ids"):  # those steer off the draft
+    if proposer == "draft" and setting in ("no_repeat_ngram_size", "user processor", "min_new_tokens"):
         assert out.stats.accepted > 0  # drafts were verified under the processors
 
 

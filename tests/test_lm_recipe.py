@@ -81,3 +81,16 @@ def test_the_split_is_a_stable_hash_of_the_path():
             [sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": seed}, capture_output=True, text=True
         )
         assert out.stdout.strip() == "".join(str(int(p)) for p in picks), out.stderr[-500:]
+
+
+def test_each_stage_runs_on_its_own(tmp_path):
+    """stages=[corpus] alone makes the corpus and nothing else (it crashed loading a tokenizer that
+    did not exist yet); a stage whose input is missing names the stage that makes it."""
+    out = tmp_path / "alone"
+    res = _recipe(out, "stages=[corpus]")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (out / "work" / "corpus.json.gz").exists() and not (out / "work" / "tokenizer").exists()
+    res = _recipe(out, "stages=[target]")
+    assert res.returncode != 0 and "need the output of stage 'tokenizer'" in res.stderr
+    res = _recipe(tmp_path / "empty", "stages=[medusa]")
+    assert res.returncode != 0 and "need the output of stage 'tokenizer'" in res.stderr

@@ -110,8 +110,11 @@ def test_mismatches_are_clear_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"foo": 1}))
     with pytest.raises(ValueError, match="not a known Medusa config"):
         load_medusa(tmp_path, H, V)
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(FileNotFoundError, match="nowhere: no such folder, and not a Hugging Face Hub id"):
         Medusa.from_pretrained(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json not found"):
+        Medusa.from_pretrained(tmp_path / "empty")
     fd = tmp_path / "fd"
     fd.mkdir()
     save_file(

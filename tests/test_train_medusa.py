@@ -99,3 +99,65 @@ def test_prompt_sources(tmp_path):
     assert read_prompts(tmp_path / "code") == ["x = 1\n"]
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read_prompts(tmp_path / "missing.txt")
+
+
+def test_a_run_explains_itself_and_recomputes_a_stale_cache(target_dir, tmp_path):
+    """The run folder holds the resolved config and the overrides; the heads name their base model;
+    the learning rate follows warm-up + cosine, with clipping and accumulation; a cache made from
+    other inputs is recomputed, with a message."""
+    import yaml
+
+    from specdec.training.optim import lr_at
+
+    out = tmp_path / "run"
+    extra = ["steps=6", "log_every=1", "logger=stdout", "optim.warmup_steps=2", "optim.schedule=cosine",
+             "optim.grad_clip=0.5", "optim.accumulation=2"]  # fmt: skip
+    stdout = _train(target_dir, out, *extra)
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["optim"]["schedule"] == "cosine" and cfg["out"] == str(out) and cfg["head"]["name"] == "medusa"
+    assert "optim.accumulation=2" in (out / "overrides.yaml").read_text()
+    base = json.loads((out / "final" / "config.json").read_text())["base_model"]
+    assert base["name_or_path"] == str(target_dir / "target")
+    logs = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    want = [lr_at(s, 6, 1e-3, 2, "cosine") for s in range(6)]
+    assert [round(r["lr"], 8) for r in logs] == [round(w, 8) for w in want]
+    assert all(r["grad_norm"] > 0 for r in logs)
+    assert "recomputing" not in stdout
+    again = _train(target_dir, out, "sample=true", *extra)  # other distillation inputs: a new cache
+    assert "was made from other inputs" in again and "recomputing" in again
+
+
+def test_learning_rate_schedules():
+    from specdec.training.optim import lr_at
+
+    assert [lr_at(s, 5, 2.0) for s in range(5)] == [2.0] * 5
+    assert [round(lr_at(s, 5, 1.0, 1, "linear", 0.1), 3) for s in range(5)] == [1.0, 1.0, 0.7, 0.4, 0.1]
+    cos = [lr_at(s, 6, 1.0, 0, "cosine") for s in range(6)]
+    assert cos[0] == 1.0 and abs(cos[-1]) < 1e-12 and all(a >= b for a, b in zip(cos, cos[1:], strict=False))
+    with pytest.raises(ValueError, match="schedule='step' is not one of constant, linear, cosine"):
+        lr_at(0, 5, 1.0, schedule="step")
+
+
+def test_default_out_is_per_head():
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("specdec.conf", version_base=None):
+        for head in ("medusa", "eagle", "eagle3"):
+            cfg = compose("train", overrides=[f"head={head}", "target=t", "data=d"])
+            assert cfg.out == f"outputs/{head}"
+
+
+def test_batched_distillation_is_the_one_prompt_at_a_time_distillation(target_dir, tmp_path):
+    """Prompt i draws with seed + i: batches of 3 give the sequences of one prompt at a time,
+    greedy and sampled."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from specdec.training.data import distill
+
+    tok = AutoTokenizer.from_pretrained(target_dir / "target")
+    model = AutoModelForCausalLM.from_pretrained(target_dir / "target").eval()
+    prompts = read_prompts(target_dir / "prompts.txt")[:5]
+    for sample in (False, True):
+        one = distill(model, tok, prompts, 16, 10, tmp_path / f"a{sample}.safetensors", sample, 3, batch_size=1)
+        three = distill(model, tok, prompts, 16, 10, tmp_path / f"b{sample}.safetensors", sample, 3, batch_size=3)
+        assert len(one) == 5 and all(torch.equal(a, b) for a, b in zip(one, three, strict=True))

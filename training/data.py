@@ -40,6 +40,23 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[str]:
     return out[:limit] if limit else out
 
 
+def cache_key(model, prompts: list[str], **settings) -> str:
+    """What a distillation cache was made from: the prompts, the settings and the target (its name,
+    parameter count and a checksum of a few weights), hashed."""
+    import hashlib
+
+    params = list(model.parameters())
+    probe = [float(p.detach().float().flatten()[:64].sum()) for p in params[:: max(1, len(params) // 8)]]
+    ident = {
+        "target": str(getattr(model.config, "_name_or_path", "")),
+        "params": sum(p.numel() for p in params),
+        "probe": [round(x, 6) for x in probe],
+        "settings": settings,
+        "prompts": hashlib.sha256("\x00".join(prompts).encode()).hexdigest(),
+    }
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
 @torch.inference_mode()
 def distill(
     model,
@@ -50,31 +67,55 @@ def distill(
     cache: str | Path,
     do_sample: bool = False,
     seed: int = 0,
+    batch_size: int = 8,
 ) -> list[torch.Tensor]:
-    """Sequences prompt + the target's own continuation (one prompt at a time, plain decoding through
-    specdec's engine), as token id tensors [L_i]; cached at `cache` and read back from it next time."""
+    """Sequences prompt + the target's own continuation (plain decoding through specdec's engine,
+    `batch_size` prompts at a time; prompt i draws with seed + i, so batching changes nothing), as
+    token id tensors [L_i]. Cached at `cache` with a key of its inputs (`cache_key`): a cache made
+    from other prompts, settings or another target is recomputed, with a message saying so."""
     cache = Path(cache)
+    settings = dict(
+        max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens, do_sample=bool(do_sample), seed=seed
+    )
+    key = cache_key(model, prompts, **settings)
     if cache.exists():
-        return load_sequences(cache)
+        from safetensors import safe_open
+
+        with safe_open(str(cache), "pt") as f:
+            found = (f.metadata() or {}).get("key")
+        if found == key:
+            return load_sequences(cache)
+        print(f"distillation cache {cache} was made from other inputs (key {found} != {key}): recomputing", flush=True)
     import specdec
 
-    seqs: list[torch.Tensor] = []
+    encoded = [(i, tokenizer(t, return_tensors="pt").input_ids[0, :max_prompt_tokens]) for i, t in enumerate(prompts)]
+    encoded = [(i, ids) for i, ids in encoded if len(ids)]
     device = next(model.parameters()).device
-    for i, text in enumerate(prompts):
-        ids = tokenizer(text, return_tensors="pt").input_ids[:, :max_prompt_tokens]
-        if ids.shape[1] == 0:
-            continue
-        out = specdec.generate(model, ids.to(device), max_new_tokens=max_new_tokens, do_sample=do_sample, seed=seed + i)
-        seqs.append(out[0].cpu())
-    save_sequences(seqs, cache)
+    seqs: list[torch.Tensor] = []
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start : start + batch_size]
+        T = max(len(ids) for _, ids in chunk)
+        batch = torch.zeros(len(chunk), T, dtype=torch.long)
+        mask = torch.zeros_like(batch)
+        for b, (_, ids) in enumerate(chunk):
+            batch[b, T - len(ids) :], mask[b, T - len(ids) :] = ids, 1
+        out = specdec.generate(
+            model, batch.to(device), mask.to(device), max_new_tokens=max_new_tokens, do_sample=do_sample,
+            seed=torch.tensor([seed + i for i, _ in chunk]), return_dict_in_generate=True,
+        )  # fmt: skip
+        for b, (_, ids) in enumerate(chunk):
+            n = out.stats.per_sequence[b]["generated_tokens"]
+            seqs.append(torch.cat([ids, out.sequences[b, T : T + n].cpu()]))
+    save_sequences(seqs, cache, key=key)
     return seqs
 
 
-def save_sequences(seqs: list[torch.Tensor], path: str | Path) -> None:
+def save_sequences(seqs: list[torch.Tensor], path: str | Path, key: str | None = None) -> None:
     lengths = torch.tensor([len(s) for s in seqs], dtype=torch.int64)
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file({"ids": torch.cat(seqs).to(torch.int32), "offsets": offsets}, str(path))
+    meta = {"key": key} if key else None
+    save_file({"ids": torch.cat(seqs).to(torch.int32), "offsets": offsets}, str(path), metadata=meta)
 
 
 def load_sequences(path: str | Path) -> list[torch.Tensor]:

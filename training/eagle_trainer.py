@@ -31,9 +31,11 @@ from tqdm import tqdm
 
 from ..heads.eagle import EagleDrafter, causal_attend, load_eagle
 from ..runtime.hf import capture_features, decoder_layers
+from ..validation import require_int
 from .data import pad_batch
 from .logging import Logger, NullLogger
 from .medusa_trainer import _latest_checkpoint, _world
+from .optim import clip, lr_at, set_lr
 
 
 @dataclass(slots=True)
@@ -49,6 +51,11 @@ class EagleTrainConfig:
     step_decay: float = 0.8  # EAGLE-3: weight of unrolled step i
     checkpoint_every: int = 50
     log_every: int = 10
+    warmup_steps: int = 0  # linear warm-up of the learning rate
+    schedule: str = "constant"  # then constant, linear or cosine decay (training.optim.lr_at)
+    min_lr_ratio: float = 0.0  # the decay's floor, as a fraction of lr
+    grad_clip: float = 0.0  # max global gradient norm (0: no clipping)
+    accumulation: int = 1  # micro-batches of batch_size per optimiser step
     eval_tokens: int = 32  # new tokens per held-out prompt when measuring tau
     eval_depth: int = 5
     eval_top_k: int = 8
@@ -260,21 +267,28 @@ def train_eagle(
     bar = tqdm(
         range(start, cfg.steps), disable=rank != 0, desc=f"eagle{drafter.version}", initial=start, total=cfg.steps
     )  # under torchrun: same initial weights on every rank (same seed), gradients averaged every step
+    require_int("accumulation", cfg.accumulation, 1, "micro-batches per optimiser step")
     for step in bar:
-        pick = torch.randint(0, len(mine), (cfg.batch_size,), generator=g).tolist()
-        ids, mask = pad_batch([mine[i] for i in pick])
-        ids, mask = ids.to(device), mask.to(device)
-        if cached is None:
-            feats, final = target_features(target, ids, mask, layers)
-        else:
-            feats = _stack_padded([cached[f"f{index[i]}"] for i in pick], ids.shape[1]).to(device)
-            final = _stack_padded([cached[f"g{index[i]}"] for i in pick], ids.shape[1]).to(device)
-        loss, metrics = eagle_loss(drafter, drafter.version, embed, lm_w, ids, mask, feats, final, cfg, draft_ids)
+        set_lr(opt, lr_at(step, cfg.steps, cfg.lr, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        for _ in range(cfg.accumulation):  # each micro-batch's loss scaled so the step sees their mean
+            pick = torch.randint(0, len(mine), (cfg.batch_size,), generator=g).tolist()
+            ids, mask = pad_batch([mine[i] for i in pick])
+            ids, mask = ids.to(device), mask.to(device)
+            if cached is None:
+                feats, final = target_features(target, ids, mask, layers)
+            else:
+                feats = _stack_padded([cached[f"f{index[i]}"] for i in pick], ids.shape[1]).to(device)
+                final = _stack_padded([cached[f"g{index[i]}"] for i in pick], ids.shape[1]).to(device)
+            loss, metrics = eagle_loss(drafter, drafter.version, embed, lm_w, ids, mask, feats, final, cfg, draft_ids)
+            (loss / cfg.accumulation).backward()
         if world > 1:  # data parallel by hand: the training-time test runs several forwards per step,
             _average_gradients(drafter, world)  # which DistributedDataParallel's reducer does not allow
+        norm = clip(drafter.parameters(), cfg.grad_clip)
         opt.step()
+        metrics["lr"] = opt.param_groups[0]["lr"]
+        if norm is not None:
+            metrics["grad_norm"] = norm
         done = step + 1
         if rank == 0:
             bar.set_postfix(loss=f"{metrics['loss']:.3f}")

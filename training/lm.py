@@ -104,6 +104,15 @@ def distill_snippets(target, files: list[str], tokenizer, spec: DistillSpec, dev
     return seqs
 
 
+def _need(path: Path, maker: str, stages: list[str]) -> None:
+    """A stage's input must exist: else a clear error naming the stage that makes it."""
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} is missing: stages {stages} need the output of stage {maker!r}; run it first "
+            f"(stages=[{maker}]) or together with them, with the same out= / work="
+        )
+
+
 def run(cfg: DictConfig) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -138,15 +147,20 @@ def run(cfg: DictConfig) -> Path:
         with gzip.open(corpus_file, "wt") as f:
             json.dump(corpus, f)
         stage(f"corpus: {corpus['stats']}")
-    with gzip.open(corpus_file, "rt") as f:
-        corpus = json.load(f)
-    meta["corpus"] = corpus["stats"]
-    train_texts = [t for _, t in corpus["train"]]
-    held_texts = [t for _, t in corpus["held_out"]]
-
+    # each later stage reads what an earlier one left in `work` / `out`: missing, it says which stage makes it
     tok_dir = work / "tokenizer"
     if (out / "target" / "tokenizer.json").exists():  # a finished target fixes the tokenizer
         tok_dir = out / "target"
+    texts_needed = [s for s in stages if s in ("tokenizer", "target", "draft", "distill", "eagle", "eval")]
+    if texts_needed:
+        _need(corpus_file, "corpus", texts_needed)
+        with gzip.open(corpus_file, "rt") as f:
+            corpus = json.load(f)
+        meta["corpus"] = corpus["stats"]
+        train_texts = [t for _, t in corpus["train"]]
+        held_texts = [t for _, t in corpus["held_out"]]
+    if stages == ["corpus"]:
+        return out
     if "tokenizer" in stages and not (tok_dir / "tokenizer.json").exists():
         stage("training the tokenizer")
         sample, n = [], 0
@@ -156,6 +170,7 @@ def run(cfg: DictConfig) -> Path:
             sample.append(t)
             n += len(t)
         train_tokenizer(sample, size["tokenizer"]["vocab_size"], tok_dir)
+    _need(tok_dir / "tokenizer.json", "tokenizer", stages)
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     eos_id = tokenizer.convert_tokens_to_ids(EOS)
     vocab = len(tokenizer)
@@ -185,6 +200,7 @@ def run(cfg: DictConfig) -> Path:
     need_target = any(s in stages for s in ("distill", "medusa", "eagle"))
     target = None
     if need_target:
+        _need(out / "target" / "config.json", "target", stages)
         target = AutoModelForCausalLM.from_pretrained(out / "target", dtype=torch.float32).to(device).eval()
     seq_file = work / "distill.safetensors"
     if "distill" in stages and not seq_file.exists():
@@ -193,6 +209,7 @@ def run(cfg: DictConfig) -> Path:
         save_sequences(seqs, seq_file)
     if "medusa" in stages and not (out / "medusa" / "config.json").exists():
         stage("training Medusa heads")
+        _need(seq_file, "distill", stages)
         seqs = load_sequences(seq_file)
         h = MedusaSpec(**size["medusa"])
         torch.manual_seed(cfg.seed)
@@ -204,6 +221,7 @@ def run(cfg: DictConfig) -> Path:
         heads.save_pretrained(out / "medusa")
     if "eagle" in stages and not (out / "eagle" / "config.json").exists():
         stage("training the EAGLE drafter")
+        _need(seq_file, "distill", stages)
         seqs = load_sequences(seq_file)
         e = EagleSpec(**size["eagle"])
         torch.manual_seed(cfg.seed)

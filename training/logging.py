@@ -22,13 +22,17 @@ class NullLogger:
 
 
 class StdoutLogger:
-    """One JSON line per call."""
+    """One JSON line per call, written through tqdm so that it lands above a running progress bar
+    (the bar is on stderr) instead of breaking it."""
 
     def __init__(self, stream=None):
         self.stream = stream or sys.stdout
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        print(json.dumps({"step": step, **{k: round(float(v), 6) for k, v in metrics.items()}}), file=self.stream)
+        from tqdm import tqdm
+
+        line = json.dumps({"step": step, **{k: round(float(v), 6) for k, v in metrics.items()}})
+        tqdm.write(line, file=self.stream)
 
     def close(self) -> None:
         self.stream.flush()

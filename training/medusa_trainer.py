@@ -17,8 +17,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..heads.medusa import MedusaHeads, load_medusa
+from ..validation import require_int
 from .data import pad_batch
 from .logging import Logger, NullLogger
+from .optim import clip, lr_at, set_lr
 
 
 @dataclass(slots=True)
@@ -31,6 +33,11 @@ class TrainConfig:
     top_k: int = 5  # also report top-k accuracy
     checkpoint_every: int = 50
     log_every: int = 10
+    warmup_steps: int = 0  # linear warm-up of the learning rate
+    schedule: str = "constant"  # then constant, linear or cosine decay (training.optim.lr_at)
+    min_lr_ratio: float = 0.0  # the decay's floor, as a fraction of lr
+    grad_clip: float = 0.0  # max global gradient norm (0: no clipping)
+    accumulation: int = 1  # micro-batches of batch_size per optimiser step
     seed: int = 0
 
 
@@ -108,16 +115,23 @@ def train_medusa(
     g = torch.Generator().manual_seed(cfg.seed * 1000 + rank)  # each rank its own batches
     mine = sequences[rank::world] or sequences
     bar = tqdm(range(start, cfg.steps), disable=rank != 0, desc="medusa", initial=start, total=cfg.steps)
+    require_int("accumulation", cfg.accumulation, 1, "micro-batches per optimiser step")
     for step in bar:
-        pick = torch.randint(0, len(mine), (cfg.batch_size,), generator=g).tolist()
-        ids, mask = pad_batch([mine[i] for i in pick])
-        ids, mask = ids.to(device), mask.to(device)
-        hidden = target_hidden(target, ids, mask).float()
-        logits = model(hidden, lambda h: F.linear(h, lm_head.weight.float()))
-        loss, metrics = medusa_loss(logits, ids, mask, cfg.head_decay, cfg.top_k)
+        set_lr(opt, lr_at(step, cfg.steps, cfg.lr, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        for _ in range(cfg.accumulation):  # each micro-batch's loss scaled so the step sees their mean
+            pick = torch.randint(0, len(mine), (cfg.batch_size,), generator=g).tolist()
+            ids, mask = pad_batch([mine[i] for i in pick])
+            ids, mask = ids.to(device), mask.to(device)
+            hidden = target_hidden(target, ids, mask).float()
+            logits = model(hidden, lambda h: F.linear(h, lm_head.weight.float()))
+            loss, metrics = medusa_loss(logits, ids, mask, cfg.head_decay, cfg.top_k)
+            (loss / cfg.accumulation).backward()
+        norm = clip(heads.parameters(), cfg.grad_clip)
         opt.step()
+        metrics["lr"] = opt.param_groups[0]["lr"]
+        if norm is not None:
+            metrics["grad_norm"] = norm
         done = step + 1
         if rank == 0:
             bar.set_postfix(loss=f"{metrics['loss']:.3f}")

@@ -6,6 +6,7 @@ arguments. Under `torchrun --nproc_per_node N` the heads train with DDP.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import hydra
@@ -57,6 +58,43 @@ def eagle_drafter(
     return drafter
 
 
+def _optim_fields(cfg: DictConfig) -> dict:
+    """The schedule / clipping / accumulation settings of the optim group (older configs: defaults)."""
+    o = cfg.optim
+    return dict(
+        warmup_steps=int(o.get("warmup_steps", 0)),
+        schedule=str(o.get("schedule", "constant")),
+        min_lr_ratio=float(o.get("min_lr_ratio", 0.0)),
+        grad_clip=float(o.get("grad_clip", 0.0)),
+        accumulation=int(o.get("accumulation", 1)),
+    )
+
+
+def save_run_config(cfg: DictConfig, out: Path) -> None:
+    """The resolved configuration (config.yaml) and the command-line overrides (overrides.yaml, when
+    run through hydra) in the run folder: what made this run, next to what it made."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = list(HydraConfig.get().overrides.task)
+    except ValueError:  # called as a function, not through hydra's entry point
+        return
+    (out / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(overrides)))
+
+
+def record_base_model(folder: Path, target: str, revision: str | None, resolved: Path) -> None:
+    """Name the target the heads were trained for in their config.json (`base_model`: the path or
+    Hub id as given, its revision, and the folder it resolved to)."""
+    path = folder / "config.json"
+    if not path.exists():
+        return
+    data = json.loads(path.read_text())
+    data["base_model"] = {"name_or_path": str(target), "revision": revision, "resolved": str(resolved)}
+    path.write_text(json.dumps(data, indent=1))
+
+
 def run(cfg: DictConfig) -> Path:
     if cfg.head.name not in HEADS:
         raise ValueError(f"head={cfg.head.name!r} is not a known head; choose one of {', '.join(HEADS)}")
@@ -67,12 +105,15 @@ def run(cfg: DictConfig) -> Path:
         if cfg.device == "auto" and torch.cuda.is_available()
         else ("cpu" if cfg.device == "auto" else cfg.device)
     )
-    target_path = resolve(cfg.target)  # a folder, or a Hub id through huggingface_hub's cache
+    revision = cfg.get("target_revision")
+    target_path = resolve(cfg.target, revision)  # a folder, or a Hub id through huggingface_hub's cache
     if not (target_path / "config.json").exists():
         raise FileNotFoundError(f"target={target_path} is not a model folder (no config.json)")
     tokenizer = AutoTokenizer.from_pretrained(target_path)
     target = AutoModelForCausalLM.from_pretrained(target_path).to(device).eval()
     out = Path(cfg.out)
+    if rank == 0:
+        save_run_config(cfg, out)
     cache = Path(cfg.cache) if cfg.cache else out / "distill.safetensors"
     eval_n = int(cfg.head.get("eval_prompts", 0) or 0)
     all_prompts = read_prompts(cfg.data, cfg.limit + eval_n if cfg.limit else None)
@@ -89,6 +130,7 @@ def run(cfg: DictConfig) -> Path:
             cache,
             do_sample=cfg.sample,
             seed=cfg.seed,
+            batch_size=int(cfg.get("distill_batch_size", 8)),
         )
     if world > 1:
         torch.distributed.barrier()
@@ -125,6 +167,7 @@ def run(cfg: DictConfig) -> Path:
             eval_top_k=h.eval_top_k,
             eval_total_tokens=h.eval_total_tokens,
             seed=cfg.seed,
+            **_optim_fields(cfg),
         )
         eval_ids = [tokenizer(t, return_tensors="pt").input_ids[0, : cfg.max_prompt_tokens] for t in held_out]
         try:
@@ -138,6 +181,9 @@ def run(cfg: DictConfig) -> Path:
                 {k: v.detach().cpu().contiguous() for k, v in drafter.state_dict().items()},
                 str(out / f"rank{rank}.safetensors"),
             )
+        if rank == 0:
+            for folder in (out / "final", out / "best"):
+                record_base_model(folder, cfg.target, revision, target_path)
         if world > 1:
             torch.distributed.destroy_process_group()
         return out / ("best" if eval_n else "final")
@@ -160,6 +206,7 @@ def run(cfg: DictConfig) -> Path:
         checkpoint_every=cfg.checkpoint_every,
         log_every=cfg.log_every,
         seed=cfg.seed,
+        **_optim_fields(cfg),
     )
     try:
         heads = train_medusa(target, heads, sequences, out, train_cfg, logger)
@@ -170,6 +217,8 @@ def run(cfg: DictConfig) -> Path:
             {k: v.detach().cpu().contiguous() for k, v in heads.state_dict().items()},
             str(out / f"rank{rank}.safetensors"),
         )
+    if rank == 0:
+        record_base_model(out / "final", cfg.target, revision, target_path)
     if world > 1:
         torch.distributed.destroy_process_group()
     return out / "final"

@@ -1,0 +1,47 @@
+"""Learning-rate schedules and the optimiser step shared by the head trainers: warm-up, then constant,
+linear or cosine decay to `min_lr_ratio` of the peak; gradient accumulation and clipping."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+def lr_at(step: int, total: int, lr: float, warmup_steps: int = 0, schedule: str = "constant", min_ratio: float = 0.0):
+    """The learning rate of optimiser step `step` (0-based) of `total`.
+
+    Warm-up: linear from lr / warmup_steps to lr over the first warmup_steps steps. Then
+    constant: lr; linear / cosine: from lr down to min_ratio * lr at the last step.
+
+    Examples
+    --------
+    >>> [round(lr_at(s, 10, 1.0, 2, "linear"), 3) for s in (0, 1, 2, 9)]
+    [0.5, 1.0, 1.0, 0.0]
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule={schedule!r} is not one of {', '.join(SCHEDULES)}")
+    if warmup_steps < 0 or not 0.0 <= min_ratio <= 1.0:
+        raise ValueError(f"need warmup_steps >= 0 and 0 <= min_lr_ratio <= 1; got {warmup_steps}, {min_ratio}")
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return lr
+    span = max(total - 1 - warmup_steps, 1)
+    progress = min(max((step - warmup_steps) / span, 0.0), 1.0)
+    shape = 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return lr * (min_ratio + (1.0 - min_ratio) * shape)
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
+def clip(params, max_norm: float) -> float | None:
+    """Clip the gradients' global norm to max_norm (0: off); returns the norm before clipping."""
+    if not max_norm:
+        return None
+    return float(torch.nn.utils.clip_grad_norm_(list(params), max_norm))

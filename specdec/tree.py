@@ -423,6 +423,98 @@ class DraftTree:
         )
 
     @classmethod
+    def from_sampled_expansion(
+        cls,
+        root_tokens: torch.Tensor,
+        root_logits: torch.Tensor,
+        expand: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        process: Callable[[torch.Tensor], torch.Tensor],
+        noise: Callable[[int, tuple[int, ...]], torch.Tensor],
+        greedy: torch.Tensor,
+        depth: int,
+        first: int,
+        width: int,
+        children: int,
+    ) -> DraftTree:
+        """A dynamic tree whose children are drawn without replacement from the drafter's processed
+        q (law WOR, verified with that q): exact at any temperature.
+
+        Level 1: the root draws `first` children. Each later level: the `width` nodes of the level
+        before with the best cumulative drafter log-probability (chosen from nodes already drawn,
+        before their own children exist) each draw `children` children. Every drawn node is kept,
+        in draw order (Gumbel-top-k: the first k of one sequential draw without replacement), so a
+        node's number of children never depends on those children's values: the condition under
+        which multi-draft rejection sampling stays exact. Greedy rows take the top-k of the drafter's
+        logits instead (law POINT), and a draw past q's support (q(x) = 0) is a POINT node.
+
+        Parameters
+        ----------
+        root_tokens : [B] long.
+        root_logits : [B, V] the drafter's logits for the root's children.
+        expand : (frontier_tokens [B, w], frontier_parent [B, w]) -> logits [B, w, V]; the parent
+            indexes the previous frontier (0 = the root at level 2), as in `from_topk_expansion`.
+        process : logits [B, ..., V] -> q [B, ..., V], the rows' processed draft distribution.
+        noise : (level, shape) -> standard Gumbel noise of that shape (per-row seeded).
+        greedy : [B] bool rows drafted by top-k (POINT).
+        depth, first, width, children : levels, the root's children, nodes expanded per level and
+            children per expanded node: 1 + first + (depth - 1) * width * children nodes.
+        """
+        B, V = root_logits.shape
+        if depth < 1 or not 1 <= first <= V or not 1 <= children <= V or not 1 <= width <= first:
+            raise ValueError(
+                f"need depth >= 1, 1 <= first, children <= V={V} and 1 <= width <= first; got depth={depth}, "
+                f"first={first}, width={width}, children={children}"
+            )
+        dev = root_logits.device
+
+        def draw(logits: torch.Tensor, k: int, level: int):
+            """logits [B, m, V] -> tokens, law, q rows and drafter log-probs [B, m, k] of k children each."""
+            q = process(logits)
+            logp = torch.log_softmax(logits.float(), -1)
+            keys = torch.where(greedy[:, None, None], logp, torch.log(q.float()) + noise(level, tuple(q.shape)))
+            tok = keys.topk(k, dim=-1).indices  # draw order
+            q_x = q.gather(-1, tok)
+            law = torch.where(greedy[:, None, None] | (q_x <= 0), int(Law.POINT), int(Law.WOR))
+            return tok, law.to(torch.int8), q, logp.gather(-1, tok)
+
+        tok, law, q, lp = draw(root_logits[:, None], first, 0)  # [B, 1, first]
+        tokens, laws, parents = [tok[:, 0]], [law[:, 0]], [torch.zeros(B, first, dtype=torch.long, device=dev)]
+        probs = [q[:, 0, None].expand(B, first, V)]
+        depths = [torch.ones(B, first, dtype=torch.long, device=dev)]
+        level_ids = torch.arange(1, first + 1, device=dev).expand(B, first)  # node index of each level node
+        level_tok, level_score = tok[:, 0], lp[:, 0]
+        prev_slot = torch.zeros(B, first, dtype=torch.long, device=dev)  # parent's slot in the last frontier
+        n = 1 + first
+        for d in range(2, depth + 1):
+            pick = level_score.topk(width, dim=-1).indices  # [B, w] best nodes of the last level
+            f_tok, f_ids = level_tok.gather(1, pick), level_ids.gather(1, pick)
+            f_score = level_score.gather(1, pick)
+            logits = expand(f_tok, prev_slot.gather(1, pick))  # [B, w, V]
+            tok, law, q, lp = draw(logits, children, d - 1)  # [B, w, c]
+            m = width * children
+            tokens.append(tok.reshape(B, m))
+            laws.append(law.reshape(B, m))
+            parents.append(f_ids.repeat_interleave(children, dim=1))
+            probs.append(q.repeat_interleave(children, dim=1))
+            depths.append(torch.full((B, m), d, dtype=torch.long, device=dev))
+            level_ids = torch.arange(n, n + m, device=dev).expand(B, m)
+            level_tok = tok.reshape(B, m)
+            level_score = (f_score[:, :, None] + lp).reshape(B, m)
+            prev_slot = torch.arange(width, device=dev).repeat_interleave(children).expand(B, m)
+            n += m
+        zero = torch.zeros(B, 1, dtype=torch.long, device=dev)
+        return cls(
+            tokens=torch.cat([root_tokens[:, None], *tokens], 1),
+            parents=torch.cat([zero - 1, *parents], 1),
+            depth=torch.cat([zero, *depths], 1),
+            num_nodes=torch.full((B,), n, dtype=torch.long, device=dev),
+            law=torch.cat([torch.zeros(B, 1, dtype=torch.int8, device=dev), *laws], 1),
+            draft_probs=torch.cat([torch.zeros(B, 1, V, dtype=probs[0].dtype, device=dev), *probs], 1),
+            _max_depth=depth,
+            _has_wor=True,
+        )
+
+    @classmethod
     def from_topk_expansion(
         cls,
         root_tokens: torch.Tensor,

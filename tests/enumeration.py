@@ -35,13 +35,21 @@ class Spec:
     scheme: str = "topk"
     law: Law = Law.POINT
     children: tuple[Spec | None, ...] = ()
+    # EAGLE's sampled trees: after the draws, the child with the highest q (first among equals) gets
+    # this subtree and the others none: which node expands depends on the drawn values
+    expand_best: Spec | None = None
+    # a mistake for the negative control: only the keep_best highest-q draws are verified (in draw order)
+    keep_best: int | None = None
 
     @property
     def k(self) -> int:
         return len(self.children)
 
     def depth(self) -> int:
-        return 1 + max((c.depth() if c is not None else 0) for c in self.children)
+        below = [c.depth() if c is not None else 0 for c in self.children]
+        if self.expand_best is not None:
+            below.append(self.expand_best.depth())
+        return 1 + max(below)
 
 
 def correct_law(scheme: str) -> Law:
@@ -151,6 +159,10 @@ def verified_law(world: World, spec: Spec | None, length: int, bug: str | None =
                     out[y] = p[y] * target_law(world, path + (y,), rem - 1)
             return out
         for xs, w, qs in _joint_draws(node_spec, world, path):
+            if node_spec.keep_best is not None:  # value-dependent pruning (wrong): keep the top draws
+                q0 = world.q(path)
+                top = sorted(range(len(xs)), key=lambda j: (-q0[xs[j]], j))[: node_spec.keep_best]
+                xs, qs = tuple(xs[j] for j in sorted(top)), [qs[j] for j in sorted(top)]
             out += w * _siblings(node_spec, path, rem, xs, qs, _t(p), 0, ())
         return out
 
@@ -169,8 +181,13 @@ def verified_law(world: World, spec: Spec | None, length: int, bug: str | None =
             return _siblings(node_spec, path, rem, xs, qs, r, j + 1, seen)
         lw = torch.tensor(int(law))
         a = float(acceptance_probability(r[x], q[x], lw))
+        child = node_spec.children[j] if j < node_spec.k else None
+        if node_spec.expand_best is not None:
+            q0 = world.q(path)
+            best = min(range(len(xs)), key=lambda i: (-q0[xs[i]], i))
+            child = node_spec.expand_best if j == best else None
         if a > 0:
-            out[x] += a * law_at(node_spec.children[j], path + (x,), rem - 1)
+            out[x] += a * law_at(child, path + (x,), rem - 1)
         if a < 1:
             r_next = residual_after_rejection(r, torch.tensor(x), q, lw)
             out += (1 - a) * _siblings(node_spec, path, rem, xs, qs, r_next, j + 1, seen + (x,))

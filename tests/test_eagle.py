@@ -309,3 +309,32 @@ def test_the_captured_drafting_step_drafts_what_the_eager_one_drafts(target, ver
             assert graphs.calls and all(g is None for g, _, _ in graphs.calls.values())
     assert runs[0][1] == runs[1][1]
     assert torch.equal(runs[0][0], runs[1][0])
+
+
+def test_a_mixed_batch_draws_sampled_trees_and_keeps_the_greedy_row_exact(target):
+    """A greedy row beside sampled rows: the sampled rows' trees are drawn from q (WOR nodes in the
+    tree), the greedy row's are top-k (POINT) and its output is plain greedy decoding's."""
+    from specdec.engine import GenerationParams
+    from specdec.sampling import SamplingParams
+    from specdec.tree import Law
+
+    laws = []
+
+    class Spy(Eagle):
+        def propose(self, ctx):
+            tree = super().propose(ctx)
+            laws.append(tree.law.clone())
+            return tree
+
+    torch.manual_seed(3)
+    prompt = torch.randint(0, V, (9,))
+    proposer = Spy(make_drafter(1), depth=3, top_k=3, total_tokens=7)
+    engine = specdec.Engine(target, proposer)
+    gp = GenerationParams(
+        max_new_tokens=16, sampling=SamplingParams.make(3, temperature=[0.0, 1.0, 0.7]), seeds=torch.tensor([1, 2, 3])
+    )
+    out, _ = engine.run([prompt, prompt, prompt], gp)
+    plain = specdec.generate(target, prompt[None], max_new_tokens=16)
+    assert out[0] == plain[0, 9:].tolist()
+    wor = [(law == int(Law.WOR)).any(1) for law in laws if law.shape[0] == 3]
+    assert wor and all(not w[0] and w[1:].any() for w in wor)

@@ -118,12 +118,14 @@ CASES = [
     ("draft", "spread"),
     ("tree", "spread"),
     ("medusa", "spread"),
-    ("eagle2", "spread"),
+    ("eagle2", "spread"),  # sampled rows: children drawn without replacement from q (WOR)
+    ("eagle2_topk", "spread"),  # EAGLE-2's top-k trees (POINT) at every temperature
+    ("eagle3_tree", "spread"),
     ("eagle3_chain", "spread"),
 ]
 
 
-def _eagle(version: int, chain: bool):
+def _eagle(version: int, chain: bool, sampled_trees: bool | None = None):
     """A random EAGLE drafter: EAGLE-2 trees (POINT) or an EAGLE-3 chain over a 6-token draft
     vocabulary (sampled rows draw from its q: IID)."""
     from transformers import LlamaConfig
@@ -142,7 +144,9 @@ def _eagle(version: int, chain: bool):
     drafter = EagleDrafter(cfg, version=version)
     if version == 3:
         drafter.set_vocab_map(torch.tensor([0, 1, 2, 4, 5, 7]))
-    return Eagle(drafter, depth=2, top_k=3, total_tokens=6, chain=chain)
+    eagle = Eagle(drafter, depth=2, top_k=3, total_tokens=6, chain=chain)
+    eagle.sampled_trees = sampled_trees
+    return eagle
 
 
 def _medusa():
@@ -162,6 +166,8 @@ def law_proposer(kind: str, draft):
         "tree": RandomTree,
         "medusa": _medusa,
         "eagle2": lambda: _eagle(1, chain=False),
+        "eagle2_topk": lambda: _eagle(1, chain=False, sampled_trees=False),
+        "eagle3_tree": lambda: _eagle(3, chain=False),
         "eagle3_chain": lambda: _eagle(3, chain=True),
     }[kind]()
 
@@ -177,6 +183,34 @@ def test_first_tokens_follow_the_target_law(worlds, kind, world, setting):
     tv12, tv23 = tvs(out.sequences, prompt, law)
     assert tv12 < bound and tv23 < bound, (tv12, tv23, bound)
     assert out.stats.accepted > 0.05 * N_RUNS  # speculation really happened
+
+
+class RankedLabelledWOR(Eagle):
+    """A deliberately wrong proposer: each WOR child is replaced by q's next most likely token (the
+    k-th child by the k-th largest q), still claimed drawn without replacement from q."""
+
+    def propose(self, ctx):
+        tree = super().propose(ctx)
+        if tree.draft_probs is None:
+            return tree
+        N = tree.width
+        same = tree.parents[:, :, None] == tree.parents[:, None, :]
+        rank = (same & (torch.arange(N)[None, :] < torch.arange(N)[:, None])).sum(-1)  # earlier siblings
+        ranked = tree.draft_probs.argsort(-1, descending=True).gather(2, rank[:, :, None])[:, :, 0]
+        tree.tokens = torch.where(tree.law == int(Law.WOR), ranked, tree.tokens)
+        return tree
+
+
+def test_the_sampling_test_catches_ranked_children_verified_as_wor(worlds):
+    """The negative control of sampled trees: the same shapes with top-ranked children labelled WOR
+    fail the law test. (Verifying truly sampled children as POINT would not fail: a POINT test is
+    exact for any child chosen independently of the target, only less likely to accept.)"""
+    target, _, prompt = worlds["spread"]
+    wrong = _eagle(1, chain=False)
+    wrong.__class__ = RankedLabelledWOR
+    law = exact_law(target, prompt, SamplingParams.make(1, top_k=0, temperature=1.0))
+    out = _run(target, prompt, wrong, "t1")
+    assert max(tvs(out.sequences, prompt, law)) > 3 * tv_bound(V * V, N_RUNS)
 
 
 def test_the_sampling_test_catches_argmax_drafts_verified_as_iid(worlds):

@@ -87,3 +87,25 @@ def test_control_sorted_samples_verified_as_iid_is_detected():
     right = Spec("iid_sorted", correct_law("iid_sorted"), (None, None))
     assert _worst_tv(right) < TOL
     assert _worst_tv(wrong) > 1e-3
+
+
+# --- EAGLE's sampled trees: which node expands depends on the drawn values ------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_expanding_the_best_drawn_child_is_exact(family):
+    """Three children drawn without replacement; the one with the highest q then draws two of its
+    own (the shape `DraftTree.from_sampled_expansion` builds): exact, because a node's number of
+    children never depends on those children's own values."""
+    inner = Spec("wor", Law.WOR, (None, None))
+    spec = Spec("wor", Law.WOR, (None, None, None), expand_best=inner)
+    for seed in range(3):
+        world = World(V=5, family=family, seed=seed)
+        assert tv(verified_law(world, spec, 3), target_law(world, (), 3)) < TOL, (family, seed)
+
+
+def test_control_keeping_only_the_best_draws_is_detected():
+    """Pruning drawn children by their own values (keep the 2 most likely of 3 draws) is not exact."""
+    spec = Spec("wor", Law.WOR, (None, None, None), keep_best=2)
+    world = World(V=5, family="random", seed=1)
+    assert tv(verified_law(world, spec, 2), target_law(world, (), 2)) > 1e-3

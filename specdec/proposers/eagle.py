@@ -27,9 +27,12 @@ from ..runtime.base import AttentionMetadata, TargetModel
 from ..runtime.graphs import GraphedCalls
 from ..runtime.hf import paged_attention
 from ..runtime.metadata import prefill_metadata, slots_of
+from ..sampling import process_logits, uniform
 from ..tree import DraftTree
 from ..verify import VerifyResult
-from .base import Needs, ProposeContext, Proposer, draft_chain, register_proposer
+from .base import STREAM_DRAFT, Needs, ProposeContext, Proposer, draft_chain, register_proposer
+
+STREAM_TREE = STREAM_DRAFT + 64  # uniform() streams of the sampled trees' Gumbel noise, one per level
 
 
 class _TreeAttend:
@@ -111,6 +114,9 @@ class Eagle(Proposer):
         # capture the drafting step on a CUDA device (settable: False runs it eagerly; a GraphedCalls
         # instance is used as it is, on any device: the CPU tests pass one with capture=False)
         self.graphs: bool | GraphedCalls = True
+        # trees of sampled rows: True / None (default) draw children without replacement from q
+        # (exact, keeps acceptance at T > 0); False keeps EAGLE-2's top-k trees at every temperature
+        self.sampled_trees: bool | None = None
         self._draft_ids: torch.Tensor | None = None  # [Vd] target id of each draft id (EAGLE-3)
         self._graphs: GraphedCalls | None = None  # the tree expansion's CUDA graphs (on a GPU)
 
@@ -135,7 +141,20 @@ class Eagle(Proposer):
 
     @property
     def max_nodes(self) -> int:
-        return (self.depth if self.chain else self.total_tokens) + 1
+        if self.chain:
+            return self.depth + 1
+        if self.sampled_trees is False:
+            return self.total_tokens + 1
+        per_level = max((self.total_tokens - self.top_k) // max(self.depth - 1, 1), 1)
+        children = 2 if per_level >= 2 else 1
+        wide = max(1, min(per_level // children, self.top_k))
+        return max(self.total_tokens, self.top_k + (self.depth - 1) * wide * children) + 1
+
+    def _sampled(self, ctx: ProposeContext) -> bool:
+        """Draw this step's tree from q (some row samples and sampled trees are on)."""
+        if self.chain or self.sampled_trees is False:
+            return False
+        return not bool(ctx.params.greedy.all())  # host parameters: no sync
 
     # ----------------------------------------------------------------------------- lifecycle
 
@@ -259,6 +278,7 @@ class Eagle(Proposer):
         if (
             self._graphs is not None
             and not self.chain
+            and not self._sampled(ctx)
             and max(new) <= CATCH_UP_BUCKET
             and all(s in self.bm for s in ctx.seq_ids)
         ):
@@ -275,6 +295,8 @@ class Eagle(Proposer):
         }
         if self.chain:
             return self._chain(ctx, inputs, width)
+        if self._sampled(ctx):
+            return self._sampled_tree(ctx, inputs, width)
         expand = self._expansion(width)
         if self._graphs is None:
             out = expand(inputs)
@@ -375,34 +397,71 @@ class Eagle(Proposer):
         tokens, parents, depth [B, N]."""
 
         def run(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-            h_root, roots = t["h_root"], t["roots"]
-            dev = h_root.device
-            B, H = h_root.shape
-            attend = self._tree_attend(t["tables"], t["committed"], width)
-            root_pos = t["committed"] - 1
-            state = {"hidden": h_root[:, None], "anc": torch.zeros(B, 1, 0, dtype=torch.bool, device=dev), "step": 0}
-
-            def expand(tokens: torch.Tensor, parent: torch.Tensor) -> torch.Tensor:
-                k = tokens.shape[1]
-                state["step"] += 1
-                feats = state["hidden"].gather(1, parent[:, :, None].expand(-1, -1, H))
-                prev = state["anc"]
-                anc = prev.gather(1, parent[:, :, None].expand(-1, -1, prev.shape[2]))
-                anc = torch.cat([anc, torch.eye(k, dtype=torch.bool, device=dev).expand(B, k, k)], 2)
-                positions = (root_pos + state["step"])[:, None].expand(B, k)
-                emb = self.embed(self.drafter.target_ids(tokens))
-                h = self.drafter(emb, feats, positions, attend.step(anc), from_target=False)
-                state["hidden"], state["anc"] = h, anc
-                return torch.log_softmax(self._draft_logits(h), -1)
-
-            root_lp = torch.log_softmax(self._draft_logits(h_root), -1)
-            tree = DraftTree.from_topk_expansion(roots, root_lp, expand, self.depth, self.top_k, self.total_tokens)
+            expand = self._expander(t, width, target_vocab=False)
+            root_lp = torch.log_softmax(self._draft_logits(t["h_root"]), -1)
+            tree = DraftTree.from_topk_expansion(t["roots"], root_lp, expand, self.depth, self.top_k, self.total_tokens)
             tokens = tree.tokens
             if self.drafter.version == 3:
                 tokens = torch.cat([tokens[:, :1], self.drafter.target_ids(tokens[:, 1:])], 1)
             return {"tokens": tokens, "parents": tree.parents, "depth": tree.depth}
 
         return run
+
+    def _expander(self, t: dict[str, torch.Tensor], width: int, target_vocab: bool):
+        """The drafter over a frontier: expand(tokens [B, k], parent slot in the last frontier [B, k])
+        -> draft log-probs [B, k, Vd] of their children (tokens in draft ids), or, target_vocab, logits
+        over the target's vocabulary [B, k, V] (tokens in target ids)."""
+        h_root = t["h_root"]
+        dev = h_root.device
+        B, H = h_root.shape
+        attend = self._tree_attend(t["tables"], t["committed"], width)
+        root_pos = t["committed"] - 1
+        state = {"hidden": h_root[:, None], "anc": torch.zeros(B, 1, 0, dtype=torch.bool, device=dev), "step": 0}
+
+        def expand(tokens: torch.Tensor, parent: torch.Tensor) -> torch.Tensor:
+            k = tokens.shape[1]
+            state["step"] += 1
+            feats = state["hidden"].gather(1, parent[:, :, None].expand(-1, -1, H))
+            prev = state["anc"]
+            anc = prev.gather(1, parent[:, :, None].expand(-1, -1, prev.shape[2]))
+            anc = torch.cat([anc, torch.eye(k, dtype=torch.bool, device=dev).expand(B, k, k)], 2)
+            positions = (root_pos + state["step"])[:, None].expand(B, k)
+            emb = self.embed(tokens if target_vocab else self.drafter.target_ids(tokens))
+            h = self.drafter(emb, feats, positions, attend.step(anc), from_target=False)
+            state["hidden"], state["anc"] = h, anc
+            if target_vocab:
+                return self._to_target_vocab(self._draft_logits(h))
+            return torch.log_softmax(self._draft_logits(h), -1)
+
+        return expand
+
+    def _sampled_tree(self, ctx: ProposeContext, t: dict[str, torch.Tensor], width: int) -> DraftTree:
+        """Children drawn without replacement from the drafter's processed q (the rows' own
+        temperature / top-k / top-p) at T > 0, top-k at T = 0: `DraftTree.from_sampled_expansion`."""
+        dev = t["roots"].device
+        B = ctx.batch_size
+        params = ctx.params.to(dev)
+        first, per_level = self.top_k, max((self.total_tokens - self.top_k) // max(self.depth - 1, 1), 1)
+        children = 2 if per_level >= 2 else 1
+        wide = max(1, min(per_level // children, first))
+
+        def noise(level: int, shape: tuple[int, ...]) -> torch.Tensor:
+            n = 1
+            for x in shape[1:]:
+                n *= x
+            u = uniform(ctx.rng, B, n, STREAM_TREE + level, device=dev) + 2.0**-25  # in (0, 1)
+            return -torch.log(-torch.log(u)).reshape(shape).float()
+
+        def process(logits: torch.Tensor) -> torch.Tensor:
+            rows = logits.shape[1]
+            flat = process_logits(logits.reshape(B * rows, -1), params.select(torch.arange(B).repeat_interleave(rows)))
+            return flat.reshape(logits.shape)
+
+        root_logits = self._to_target_vocab(self._draft_logits(t["h_root"]))
+        expand = self._expander(t, width, target_vocab=True)
+        return DraftTree.from_sampled_expansion(
+            t["roots"], root_logits, expand, process, noise, params.greedy, self.depth, first, wide, children
+        )
 
     def _chain(self, ctx: ProposeContext, t: dict[str, torch.Tensor], width: int) -> DraftTree:
         roots = t["roots"]

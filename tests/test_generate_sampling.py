@@ -117,7 +117,8 @@ CASES = [
     ("draft", "peaky"),
     ("draft", "spread"),
     ("tree", "spread"),
-    ("medusa", "spread"),
+    ("medusa", "spread"),  # sampled rows: each node's children drawn without replacement from q
+    ("medusa_topk", "spread"),
     ("eagle2", "spread"),  # sampled rows: children drawn without replacement from q (WOR)
     ("eagle2_topk", "spread"),  # EAGLE-2's top-k trees (POINT) at every temperature
     ("eagle3_tree", "spread"),
@@ -149,13 +150,15 @@ def _eagle(version: int, chain: bool, sampled_trees: bool | None = None):
     return eagle
 
 
-def _medusa():
+def _medusa(sampled_trees: bool | None = None):
     torch.manual_seed(5)
     heads = MedusaHeads(MedusaConfig(num_heads=2, num_layers=1, hidden_size=64, vocab_size=V))
     with torch.no_grad():
         for p in heads.parameters():
             p.normal_(0, 0.3)
-    return Medusa(heads, tree=6)
+    medusa = Medusa(heads, tree=6)
+    medusa.sampled_trees = sampled_trees
+    return medusa
 
 
 def law_proposer(kind: str, draft):
@@ -167,6 +170,7 @@ def law_proposer(kind: str, draft):
         "medusa": _medusa,
         "eagle2": lambda: _eagle(1, chain=False),
         "eagle2_topk": lambda: _eagle(1, chain=False, sampled_trees=False),
+        "medusa_topk": lambda: _medusa(sampled_trees=False),
         "eagle3_tree": lambda: _eagle(3, chain=False),
         "eagle3_chain": lambda: _eagle(3, chain=True),
     }[kind]()

@@ -15,9 +15,10 @@ from ..devices import to_device
 from ..heads.medusa import MedusaHeads, load_medusa
 from ..hub import resolve
 from ..runtime.base import TargetModel
-from ..tree import DraftTree
+from ..sampling import process_logits, uniform
+from ..tree import DraftTree, Law
 from ..validation import is_int, require_int
-from .base import Needs, ProposeContext, Proposer, register_proposer
+from .base import STREAM_DRAFT, Needs, ProposeContext, Proposer, register_proposer
 
 # Assumed acceptance of the rank-r candidate of head d (for choosing default trees): decays with
 # depth and rank, roughly what the Medusa paper reports for trained heads.
@@ -99,6 +100,9 @@ class Medusa(Proposer):
         self.choices: list[tuple[int, ...]] | None = None
         self.path_stats: dict[tuple[int, ...], tuple[int, int]] = {}  # choice -> (offered, accepted)
         self.lm_head = None
+        # trees of sampled rows: True / None (default) draw the children from each head's q without
+        # replacement (exact, keeps acceptance at T > 0); False keeps top-k trees at every temperature
+        self.sampled_trees: bool | None = None
         self._set_choices(heads.config.num_heads if heads is not None else None)
 
     @classmethod
@@ -175,4 +179,43 @@ class Medusa(Proposer):
         logits = self.heads(ctx.hidden, self.lm_head)  # [B, K, V]
         candidates = logits.topk(self.top_k, dim=-1).indices  # [B, K, top_k]
         roots = to_device(ctx.roots(), candidates.device)
-        return DraftTree.from_choices(roots, candidates, self.choices)
+        tree = DraftTree.from_choices(roots, candidates, self.choices)
+        if self.sampled_trees is False or bool(ctx.params.greedy.all()):  # host parameters: no sync
+            return tree
+        return self._sampled(ctx, tree, logits)
+
+    def _sampled(self, ctx: ProposeContext, tree: DraftTree, logits: torch.Tensor) -> DraftTree:
+        """The same tree shape with the sampled rows' children drawn without replacement from each
+        head's processed q (the row's temperature / top-k / top-p): the children of one node are the
+        first draws of one Gumbel-top-k sequence, in sibling order (WOR law, verified with that q);
+        greedy rows keep their top-k children (POINT)."""
+        B, K, V = logits.shape
+        N, dev = tree.width, logits.device
+        params = ctx.params.to(dev)
+        q = process_logits(logits, params)  # [B, K, V] head d's q for the nodes at depth d + 1
+        parents = tree.parents[0]  # the same structure in every row
+        depth = tree.depth[0]
+        earlier = (parents[None, :] == parents[:, None]) & (
+            torch.arange(N, device=dev)[None, :] < torch.arange(N, device=dev)[:, None]
+        )
+        sibling = earlier.sum(1)  # [N] children before this one under its parent: its draw number
+        u = uniform(ctx.rng, B, N * V, STREAM_DRAFT + 32, device=dev).view(B, N, V) + 2.0**-25
+        gumbel = -torch.log(-torch.log(u)).float()  # one noise vector per parent node
+        node_q = q[:, (depth - 1).clamp(min=0)]  # [B, N, V]: the q each node is drawn from
+        keys = torch.log(node_q.float()) + gumbel[:, parents.clamp(min=0)]
+        draws = keys.topk(int(sibling.max()) + 1, dim=-1).indices  # [B, N, s]: each parent's draw order
+        drawn = draws.gather(2, sibling[None, :, None].expand(B, N, 1))[:, :, 0]
+        sampled = ~params.greedy[:, None] & (depth > 0)[None, :]
+        tokens = torch.where(sampled, drawn, tree.tokens)
+        q_x = node_q.gather(2, tokens[:, :, None])[:, :, 0]
+        law = torch.where(sampled & (q_x > 0), int(Law.WOR), int(Law.POINT)).to(torch.int8)
+        return DraftTree(
+            tokens=tokens,
+            parents=tree.parents,
+            depth=tree.depth,
+            num_nodes=tree.num_nodes,
+            law=law,
+            draft_probs=torch.where((depth > 0)[None, :, None], node_q, 0.0),
+            _max_depth=tree._max_depth,
+            _has_wor=True,
+        )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -32,6 +33,24 @@ class CliError(Exception):
 # ---------------------------------------------------------------------------------------------
 # loading
 # ---------------------------------------------------------------------------------------------
+
+
+def _rank_world() -> tuple[int, int]:
+    """(rank, world size) under torchrun (its environment), (0, 1) otherwise."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _join_torchrun(device: str) -> None:
+    """Under torchrun (WORLD_SIZE > 1): join the process group (nccl on GPUs, gloo on CPUs) and
+    pick this rank's GPU, so that the target loads tensor-parallel (transformers' tp_plan="auto")."""
+    import torch.distributed as dist
+
+    if _rank_world()[1] == 1 or dist.is_initialized():
+        return
+    gpus = torch.cuda.is_available() and device != "cpu"
+    if gpus:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if gpus else "gloo")
 
 
 def _device(name: str) -> torch.device:
@@ -111,7 +130,11 @@ def load_target(path: str | None, dtype: str, device: str):
     dev = _device(device)
     try:
         tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(dev).eval()
+        if _rank_world()[1] > 1:  # under torchrun: sharded the way transformers shards it
+            _join_torchrun(device)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], tp_plan="auto").eval()
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(dev).eval()
     except LOAD_ERRORS as e:  # missing / truncated weights, bad config
         raise _load_error("--target", path, e) from None
     return model, tok, path
@@ -321,10 +344,11 @@ def cmd_generate(args) -> dict:
     ids = tok(args.prompt, return_tensors="pt").input_ids.to(model.device)
     if ids.shape[1] == 0:
         raise CliError("--prompt is empty")
-    streamer = None if args.json else TextStreamer(tok, skip_prompt=False)
+    lead = _rank_world()[0] == 0  # under torchrun only rank 0 streams and prints
+    streamer = None if args.json or not lead else TextStreamer(tok, skip_prompt=False)
     out = specdec.generate(model, ids, proposer=proposer, streamer=streamer, **_settings(args).generate_kwargs())
     s = out.stats
-    if not args.json:
+    if not args.json and lead:
         print(
             f"\n[{s.proposer}] {s.generated_tokens} tokens, tau {s.tau:.2f} (bonus included), acceptance "
             f"{s.acceptance_rate:.2f}, TPOT {s.tpot_ms:.1f} ms, {s.tokens_per_s:.1f} tokens/s",
@@ -344,7 +368,8 @@ def cmd_profile(args) -> dict:
     proposer = make_proposer(args, model)
     if proposer is None:
         raise CliError("profile compares speculation with plain decoding: pass --proposer")
-    return _profile_and_write(args, model, tok, target, proposer, Path(args.out), show=not args.json)
+    lead = _rank_world()[0] == 0  # under torchrun every rank decodes, rank 0 reports
+    return _profile_and_write(args, model, tok, target, proposer, Path(args.out), show=not args.json and lead)
 
 
 def _settings(args):
@@ -382,6 +407,7 @@ def _profile_and_write(args, model, tok, target: str, proposer, out: Path, show:
         result = profile(model, tok, proposer, prompts, _settings(args), progress=show and not args.quiet)
     except ValueError as e:
         raise CliError(str(e)) from None
+    rank, world = _rank_world()
     report = {
         "target": target,
         "prompts": str(Path(args.prompts).resolve()),
@@ -390,6 +416,10 @@ def _profile_and_write(args, model, tok, target: str, proposer, out: Path, show:
         "versions": versions(),
         **result.as_dict(),
     }
+    if world > 1:
+        report["tensor_parallel"] = world
+    if rank != 0:
+        return report
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     if show:
@@ -780,7 +810,7 @@ def main(argv: list[str] | None = None) -> int:
             check_proposer_args(args)
         commands = {"generate": cmd_generate, "profile": cmd_profile, "kv-size": cmd_kv_size, "tune": cmd_tune}
         result = commands[args.command](args)
-        if getattr(args, "json", False):
+        if getattr(args, "json", False) and _rank_world()[0] == 0:
             summary = {k: v for k, v in result.items() if k != "per_prompt"} if isinstance(result, dict) else result
             print(json.dumps(summary, default=str))
     except CliError as e:
@@ -789,6 +819,11 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"specdec {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():  # under torchrun: let the job exit
+            dist.destroy_process_group()
     return 0
 
 

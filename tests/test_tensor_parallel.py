@@ -33,3 +33,21 @@ def test_two_ranks_decode_like_one_process(tmp_path):
         # drafts were accepted, so the comparison is not vacuous (the random EAGLE drafter is accepted
         # rarely: it checks the sharded target's features reach the drafter, and its exactness)
         assert rank["draft"]["tau"] > 1.5 and rank["medusa"]["tau"] > 1.2 and rank["ngram"]["tau"] > 1.2
+
+
+def test_specdec_profile_under_torchrun_reports_from_rank_zero(target_dir, tmp_path):
+    """`torchrun --nproc_per_node 2 -m specdec.cli profile ...` on a tensor-parallel target: both
+    ranks decode, only rank 0 prints its summary and writes the report, and the job exits."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
+    out = tmp_path / "prof"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "specdec.cli", "profile", "--target", str(target_dir / "target"), "--proposer", "ngram",
+           "--prompts", str(target_dir / "prompts.txt"), "--limit", "2", "--max-new-tokens", "8",
+           "--device", "cpu", "--out", str(out), "--json"]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summaries = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(summaries) == 1, done.stdout[-2000:]  # one rank spoke
+    report = json.loads((out / "report.json").read_text())
+    assert report["tensor_parallel"] == 2 and report["num_prompts"] == 2
+    assert json.loads(summaries[0])["tensor_parallel"] == 2

@@ -385,30 +385,28 @@ def _history_processors(gc: GenerationConfig, eos: list[int], L: int, max_new: i
     return out
 
 
-def _processor_list(logits_processor) -> list:
-    """The user's logits processors as a list of callables (input_ids [n, T], scores [n, V]) -> scores."""
-    if logits_processor is None:
+def _callables(name: str, value, expected: str) -> list:
+    """A user's transformers LogitsProcessors / StoppingCriteria (a list-like or one) as a list of
+    callables; anything else is a ValueError naming it and what was expected."""
+    if value is None:
         return []
-    items = list(logits_processor) if hasattr(logits_processor, "__iter__") else [logits_processor]
-    for p in items:
-        if not callable(p):
-            raise ValueError(
-                f"logits_processor holds {type(p).__name__}, which is not callable: give transformers "
-                "LogitsProcessors (called with input_ids [n, T] and scores [n, V])"
-            )
+    items = list(value) if hasattr(value, "__iter__") else [value]
+    for item in items:
+        if not callable(item):
+            raise ValueError(f"{name} holds {type(item).__name__}, which is not callable: give transformers {expected}")
     return items
+
+
+def _processor_list(logits_processor) -> list:
+    """The user's logits processors: (input_ids [n, T], scores [n, V]) -> scores."""
+    return _callables("logits_processor", logits_processor, "LogitsProcessors (called with input_ids [n, T] and "
+                      "scores [n, V])")  # fmt: skip
 
 
 def _criteria(stopping_criteria) -> list:
-    """The user's stopping criteria as a list of callables (ids [1, T], scores) -> bool or [1] bool."""
-    items = list(stopping_criteria) if hasattr(stopping_criteria, "__iter__") else [stopping_criteria]
-    for c in items:
-        if not callable(c):
-            raise ValueError(
-                f"stopping_criteria holds {type(c).__name__}, which is not callable: give transformers "
-                "StoppingCriteria (called with input_ids [B, T] and scores)"
-            )
-    return items
+    """The user's stopping criteria: (ids [1, T], scores) -> bool or [1] bool."""
+    return _callables("stopping_criteria", stopping_criteria, "StoppingCriteria (called with input_ids [B, T] and "
+                      "scores)")  # fmt: skip
 
 
 def _stop_checker(criteria: list, prompts: list[torch.Tensor]):

@@ -105,7 +105,7 @@ def check_args(args) -> None:
         folder = Path(out) if args.command == "profile" else Path(out).parent
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            probe = folder / ".specdec-write-test"
+            probe = folder / f".specdec-write-test-{os.getpid()}"  # per process: torchrun ranks check at once
             probe.write_text("")
             probe.unlink()
         except OSError as e:

@@ -296,6 +296,7 @@ def test_the_captured_drafting_step_drafts_what_the_eager_one_drafts(target, ver
                 return super()._propose_graphed(ctx, roots)
 
         proposer = Spy(make_drafter(version), depth=3, top_k=2, total_tokens=5)
+        proposer.sampled_trees = False  # the captured step drafts top-k trees (sampled ones run eagerly)
         proposer.trees, proposer.graphed = trees, graphed
         proposer.graphs = graphs
         out = specdec.generate(

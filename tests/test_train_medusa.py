@@ -94,9 +94,9 @@ def test_prompt_sources(tmp_path):
     (tmp_path / "h.jsonl").write_text(json.dumps({"prompt": "def f():"}) + "\n")
     (tmp_path / "code").mkdir()
     (tmp_path / "code" / "a.py").write_text("x = 1\n")
-    assert read_prompts(tmp_path / "q.jsonl") == ["hello"]
-    assert read_prompts(tmp_path / "h.jsonl") == ["def f():"]
-    assert read_prompts(tmp_path / "code") == ["x = 1\n"]
+    assert [(p.text, p.chat) for p in read_prompts(tmp_path / "q.jsonl")] == [("hello", True)]  # a chat turn
+    assert [(p.text, p.chat) for p in read_prompts(tmp_path / "h.jsonl")] == [("def f():", False)]
+    assert [p.text for p in read_prompts(tmp_path / "code")] == ["x = 1\n"]
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read_prompts(tmp_path / "missing.txt")
 
@@ -161,3 +161,23 @@ def test_batched_distillation_is_the_one_prompt_at_a_time_distillation(target_di
         one = distill(model, tok, prompts, 16, 10, tmp_path / f"a{sample}.safetensors", sample, 3, batch_size=1)
         three = distill(model, tok, prompts, 16, 10, tmp_path / f"b{sample}.safetensors", sample, 3, batch_size=3)
         assert len(one) == 5 and all(torch.equal(a, b) for a, b in zip(one, three, strict=True))
+
+
+def test_distillation_encodes_prompts_as_profile_does(target_dir, tmp_path):
+    """One prompt reader and one encoder for training and profiling: a Spec-Bench turn goes through
+    the tokenizer's chat template in both, a HumanEval prompt as plain text."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from specdec.prompts import encode
+    from specdec.training.data import distill
+
+    tok = AutoTokenizer.from_pretrained(target_dir / "target")
+    tok.chat_template = "{% for m in messages %}[user] {{ m['content'] }}{% endfor %}[bot]"
+    model = AutoModelForCausalLM.from_pretrained(target_dir / "target").eval()
+    (tmp_path / "q.jsonl").write_text(json.dumps({"turns": ["def f(x):"]}) + "\n" + json.dumps({"prompt": "x = 1"}))
+    prompts = read_prompts(tmp_path / "q.jsonl")
+    seqs = distill(model, tok, prompts, 64, 4, tmp_path / "d.safetensors")
+    for p, seq in zip(prompts, seqs, strict=True):
+        ids = encode(tok, p, 64)[0]
+        assert torch.equal(seq[: len(ids)], ids) and len(seq) == len(ids) + 4
+    assert len(encode(tok, prompts[0])[0]) > len(tok("def f(x):").input_ids)  # the template was applied

@@ -7,40 +7,32 @@ The cache is a safetensors file: `ids` (all sequences concatenated, int32) and `
 
 from __future__ import annotations
 
-import gzip
 import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..prompts import Prompt, encode, load_prompts
 
-def read_prompts(path: str | Path, limit: int | None = None) -> list[str]:
-    """Prompts from a jsonl / jsonl.gz (Spec-Bench `turns[0]` or HumanEval `prompt`), a text file
-    (one per line) or a folder of code files (the first 1,000 characters of each)."""
+
+def read_prompts(path: str | Path, limit: int | None = None) -> list[Prompt]:
+    """Prompts from a jsonl / jsonl.gz (Spec-Bench `turns[0]`, conversational; HumanEval `prompt`)
+    or a text file (one per line), read by the same reader as `specdec profile`
+    (`specdec.prompts.load_prompts`), or a folder of code files (the first 1,000 characters of each)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"prompt source {path} does not exist")
-    out: list[str] = []
     if path.is_dir():
-        for f in sorted(path.rglob("*.py")):
-            out.append(f.read_text(errors="ignore")[:1000])
-    elif path.name.endswith((".jsonl", ".jsonl.gz")):
-        opener = gzip.open if path.name.endswith(".gz") else open
-        with opener(path, "rt") as fh:
-            for line in fh:
-                if line.strip():
-                    row = json.loads(line)
-                    out.append(row["turns"][0] if "turns" in row else row["prompt"])
-    else:
-        out = [line.rstrip("\n") for line in path.read_text().splitlines() if line.strip()]
-    out = [p for p in out if p.strip()]
-    if not out:
-        raise ValueError(f"no prompts in {path}")
-    return out[:limit] if limit else out
+        out = [Prompt(f.read_text(errors="ignore")[:1000]) for f in sorted(path.rglob("*.py"))]
+        out = [p for p in out if p.text.strip()]
+        if not out:
+            raise ValueError(f"no prompts in {path}")
+        return out[:limit] if limit else out
+    return [p for p in load_prompts(path, limit=None) if p.text.strip()][:limit]
 
 
-def cache_key(model, prompts: list[str], **settings) -> str:
+def cache_key(model, prompts: list[Prompt], **settings) -> str:
     """What a distillation cache was made from: the prompts, the settings and the target (its name,
     parameter count and a checksum of a few weights), hashed."""
     import hashlib
@@ -52,7 +44,7 @@ def cache_key(model, prompts: list[str], **settings) -> str:
         "params": sum(p.numel() for p in params),
         "probe": [round(x, 6) for x in probe],
         "settings": settings,
-        "prompts": hashlib.sha256("\x00".join(prompts).encode()).hexdigest(),
+        "prompts": hashlib.sha256("\x00".join(f"{int(p.chat)}{p.text}" for p in prompts).encode()).hexdigest(),
     }
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -61,7 +53,7 @@ def cache_key(model, prompts: list[str], **settings) -> str:
 def distill(
     model,
     tokenizer,
-    prompts: list[str],
+    prompts: list[Prompt | str],
     max_prompt_tokens: int,
     max_new_tokens: int,
     cache: str | Path,
@@ -70,10 +62,13 @@ def distill(
     batch_size: int = 8,
 ) -> list[torch.Tensor]:
     """Sequences prompt + the target's own continuation (plain decoding through specdec's engine,
+    prompts encoded as `specdec profile` encodes them: the chat template for conversational ones,
+    the last max_prompt_tokens tokens;
     `batch_size` prompts at a time; prompt i draws with seed + i, so batching changes nothing), as
     token id tensors [L_i]. Cached at `cache` with a key of its inputs (`cache_key`): a cache made
     from other prompts, settings or another target is recomputed, with a message saying so."""
     cache = Path(cache)
+    prompts = [p if isinstance(p, Prompt) else Prompt(p) for p in prompts]
     settings = dict(
         max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens, do_sample=bool(do_sample), seed=seed
     )
@@ -88,7 +83,7 @@ def distill(
         print(f"distillation cache {cache} was made from other inputs (key {found} != {key}): recomputing", flush=True)
     import specdec
 
-    encoded = [(i, tokenizer(t, return_tensors="pt").input_ids[0, :max_prompt_tokens]) for i, t in enumerate(prompts)]
+    encoded = [(i, encode(tokenizer, p, max_prompt_tokens)[0]) for i, p in enumerate(prompts)]
     encoded = [(i, ids) for i, ids in encoded if len(ids)]
     device = next(model.parameters()).device
     seqs: list[torch.Tensor] = []

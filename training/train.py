@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 from ..heads.eagle import EagleDrafter
 from ..heads.medusa import MedusaConfig, MedusaHeads
 from ..hub import resolve
+from ..prompts import encode
 from .data import distill, load_sequences, read_prompts
 from .eagle_trainer import EagleTrainConfig, build_draft_vocab, train_eagle
 from .logging import make_logger
@@ -169,7 +170,7 @@ def run(cfg: DictConfig) -> Path:
             seed=cfg.seed,
             **_optim_fields(cfg),
         )
-        eval_ids = [tokenizer(t, return_tensors="pt").input_ids[0, : cfg.max_prompt_tokens] for t in held_out]
+        eval_ids = [encode(tokenizer, p, cfg.max_prompt_tokens)[0] for p in held_out]
         try:
             drafter = train_eagle(
                 target, drafter, sequences, out, train_cfg, logger, [e for e in eval_ids if len(e)], h.feature_cache

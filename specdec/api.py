@@ -306,29 +306,25 @@ def generate(
 
 def _logprobs(scores: tuple, new: torch.Tensor, generated: list[list[int]], sampled: bool) -> torch.Tensor:
     """[B, G] log p(token) under the law each token was drawn from: log_softmax of its scores when
-    sampling, 0 for greedy (a point mass); nan past a row's end."""
+    sampling, 0 for greedy (a point mass); nan past a row's end. scores: G tensors [B, V]; new [B, G]."""
     B, G = new.shape
-    out = torch.full((B, G), float("nan"), dtype=torch.float32, device=new.device)
-    for i, step in enumerate(scores):
-        lp = torch.log_softmax(step, -1).gather(1, new[:, i : i + 1])[:, 0] if sampled else torch.zeros(B)
-        for b in range(B):
-            if i < len(generated[b]):
-                out[b, i] = lp[b]
-    return out
+    if sampled:
+        lp = torch.log_softmax(torch.stack(scores, 1), -1).gather(2, new[:, :, None])[:, :, 0]  # [B, G]
+    else:
+        lp = torch.zeros(B, G, device=new.device)
+    made = torch.tensor([len(g) for g in generated], device=new.device)
+    return torch.where(torch.arange(G, device=new.device) < made[:, None], lp, float("nan"))
 
 
 def _per_position(outputs: dict, name: str, B: int, width: int, device) -> tuple[torch.Tensor, ...]:
     """Per-row lists of [V] tensors -> one [B, V] tensor per generated position (-inf past a row's end)."""
     rows = [outputs.get(b, {}).get(name, []) for b in range(B)]
     V = next(t.shape[-1] for r in rows for t in r)
-    out = []
-    for i in range(width):
-        step = torch.full((B, V), float("-inf"), dtype=torch.float32, device=device)
-        for b, r in enumerate(rows):
-            if i < len(r):
-                step[b] = r[i].to(device)
-        out.append(step)
-    return tuple(out)
+    full = torch.full((B, width, V), float("-inf"), dtype=torch.float32, device=device)  # [B, G, V]
+    for b, r in enumerate(rows):
+        if r:
+            full[b, : len(r)] = torch.stack(r).to(device)
+    return full.unbind(1)
 
 
 def _token_ids(name: str, ids) -> tuple[int, ...]:

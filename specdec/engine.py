@@ -576,7 +576,7 @@ class Engine:
 
     @staticmethod
     def _pack(tree: DraftTree, res: VerifyResult) -> torch.Tensor:
-        """[B, 2 + 3 K + 1] long, the step's read-back per row: emitted tokens [K + 1] (-1 pads),
+        """[B, 3 K + 3] long, the step's read-back per row: emitted tokens [K + 1] (-1 pads),
         accepted count, drafted count, drafted nodes per depth 1..K, accepted per depth 1..K."""
         B, E = tree.batch_size, res.accepted_indices.shape[1] + 1
         depth = torch.where(tree.valid(), tree.depth, 0).clamp(max=E - 1)

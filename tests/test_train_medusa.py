@@ -181,3 +181,18 @@ def test_distillation_encodes_prompts_as_profile_does(target_dir, tmp_path):
         ids = encode(tok, p, 64)[0]
         assert torch.equal(seq[: len(ids)], ids) and len(seq) == len(ids) + 4
     assert len(encode(tok, prompts[0])[0]) > len(tok("def f(x):").input_ids)  # the template was applied
+
+
+def test_bad_optimiser_settings_fail_before_distillation(target_dir, tmp_path):
+    from hydra import compose, initialize_config_module
+
+    from specdec.training.train import run
+
+    with initialize_config_module("specdec.conf", version_base=None):
+        for bad, match in [("optim.schedule=step", "schedule='step'"), ("optim.accumulation=0", "accumulation"),
+                           ("optim.grad_clip=-1", "grad_clip=-1.0")]:  # fmt: skip
+            cfg = compose("train", overrides=[f"target={target_dir / 'target'}", f"data={target_dir / 'prompts.txt'}",
+                                              f"out={tmp_path / 'run'}", bad])  # fmt: skip
+            with pytest.raises(ValueError, match=match):
+                run(cfg)
+            assert not (tmp_path / "run" / "distill.safetensors").exists()

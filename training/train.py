@@ -19,10 +19,12 @@ from ..heads.eagle import EagleDrafter
 from ..heads.medusa import MedusaConfig, MedusaHeads
 from ..hub import resolve
 from ..prompts import encode
+from ..validation import require_int
 from .data import distill, load_sequences, read_prompts
 from .eagle_trainer import EagleTrainConfig, build_draft_vocab, train_eagle
 from .logging import make_logger
 from .medusa_trainer import TrainConfig, _world, init_distributed, train_medusa
+from .optim import lr_at
 
 HEADS = ("medusa", "eagle", "eagle3")
 
@@ -62,13 +64,19 @@ def eagle_drafter(
 def _optim_fields(cfg: DictConfig) -> dict:
     """The schedule / clipping / accumulation settings of the optim group (older configs: defaults)."""
     o = cfg.optim
-    return dict(
+    fields = dict(
         warmup_steps=int(o.get("warmup_steps", 0)),
         schedule=str(o.get("schedule", "constant")),
         min_lr_ratio=float(o.get("min_lr_ratio", 0.0)),
         grad_clip=float(o.get("grad_clip", 0.0)),
         accumulation=int(o.get("accumulation", 1)),
     )
+    # checked before the (long) distillation, not at the first training step
+    lr_at(0, 1, 1.0, fields["warmup_steps"], fields["schedule"], fields["min_lr_ratio"])
+    require_int("optim.accumulation", fields["accumulation"], 1, "micro-batches per optimiser step")
+    if fields["grad_clip"] < 0:
+        raise ValueError(f"optim.grad_clip={fields['grad_clip']} must be >= 0 (0: no clipping)")
+    return fields
 
 
 def save_run_config(cfg: DictConfig, out: Path) -> None:
@@ -99,6 +107,7 @@ def record_base_model(folder: Path, target: str, revision: str | None, resolved:
 def run(cfg: DictConfig) -> Path:
     if cfg.head.name not in HEADS:
         raise ValueError(f"head={cfg.head.name!r} is not a known head; choose one of {', '.join(HEADS)}")
+    _optim_fields(cfg)  # bad optimiser settings fail now, before the distillation
     init_distributed()
     rank, world = _world()
     device = torch.device(

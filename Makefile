@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.specdec-installed
 
-.PHONY: test test-gpu demo lint clean
+.PHONY: test test-gpu gpu-site demo lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,10 +20,13 @@ test: $(STAMP)
 # On a CUDA machine whose python3 has torch, triton and transformers (the device image: no venv, no
 # network): every test marked gpu, under CUDA graphs and the Triton kernels. specdec is put on the path
 # as its installed layout (specdec.heads, .training, .kernels, .conf) without pip (-P: not the checkout).
+# `make gpu-site` lays that path out alone (for benchmarks: PYTHONPATH=/tmp/specdec-gpu-site python3 -P ...).
 GPU_SITE := /tmp/specdec-gpu-site
-test-gpu:
+gpu-site:
 	rm -rf $(GPU_SITE) && mkdir -p $(GPU_SITE) && cp -r specdec $(GPU_SITE)/
 	for d in heads training kernels conf assets data; do ln -s $(CURDIR)/$$d $(GPU_SITE)/specdec/$$d; done
+
+test-gpu: gpu-site
 	PYTHONPATH=$(GPU_SITE) SPECDEC_DEMO_DIR=$(CURDIR)/assets/demo $(PYTHON) -P -m pytest -q -p no:cacheprovider -m gpu tests
 
 demo: $(STAMP)

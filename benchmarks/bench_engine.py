@@ -7,7 +7,9 @@ Measures, on one card and in one process: copy bandwidth; plain-decode TPOT in s
 and eager) against the floor (weight + KV bytes / measured bandwidth); transformers `generate` TPOT;
 the step forward for 8/16/32/64-node trees as a multiple of a 1-token decode step; engine efficiency
 (measured speedup / ideal speedup) with a replay proposer at tau = 2, 3, 4, 6; tokens/s at batch
-1, 4, 16 with and without speculation. Every section records its error instead of stopping the run.
+1, 4, 16 with and without speculation; the cost of one speculative step of every proposer at this
+shape (random drafters: the cost does not depend on the weights) and the speedup it predicts at the
+tau measured on the trained demo pair. Every section records its error instead of stopping the run.
 """
 
 from __future__ import annotations
@@ -36,6 +38,26 @@ EIGHT_B = dict(
     num_key_value_heads=8,
     intermediate_size=14336,
     vocab_size=128256,
+    max_position_embeddings=8192,
+)
+# the draft model of the drafting-cost section: Llama-3.2-1B's shape (the usual partner of an 8B)
+ONE_B = dict(
+    hidden_size=2048,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    intermediate_size=8192,
+    vocab_size=128256,
+    max_position_embeddings=8192,
+    tie_word_embeddings=True,
+)
+TINY_DRAFT = dict(
+    hidden_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    intermediate_size=128,
+    vocab_size=512,
     max_position_embeddings=8192,
 )
 TINY = dict(
@@ -125,6 +147,26 @@ def build_model(shape: dict) -> LlamaForCausalLM:
             if p.dim() > 1:
                 p.normal_(0.0, 0.02, generator=g)
     return model
+
+
+def random_init(module: torch.nn.Module) -> None:
+    """N(0, 0.02) matrices (a random model's activations stay finite through the drafters)."""
+    g = torch.Generator(device=DEV).manual_seed(1)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.02, generator=g)
+
+
+def trained_taus() -> dict[str, float]:
+    """tau at T = 0 on HumanEval of the trained demo pair (assets/demo/eval.json), per proposer."""
+    from specdec.resources import demo_dir
+
+    try:
+        results = json.loads((demo_dir() / "eval.json").read_text())["results"]
+    except FileNotFoundError:
+        return {}
+    return {k.split("/")[1]: v["tau"] for k, v in results.items() if k.startswith("HumanEval/") and k.endswith("/T0")}
 
 
 def kv_bytes(cfg, tokens: int) -> int:
@@ -341,6 +383,158 @@ def main() -> None:
                 rows.append({"context": c, "nodes": n, "ms": t * 1e3, "x_decode": t / base})
             bm.free(sid)
 
+    @section("drafting_cost")
+    def _():
+        # One speculative step of each proposer at this shape, batch 1, bf16, greedy: step time =
+        # TPOT x tau (tokens per step), measured over a whole call after a warm-up call. The drafters
+        # are random, so tau here is ~1 and says nothing; the step's cost barely depends on the
+        # weights (EAGLE's catch-up covers the accepted path: <= 8 entries, one graph per bucket).
+        # The speedup a trained drafter would give is tau_trained x plain step / this step.
+        from specdec.heads.eagle import EagleDrafter
+        from specdec.heads.medusa import MedusaConfig, MedusaHeads
+
+        rows = res["drafting_cost"] = []
+        c = contexts[0]
+        taus = trained_taus()
+        res["drafting_cost_trained_tau_source"] = "assets/demo/eval.json, HumanEval, T=0"
+        draft_shape = TINY_DRAFT if args.tiny else ONE_B
+        gen = torch.Generator().manual_seed(2)
+        block = torch.randint(0, V, (64,), generator=gen)
+        repeated = block.repeat(c // 64 + 1)[:c][None]  # n-gram lookup finds its matches in the prompt
+        drafter_fields = dict(
+            hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+            num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
+            head_dim=cfg.hidden_size // cfg.num_attention_heads, max_position_embeddings=cfg.max_position_embeddings,
+            vocab_size=V, num_hidden_layers=1, rms_norm_eps=cfg.rms_norm_eps,
+        )  # fmt: skip
+        dtype = next(model.parameters()).dtype
+
+        def eagle(version: int, **kw):
+            fields = dict(drafter_fields)
+            if version == 3:
+                fields.update(draft_vocab_size=min(32000, V), target_hidden_size=cfg.hidden_size)
+                if args.tiny:  # EAGLE-3's default layers (2, L // 2, L - 3) need L >= 6
+                    L = cfg.num_hidden_layers
+                    fields["eagle_aux_hidden_state_layer_ids"] = [0, L // 2, L - 1]
+            d = EagleDrafter(LlamaConfig(**fields), version=version).to(DEV, dtype)
+            random_init(d)
+            return specdec.Eagle(d, **kw)
+
+        def draft_model(k: int):
+            d = build_model(draft_shape)
+            return specdec.DraftModel(d, num_tokens=k)
+
+        def medusa(nodes: int):
+            heads = MedusaHeads(MedusaConfig(3, 1, cfg.hidden_size, V, own_lm_head=False)).to(DEV, dtype)
+            random_init(heads)
+            return specdec.Medusa(heads, tree=nodes)
+
+        cases = [
+            ("none", "plain", lambda: None, prompts[c]),
+            ("ngram", "Ngram(4)", lambda: specdec.Ngram(num_tokens=4), repeated),
+            ("draft", f"DraftModel(4), {'1B' if not args.tiny else 'tiny'}-shaped draft", lambda: draft_model(4), prompts[c]),
+            ("medusa", "Medusa(32), 3 heads", lambda: medusa(32), prompts[c]),
+            ("eagle", "Eagle(6, 10, 60), EAGLE-1/2 drafter", lambda: eagle(1, depth=6, top_k=10, total_tokens=60),
+             prompts[c]),
+            ("eagle3", "Eagle(6, 10, 60), EAGLE-3 drafter (32k draft vocabulary)",
+             lambda: eagle(3, depth=6, top_k=10, total_tokens=60), prompts[c]),
+            ("eagle chain", "Eagle chain(5)", lambda: eagle(1, depth=5, chain=True), prompts[c]),
+        ]  # fmt: skip
+        plain_step = None
+        for key, label, make, ids in cases:
+            try:
+                proposer = make()
+                eng = Engine(model, proposer)
+                specdec.generate(model, ids.to(DEV), max_new_tokens=24, engine=eng)  # capture
+                out = specdec.generate(
+                    model, ids.to(DEV), max_new_tokens=args.new_tokens, engine=eng, return_dict_in_generate=True
+                )
+            except Exception:
+                errors[f"drafting_cost/{key}"] = traceback.format_exc()[-2000:]
+                continue
+            st = out.stats
+            step = st.tpot_ms * st.tau
+            plain_step = plain_step or step
+            tau = taus.get(key.split()[0] if key != "eagle chain" else "", None)
+            row = {
+                "proposer": key,
+                "label": label,
+                "context": c,
+                "step_ms": step,
+                "x_plain_step": step / plain_step,
+                "draft_ms_per_step": 1e3 * st.draft_time_s / max(st.steps, 1),
+                "drafted_per_step": st.drafted / max(st.steps, 1),
+                "tau_random": st.tau,
+                "graph_captures_timed_call": st.graph_captures,
+                "break_even_tau": step / plain_step,
+            }
+            if key != "none" and tau:
+                row["tau_trained"] = tau
+                row["predicted_speedup"] = tau * plain_step / step
+            rows.append(row)
+            del eng, proposer
+            torch.cuda.empty_cache() if DEV.type == "cuda" else None
+
+    def anchored(eng: Engine, ids: torch.Tensor, n: int, max_rounds: int = 30) -> tuple[torch.Tensor, int, bool]:
+        """Re-anchor a Replay proposer on the target's own output: decode with the references, take
+        what the target emitted as the new references, repeat until nothing changes (bf16 tree steps
+        and 1-token steps round differently, so the plain output is not what a tree step confirms).
+        At the fixed point every step accepts exactly tau - 1 drafts. -> (output, rounds, converged)."""
+        c = ids.shape[1]
+        for rounds in range(1, max_rounds + 1):
+            out = specdec.generate(model, ids.to(DEV), max_new_tokens=n, engine=eng)
+            new = {tuple(ids[b].tolist()): out[b, c:].tolist() for b in range(ids.shape[0])}
+            if new == eng.proposer.references:
+                return out, rounds, True
+            eng.proposer.references = new
+        return out, max_rounds, False
+
+    @section("replay_bf16")
+    def _():
+        # engine efficiency and batching in bf16, with the replay proposer re-anchored (see anchored)
+        rows = res["replay_bf16"] = []
+        c = contexts[0]
+        ids = prompts[c]
+        plain = Engine(model, None)
+        specdec.generate(model, ids.to(DEV), max_new_tokens=8, engine=plain)
+        p = specdec.generate(
+            model, ids.to(DEV), max_new_tokens=args.new_tokens, engine=plain, return_dict_in_generate=True
+        )
+        base_tps = p.stats.generated_tokens / p.stats.total_time_s
+        first = {tuple(ids[0].tolist()): p.sequences[0, c:].tolist()}
+        verify = {r["nodes"]: r["ms"] for r in res.get("verify_cost", []) if r["context"] == c}
+        for tau in (2, 3, 4, 6):
+            eng = Engine(model, Replay(dict(first), tau, V))
+            _, rounds, converged = anchored(eng, ids, args.new_tokens)
+            out = specdec.generate(model, ids.to(DEV), max_new_tokens=args.new_tokens, engine=eng, return_dict_in_generate=True)
+            tps = out.stats.generated_tokens / out.stats.total_time_s
+            ideal = out.stats.tau / (verify[node_bucket(tau + 1)] / verify[1]) if verify else float("nan")
+            rows.append(
+                {
+                    "context": c, "tau_target": tau, "tau": out.stats.tau, "tokens_per_s": tps,
+                    "plain_tokens_per_s": base_tps, "speedup": tps / base_tps, "ideal_speedup": ideal,
+                    "efficiency": (tps / base_tps) / ideal, "anchor_rounds": rounds, "converged": converged,
+                }
+            )  # fmt: skip
+        batch = res["batch_bf16"] = []
+        for B in (1, 4, 16):
+            ids = torch.randint(0, V, (B, 512), generator=torch.Generator().manual_seed(3))
+            plain = Engine(model, None)
+            specdec.generate(model, ids.to(DEV), max_new_tokens=8, engine=plain)
+            p = specdec.generate(model, ids.to(DEV), max_new_tokens=64, engine=plain, return_dict_in_generate=True)
+            refs = {tuple(ids[b].tolist()): p.sequences[b, 512:].tolist() for b in range(B)}
+            eng = Engine(model, Replay(refs, 4, V))
+            _, rounds, converged = anchored(eng, ids, 64)
+            s = specdec.generate(model, ids.to(DEV), max_new_tokens=64, engine=eng, return_dict_in_generate=True)
+            batch.append(
+                {
+                    "batch": B, "context": 512, "plain_tokens_per_s": p.stats.tokens_per_s,
+                    "spec_tokens_per_s": s.stats.tokens_per_s, "tau": s.stats.tau,
+                    "speedup": s.stats.tokens_per_s / p.stats.tokens_per_s, "anchor_rounds": rounds,
+                    "converged": converged,
+                }
+            )  # fmt: skip
+
     # Replay needs the tree step to pick the same argmax as the 1-token step. In bf16 they round
     # differently (different GEMM shapes) and a random model's top-2 logits are close, so the history
     # soon leaves the recorded continuation. The engine-efficiency sections therefore run in fp32.
@@ -487,10 +681,30 @@ def summary(res: dict) -> str:
             f"step forward ctx {r['context']:>5} nodes {r['nodes']:>3}: {r['ms']:7.2f} ms = "
             f"{r['x_decode']:.2f} x decode"
         )
+    for r in res.get("drafting_cost", []):
+        pred = (
+            f" | trained tau {r['tau_trained']:.2f} -> predicted {r['predicted_speedup']:.2f}x plain"
+            if "predicted_speedup" in r
+            else ""
+        )
+        out.append(
+            f"step of {r['label']:<55} {r['step_ms']:7.2f} ms = {r['x_plain_step']:.2f} x plain step "
+            f"(drafted {r['drafted_per_step']:.1f}/step, break-even tau {r['break_even_tau']:.2f}){pred}"
+        )
     for r in res.get("replay_efficiency", []):
         out.append(
             f"replay tau {r['tau']:.2f}: speedup {r['speedup']:.2f} / ideal {r['ideal_speedup']:.2f} = "
             f"efficiency {r['efficiency']:.2f} (identical to plain: {r.get('identical_to_plain')})"
+        )
+    for r in res.get("replay_bf16", []):
+        out.append(
+            f"replay bf16 (re-anchored in {r['anchor_rounds']} rounds, converged {r['converged']}) tau {r['tau']:.2f}: "
+            f"speedup {r['speedup']:.2f} / ideal {r['ideal_speedup']:.2f} = efficiency {r['efficiency']:.2f}"
+        )
+    for r in res.get("batch_bf16", []):
+        out.append(
+            f"batch {r['batch']:>2} bf16: plain {r['plain_tokens_per_s']:8.1f} tok/s | replay (tau {r['tau']:.2f}, "
+            f"{r['anchor_rounds']} anchor rounds) {r['spec_tokens_per_s']:8.1f} tok/s | x{r['speedup']:.2f}"
         )
     for r in res.get("batch", []):
         out.append(

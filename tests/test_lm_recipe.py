@@ -33,7 +33,8 @@ def smoke(tmp_path_factory):
 def test_every_stage_produces_loadable_artifacts(smoke):
     out, log = smoke
     for stage in ("collecting the corpus", "training the tokenizer", "training the target", "training the draft",
-                  "distilling", "training Medusa", "training the EAGLE", "evaluating"):  # fmt: skip
+                  "distilling", "training Medusa", "training the EAGLE drafter", "training the EAGLE-3 drafter",
+                  "evaluating"):  # fmt: skip
         assert stage in log, stage
     target = AutoModelForCausalLM.from_pretrained(out / "target").eval()
     tok = AutoTokenizer.from_pretrained(out / "target")
@@ -44,19 +45,25 @@ def test_every_stage_produces_loadable_artifacts(smoke):
     card = (out / "target" / "README.md").read_text()
     assert "held-out loss / perplexity" in card and "size=smoke" in card
     results = json.loads((out / "eval.json").read_text())["results"]
-    assert {k.split("/")[1] for k in results} == {"draft", "ngram", "medusa", "eagle"}
+    names = {"draft", "ngram", "medusa", "eagle", "eagle topk", "eagle3", "eagle3 topk"}
+    assert {k.split("/")[1] for k in results} == names
+    assert "HumanEval/eagle3 topk/T1" in results and "HumanEval/eagle3 topk/T0" not in results
     assert all(r["tau"] >= 1 for r in results.values())
-    assert "| held-out code (3) | eagle |" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "| held-out code (3) | eagle |" in card and "| held-out code (3) | eagle3 topk | as above |" in card
+    assert "| eagle3/ | an EAGLE-3 drafter (target layers 0, 1, 1 fused" in card
     ids = tok("def f(x):", return_tensors="pt").input_ids
-    eagle = specdec.Eagle.from_pretrained(out / "eagle", depth=3, top_k=4, total_tokens=8)
-    spec = specdec.generate(target, ids, proposer=eagle, max_new_tokens=12)
-    assert torch.equal(spec, target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12))
+    plain = target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12)
+    for folder in ("eagle", "eagle3"):
+        eagle = specdec.Eagle.from_pretrained(out / folder, depth=3, top_k=4, total_tokens=8)
+        assert eagle.version == (3 if folder == "eagle3" else 1)
+        assert torch.equal(specdec.generate(target, ids, proposer=eagle, max_new_tokens=12), plain)
 
 
 def test_a_rerun_resumes_without_retraining(smoke):
     out, _ = smoke
     before = (out / "target" / "model.safetensors").stat().st_mtime_ns
-    res = _recipe(out, "stages=[corpus,tokenizer,target,draft,distill,medusa,eagle]")
+    res = _recipe(out, "stages=[corpus,tokenizer,target,draft,distill,medusa,eagle,eagle3]")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "training the target" not in res.stdout and "training the EAGLE" not in res.stdout
     assert (out / "target" / "model.safetensors").stat().st_mtime_ns == before

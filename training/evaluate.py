@@ -1,7 +1,9 @@
 """Evaluate the reference models: tau per proposer at temperature 0 and 1 on prompt sets, and the card.
 
-Every proposer is built on the checkpoints of one recipe folder (target/, draft/, medusa/, eagle/);
-all prompts of a set run as one ragged batch with one seed per row.
+Every proposer is built on the checkpoints of one recipe folder (target/, draft/, medusa/, eagle/,
+eagle3/ when trained); all prompts of a set run as one ragged batch with one seed per row. At T = 1
+the EAGLE drafters run twice: with sampled trees (children drawn without replacement from the
+drafter's q, the default) and with EAGLE-2's top-k trees ("eagle topk").
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def held_out_prompts(files: list[str], tokenizer, n: int, length: int) -> list[s
 
 
 def make_proposers(root: Path, target, spec: EvalSpec) -> dict:
-    """name -> a function building the proposer on the demo folder's checkpoints."""
+    """name -> (a function building the proposer on the recipe folder's checkpoints, temperatures)."""
     from transformers import AutoModelForCausalLM
 
     import specdec
@@ -58,14 +60,27 @@ def make_proposers(root: Path, target, spec: EvalSpec) -> dict:
         d = AutoModelForCausalLM.from_pretrained(root / "draft", dtype=torch.float32).to(target.device).eval()
         return specdec.DraftModel(d, num_tokens=spec.draft_tokens)
 
-    return {
-        "draft": draft,
-        "ngram": lambda: specdec.Ngram(num_tokens=spec.ngram_tokens),
-        "medusa": lambda: specdec.Medusa.from_pretrained(root / "medusa", tree=spec.medusa_nodes),
-        "eagle": lambda: specdec.Eagle.from_pretrained(
-            root / "eagle", depth=spec.eagle_depth, top_k=spec.eagle_top_k, total_tokens=spec.eagle_total_tokens
-        ),
+    def eagle(folder: str, sampled: bool):
+        def make():
+            p = specdec.Eagle.from_pretrained(
+                root / folder, depth=spec.eagle_depth, top_k=spec.eagle_top_k, total_tokens=spec.eagle_total_tokens
+            )
+            p.sampled_trees = sampled
+            return p
+
+        return make
+
+    both, sampled_only = (0.0, 1.0), (1.0,)  # a top-k tree at T = 0 is the same run as the default
+    out = {
+        "draft": (draft, both),
+        "ngram": (lambda: specdec.Ngram(num_tokens=spec.ngram_tokens), both),
+        "medusa": (lambda: specdec.Medusa.from_pretrained(root / "medusa", tree=spec.medusa_nodes), both),
     }
+    for folder in ("eagle", "eagle3"):
+        if (root / folder / "config.json").exists():
+            out[folder] = (eagle(folder, True), both)
+            out[f"{folder} topk"] = (eagle(folder, False), sampled_only)
+    return out
 
 
 @torch.no_grad()
@@ -80,9 +95,9 @@ def evaluate(root: Path, tokenizer, prompt_sets: dict[str, list[str]], spec: Eva
     for set_name, texts in prompt_sets.items():
         enc = tokenizer(texts, padding=True, padding_side="left", return_tensors="pt")
         ids, mask = enc.input_ids.to(device), enc.attention_mask.to(device)
-        for name, make in make_proposers(root, target, spec).items():
+        for name, (make, temps) in make_proposers(root, target, spec).items():
             proposer = make()
-            for temp in (0.0, 1.0):
+            for temp in temps:
                 out = specdec.generate(  # one ragged batch; every row its own seed
                     target,
                     ids,
@@ -115,31 +130,59 @@ def eval_card(results: dict, spec: EvalSpec, meta: dict) -> str:
         "accepted / drafted tokens.",
         f"Proposers: draft = DraftModel({spec.draft_tokens}), ngram = Ngram({spec.ngram_tokens}), "
         f"medusa = Medusa(tree={spec.medusa_nodes}), eagle = Eagle(depth={spec.eagle_depth}, "
-        f"top_k={spec.eagle_top_k}, total_tokens={spec.eagle_total_tokens}).",
+        f"top_k={spec.eagle_top_k}, total_tokens={spec.eagle_total_tokens}) on the eagle/ (EAGLE-1/2) and "
+        "eagle3/ (EAGLE-3) drafters; at T=1 their trees are sampled without replacement from the drafter's q "
+        "(the default), and the `topk` rows are EAGLE-2's top-k trees at the same T=1 (the same run as the "
+        "default at T=0).",
         "",
         "| prompts | proposer | tau T=0 | acceptance T=0 | tau T=1 | acceptance T=1 |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
+    names = ("draft", "ngram", "medusa", "eagle", "eagle topk", "eagle3", "eagle3 topk")
     for s in sets:
-        for name in ("draft", "ngram", "medusa", "eagle"):
+        for name in names:
             a, b = results.get(f"{s}/{name}/T0"), results.get(f"{s}/{name}/T1")
-            if a and b:
-                n = a["prompts"]
-                lines.append(
-                    f"| {s} ({n}) | {name} | {a['tau']:.2f} | {a['acceptance_rate']:.2f} | "
-                    f"{b['tau']:.2f} | {b['acceptance_rate']:.2f} |"
-                )
+            if b:
+                t0 = f"{a['tau']:.2f} | {a['acceptance_rate']:.2f}" if a else "as above | as above"
+                lines.append(f"| {s} ({b['prompts']}) | {name} | {t0} | {b['tau']:.2f} | {b['acceptance_rate']:.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def _aux_layers(out: Path) -> list[int]:
+    """The target layers an EAGLE-3 drafter folder fuses (its config, or EAGLE-3's default 2, L // 2, L - 3)."""
+    cfg = json.loads((out / "eagle3" / "config.json").read_text())
+    ids = cfg.get("eagle_aux_hidden_state_layer_ids") or (cfg.get("eagle_config") or {}).get(
+        "eagle_aux_hidden_state_layer_ids"
+    )
+    if ids:
+        return [int(i) for i in ids]
+    from ..heads.eagle import _default_aux_layers
+
+    return list(_default_aux_layers(json.loads((out / "target" / "config.json").read_text())["num_hidden_layers"]))
 
 
 def write_card(out: Path, name: str, results: dict, ev: EvalSpec, meta: dict, size: dict) -> None:
     """out/README.md: what each folder is, how it was trained, and the evaluation table. size: the
     size config as a plain dict (its distill, medusa and eagle sections are quoted)."""
     rec = {m: json.loads((out / m / "training.json").read_text()) for m in ("target", "draft")}
-    sel = out / "eagle" / "selection.json"
-    selection = json.loads(sel.read_text()) if sel.exists() else {}
-    best = max(selection, key=selection.get) if selection else "?"
+
+    def best(folder: str) -> str:
+        sel = out / folder / "selection.json"
+        selection = json.loads(sel.read_text()) if sel.exists() else {}
+        return max(selection, key=selection.get) if selection else "?"
+
     d, h, e = size["distill"], size["medusa"], size["eagle"]
+    e3 = size.get("eagle3")
+    eagle3 = (
+        [
+            f"| eagle3/ | an EAGLE-3 drafter (target layers {', '.join(map(str, _aux_layers(out)))} fused, one decoder "
+            f"layer, its own lm_head over a {e3['draft_vocab_size']}-token draft vocabulary) | {e3['steps']} steps x "
+            f"{e3['batch_size']} of the same continuations, training-time test over {e3['ttt_steps']} steps; "
+            f"kept: {best('eagle3')} by held-out greedy tau |"
+        ]
+        if e3 and (out / "eagle3" / "config.json").exists()
+        else []
+    )
     lines = [
         f"# specdec {name} models",
         "",
@@ -160,7 +203,8 @@ def write_card(out: Path, name: str, results: dict, ev: EvalSpec, meta: dict, si
         f"{h['steps']} steps x {h['batch_size']} sequences of the target's greedy continuations "
         f"({d['num_sequences']} snippets: {d['prompt_tokens']} prompt + {d['new_tokens']} generated tokens) |",
         f"| eagle/ | an EAGLE-1/2 drafter (one decoder layer, the target's lm_head) | {e['steps']} steps x "
-        f"{e['batch_size']} of the same continuations; kept: {best} by held-out greedy tau (selection.json) |",
+        f"{e['batch_size']} of the same continuations; kept: {best('eagle')} by held-out greedy tau (selection.json) |",
+        *eagle3,
         "",
         f"Data: {meta['corpus']['train_files']} train / {meta['corpus']['held_out_files']} held-out .py files of "
         f"Python {meta['corpus']['python']}'s standard library and installed packages (split by a hash of the path).",

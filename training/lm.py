@@ -13,7 +13,11 @@ draft      `save_pretrained` (safetensors) and a model card
 distill    the target's greedy continuations of code snippets from the training files
 medusa     Medusa-1 heads sharing the target's lm_head (v2 style: small)
 eagle      an EAGLE-1/2 drafter, the checkpoint with the best held-out tau
+eagle3     an EAGLE-3 drafter (three target layers fused, training-time test, a draft vocabulary of
+           the distilled data's most frequent tokens), chosen the same way; only when the size
+           config has an eagle3 section
 eval       tau per proposer at temperature 0 and 1 on HumanEval prompts and held-out code files
+           (at T = 1 the EAGLE drafters twice: sampled trees, the default, and top-k trees)
            -> the model card (out/README.md) and out/eval.json
 """
 
@@ -39,7 +43,7 @@ from .evaluate import EvalSpec, evaluate, held_out_prompts, humaneval_prompts, w
 from .lm_trainer import LMSpec, llama_config, save_lm, train_lm
 from .logging import stage
 
-STAGES = ("corpus", "tokenizer", "target", "draft", "distill", "medusa", "eagle", "eval")
+STAGES = ("corpus", "tokenizer", "target", "draft", "distill", "medusa", "eagle", "eagle3", "eval")
 
 
 @dataclass(slots=True)
@@ -72,6 +76,11 @@ class EagleSpec:
     eval_depth: int
     eval_top_k: int
     eval_total_tokens: int
+    # EAGLE-3 only (the eagle3 section)
+    draft_vocab_size: int = 2048
+    ttt_steps: int = 3
+    step_decay: float = 0.8
+    aux_layers: list | None = None  # target layers fused (null: 2, L // 2, L - 3)
 
 
 def device_name(device: torch.device) -> str:
@@ -151,7 +160,7 @@ def run(cfg: DictConfig) -> Path:
     tok_dir = work / "tokenizer"
     if (out / "target" / "tokenizer.json").exists():  # a finished target fixes the tokenizer
         tok_dir = out / "target"
-    texts_needed = [s for s in stages if s in ("tokenizer", "target", "draft", "distill", "eagle", "eval")]
+    texts_needed = [s for s in stages if s in ("tokenizer", "target", "draft", "distill", "eagle", "eagle3", "eval")]
     if texts_needed:
         _need(corpus_file, "corpus", texts_needed)
         with gzip.open(corpus_file, "rt") as f:
@@ -197,7 +206,7 @@ def run(cfg: DictConfig) -> Path:
         stage(f"{name}: {record['parameters'] / 1e6:.2f}M parameters, held-out ppl {record['held_out_perplexity']}")
         del model
 
-    need_target = any(s in stages for s in ("distill", "medusa", "eagle"))
+    need_target = any(s in stages for s in ("distill", "medusa", "eagle", "eagle3"))
     target = None
     if need_target:
         _need(out / "target" / "config.json", "target", stages)
@@ -219,26 +228,30 @@ def run(cfg: DictConfig) -> Path:
         tc = TrainConfig(steps=h.steps, batch_size=h.batch_size, lr=h.lr, checkpoint_every=h.steps, log_every=50)
         train_medusa(target, heads, seqs, work / "medusa_run", tc)
         heads.save_pretrained(out / "medusa")
-    if "eagle" in stages and not (out / "eagle" / "config.json").exists():
-        stage("training the EAGLE drafter")
+    for name, version in (("eagle", 1), ("eagle3", 3)):
+        if name not in stages or (out / name / "config.json").exists():
+            continue
+        if name not in size:
+            raise ValueError(f"stage {name!r} needs an {name} section in conf/size/{size['name']}.yaml")
+        stage(f"training the EAGLE{'-3' if version == 3 else ''} drafter")
         _need(seq_file, "distill", stages)
         seqs = load_sequences(seq_file)
-        e = EagleSpec(**size["eagle"])
+        e = EagleSpec(**size[name])
         torch.manual_seed(cfg.seed)
-        drafter = eagle_drafter(target, 1, seqs)
+        drafter = eagle_drafter(target, version, seqs, e.draft_vocab_size, e.aux_layers)
         texts = held_out_prompts(held_texts, tokenizer, e.eval_prompts, 64)
         evals = [tokenizer(t, return_tensors="pt").input_ids[0] for t in texts]
         ec = EagleTrainConfig(
             steps=e.steps, batch_size=e.batch_size, lr=e.lr, checkpoint_every=e.checkpoint_every, log_every=50,
             eval_tokens=e.eval_tokens, eval_depth=e.eval_depth, eval_top_k=e.eval_top_k,
-            eval_total_tokens=e.eval_total_tokens, seed=cfg.seed,
+            eval_total_tokens=e.eval_total_tokens, ttt_steps=e.ttt_steps, step_decay=e.step_decay, seed=cfg.seed,
         )  # fmt: skip
-        train_eagle(target, drafter, seqs, work / "eagle_run", ec, eval_prompts=evals)
-        best = work / "eagle_run" / "best"
+        train_eagle(target, drafter, seqs, work / f"{name}_run", ec, eval_prompts=evals)
+        best = work / f"{name}_run" / "best"
         from ..heads.eagle import load_eagle
 
-        load_eagle(best).save_pretrained(out / "eagle")
-        (out / "eagle" / "selection.json").write_text((best / "selection.json").read_text())
+        load_eagle(best).save_pretrained(out / name)
+        (out / name / "selection.json").write_text((best / "selection.json").read_text())
     if "eval" in stages:
         stage("evaluating")
         ev = EvalSpec(**size["eval"])

@@ -432,7 +432,8 @@ def main() -> None:
         cases = [
             ("none", "plain", lambda: None, prompts[c]),
             ("ngram", "Ngram(4)", lambda: specdec.Ngram(num_tokens=4), repeated),
-            ("draft", f"DraftModel(4), {'1B' if not args.tiny else 'tiny'}-shaped draft", lambda: draft_model(4), prompts[c]),
+            ("draft", f"DraftModel(4), {'tiny' if args.tiny else '1B'}-shaped draft", lambda: draft_model(4),
+             prompts[c]),
             ("medusa", "Medusa(32), 3 heads", lambda: medusa(32), prompts[c]),
             ("eagle", "Eagle(6, 10, 60), EAGLE-1/2 drafter", lambda: eagle(1, depth=6, top_k=10, total_tokens=60),
              prompts[c]),
@@ -506,7 +507,9 @@ def main() -> None:
         for tau in (2, 3, 4, 6):
             eng = Engine(model, Replay(dict(first), tau, V))
             _, rounds, converged = anchored(eng, ids, args.new_tokens)
-            out = specdec.generate(model, ids.to(DEV), max_new_tokens=args.new_tokens, engine=eng, return_dict_in_generate=True)
+            out = specdec.generate(
+                model, ids.to(DEV), max_new_tokens=args.new_tokens, engine=eng, return_dict_in_generate=True
+            )
             tps = out.stats.generated_tokens / out.stats.total_time_s
             ideal = out.stats.tau / (verify[node_bucket(tau + 1)] / verify[1]) if verify else float("nan")
             rows.append(

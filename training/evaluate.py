@@ -161,6 +161,10 @@ def _aux_layers(out: Path) -> list[int]:
     return list(_default_aux_layers(json.loads((out / "target" / "config.json").read_text())["num_hidden_layers"]))
 
 
+def _draft_vocab(out: Path) -> int:
+    return int(json.loads((out / "eagle3" / "config.json").read_text())["draft_vocab_size"])
+
+
 def write_card(out: Path, name: str, results: dict, ev: EvalSpec, meta: dict, size: dict) -> None:
     """out/README.md: what each folder is, how it was trained, and the evaluation table. size: the
     size config as a plain dict (its distill, medusa and eagle sections are quoted)."""
@@ -176,7 +180,7 @@ def write_card(out: Path, name: str, results: dict, ev: EvalSpec, meta: dict, si
     eagle3 = (
         [
             f"| eagle3/ | an EAGLE-3 drafter (target layers {', '.join(map(str, _aux_layers(out)))} fused, one decoder "
-            f"layer, its own lm_head over a {e3['draft_vocab_size']}-token draft vocabulary) | {e3['steps']} steps x "
+            f"layer, its own lm_head over a {_draft_vocab(out)}-token draft vocabulary) | {e3['steps']} steps x "
             f"{e3['batch_size']} of the same continuations, training-time test over {e3['ttt_steps']} steps; "
             f"kept: {best('eagle3')} by held-out greedy tau |"
         ]

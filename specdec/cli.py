@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
+from .devices import resolve_device
 from .hub import resolve
 from .resources import demo_dir, humaneval_path
 from .validation import read_json
@@ -54,15 +55,10 @@ def _join_torchrun(device: str) -> None:
 
 
 def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise CliError(f"--device {name}: not a device name (auto, cpu, cuda, cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CliError(f"--device {name}: this machine has no CUDA device; use --device cpu or auto")
-    return dev
+        return resolve_device(name)
+    except ValueError as e:
+        raise CliError(f"--device {name}: {e}") from None
 
 
 # argument -> the smallest valid value (None values are "not given")

@@ -3,11 +3,11 @@
 Runs `specdec.profile.profile` (what `specdec profile` runs) on the demo pair (assets/demo: a
 9.5M-parameter Llama target trained on Python source, a 1.4M draft, Medusa heads and an EAGLE
 drafter trained on the target's own continuations) with HumanEval prompts, for the draft model,
-n-gram lookup, Medusa and EAGLE, and prints one table: tau, acceptance rate, tokens/s with and
+n-gram lookup, Medusa, EAGLE-1/2 and EAGLE-3, and prints one table: tau, acceptance rate, tokens/s with and
 without speculation (same engine, same run), and whether the greedy outputs were identical to
 plain decoding.
 
-    python -m specdec.demo [--prompts 8] [--max-new-tokens 64] [--temperature 0] [--device cuda]
+    python -m specdec.demo [--prompts 8] [--max-new-tokens 64] [--temperature 0] [--device auto|cpu|cuda]
 """
 
 from __future__ import annotations
@@ -27,8 +27,11 @@ PROPOSERS = {
     "DraftModel(4)": lambda root, target, draft: specdec.DraftModel(draft, num_tokens=4),
     "Ngram(4)": lambda root, target, draft: specdec.Ngram(num_tokens=4),
     "Medusa(tree=8)": lambda root, target, draft: specdec.Medusa.from_pretrained(root / "medusa", tree=8),
-    "Eagle(depth=5, top_k=4, 12 nodes)": lambda root, target, draft: specdec.Eagle.from_pretrained(
+    "EAGLE-1/2 (depth=5, top_k=4, 12 nodes)": lambda root, target, draft: specdec.Eagle.from_pretrained(
         root / "eagle", depth=5, top_k=4, total_tokens=12
+    ),
+    "EAGLE-3 (depth=5, top_k=4, 12 nodes)": lambda root, target, draft: specdec.Eagle.from_pretrained(
+        root / "eagle3", depth=5, top_k=4, total_tokens=12
     ),
 }
 
@@ -45,10 +48,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompts", type=int, default=8, help="HumanEval prompts (the first n)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--device", default="cpu", help="cpu, or cuda (the GPU numbers: assets/demo/README.md)")
+    ap.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu or cuda")
     args = ap.parse_args(argv)
     root = demo_dir()
-    device = torch.device(args.device)
+    from .devices import resolve_device
+
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        raise SystemExit(f"specdec demo: --device {args.device}: {e}") from None
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(root / "target")
     target = AutoModelForCausalLM.from_pretrained(root / "target", dtype=torch.float32).to(device).eval()

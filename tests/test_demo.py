@@ -76,7 +76,7 @@ def test_generate_without_target_uses_the_demo_models(capsys):
 def test_make_demo_prints_one_table(capsys):
     main(["--prompts", "1", "--max-new-tokens", "12"])
     out = capsys.readouterr().out
-    for label in ("DraftModel(4)", "Ngram(4)", "Medusa(tree=8)", "Eagle(depth=5"):
+    for label in ("DraftModel(4)", "Ngram(4)", "Medusa(tree=8)", "EAGLE-1/2 (depth=5", "EAGLE-3 (depth=5"):
         assert label in out
     assert "tok/s" in out and "False" not in out
 

@@ -119,8 +119,10 @@ def main() -> None:
         "specdec Medusa(32)": lambda: specdec.Medusa.from_pretrained(root / "medusa", tree=32),
         "specdec Eagle(6, 10, 60)": lambda: specdec.Eagle.from_pretrained(root / "eagle"),
         "specdec Eagle chain(5)": lambda: specdec.Eagle.from_pretrained(root / "eagle", depth=5, chain=True),
-        # ablations in the same run: the step tail (verify, K/V moves, read-back) and EAGLE's tree
-        # expansion eagerly, as before they were captured
+        "specdec EAGLE-3 Eagle(6, 10, 60)": lambda: specdec.Eagle.from_pretrained(root / "eagle3"),
+        # ablations in the same run: the step tail (verify, K/V moves, read-back), EAGLE's tree
+        # expansion and the draft model's chain eagerly, as before they were captured
+        "specdec DraftModel(4), eager chain": lambda: specdec.DraftModel(draft, num_tokens=4),
         "specdec Ngram(4), eager step tail": lambda: specdec.Ngram(num_tokens=4),
         "specdec Eagle(6, 10, 60), eager tail and expansion": lambda: specdec.Eagle.from_pretrained(root / "eagle"),
     }
@@ -128,11 +130,11 @@ def main() -> None:
     for name, make in proposers.items():
         proposer = make()
         eager = "eager" in name
-        if eager and isinstance(proposer, specdec.Eagle):
+        if eager and isinstance(proposer, (specdec.Eagle, specdec.DraftModel)):
             proposer.graphs = False
         engine = specdec.Engine(target, proposer)
         engine.pipeline = name != "specdec plain, one step at a time"
-        engine.tail_graphs = not eager
+        engine.tail_graphs = not eager or "chain" in name  # the chain ablation keeps the tail's graph
         kw = dict(engine=engine, max_new_tokens=N, min_new_tokens=N, do_sample=False, return_dict_in_generate=True)
         t0 = sync()
         cold_tokens = sum(specdec.generate(target, p, **kw).stats.generated_tokens for p in [warm, *prompts])

@@ -177,3 +177,55 @@ def test_stop_strings_match_transformers():
     out = specdec.generate(model, ids, proposer=DraftModel(noisy_copy(model, 0.0)), **kw)
     assert torch.equal(out, ref)
     assert (out[0, 9 + at + 1 :] == 1).all()  # row 0 stopped at the stop string
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_the_captured_draft_chain_drafts_what_the_eager_chain_drafts(arch):
+    """DraftModel's captured step (catch-up + K drafts with the metadata derived on the device),
+    run eagerly on padded static buffers (GraphedCalls(capture=False): 3 rows in a bucket of 4,
+    the padding row not live): the same chains at every step as the eager path, for a greedy row
+    beside sampled ones and for an all-greedy batch, and the same outputs."""
+    from specdec.engine import GenerationParams
+    from specdec.runtime.graphs import GraphedCalls
+    from specdec.sampling import SamplingParams
+
+    over = dict(sliding_window=6) if arch == "mistral" else {}
+    model = tiny(arch, eos_token_id=None, **over)
+    draft = noisy_copy(model, 0.05)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, 12, (4,), generator=g).repeat(n)[: 3 * n] for n in (7, 3, 5)]
+    for temps in ([0.0, 0.0, 0.0], [0.0, 0.8, 1.2]):
+        gp = GenerationParams(
+            max_new_tokens=18, sampling=SamplingParams.make(3, temperature=temps, top_p=0.9),
+            seeds=torch.tensor([1, 2, 3]),
+        )  # fmt: skip
+        runs = []
+        for graphs in (False, GraphedCalls(capture=False)):
+
+            class Spy(DraftModel):
+                def propose(self, ctx):
+                    tree = super().propose(ctx)
+                    self.trees.append((tree.tokens.tolist(), tree.num_nodes.tolist()))
+                    return tree
+
+                def _propose_graphed(self, ctx, roots, K):
+                    self.graphed += 1
+                    return super()._propose_graphed(ctx, roots, K)
+
+            proposer = Spy(draft, num_tokens=3)
+            proposer.trees, proposer.graphed, proposer.graphs = [], 0, graphs
+            out, stats = specdec.Engine(model, proposer).run(prompts, gp)
+            runs.append((out, proposer.trees))
+            if graphs is False:
+                assert proposer.graphed == 0
+            else:  # every step (a catch-up is the accepted drafts + the root: <= 4) but a last one
+                assert len(proposer.trees) - 1 <= proposer.graphed <= len(proposer.trees)  # with nothing to draft
+                assert proposer.graphed > 3
+                assert graphs.calls and all(c is None for c, _, _ in graphs.calls.values())
+        assert runs[0][1] == runs[1][1], temps
+        assert runs[0][0] == runs[1][0]
+        if max(temps) == 0:
+            for p, o in zip(prompts, runs[1][0], strict=True):
+                ref = model.generate(p[None], attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                     max_new_tokens=18, do_sample=False)  # fmt: skip
+                assert ref[0, len(p) :].tolist() == list(o), (p, o)

@@ -112,10 +112,10 @@ def test_a_reused_engine_keeps_its_pool_and_graphs_for_longer_prompts(name):
 
 @pytest.mark.parametrize("name", ["ngram", "draft", "medusa", "eagle"])
 def test_the_step_tail_graphs_draw_what_the_eager_tail_draws(name):
-    """The step tail (verify, K/V moves, read-back pack) and EAGLE's tree expansion replayed from
-    their graphs give the tokens and counts of the eager ones: a greedy row beside sampled ones
-    (top-p), rows that stop at different steps (the batch shrinks), min_new_tokens and
-    suppress_tokens bans. A second call with the same shapes captures nothing."""
+    """The step tail (verify, K/V moves, read-back pack), EAGLE's tree expansion and the draft
+    model's chain replayed from their graphs give the tokens and counts of the eager ones: a
+    greedy row beside sampled ones (top-p), rows that stop at different steps (the batch
+    shrinks), min_new_tokens and suppress_tokens bans. A second call with the same shapes captures nothing."""
     from specdec.engine import GenerationParams
 
     model = tiny("llama", vocab=V, eos_token_id=None).cuda()
@@ -131,8 +131,8 @@ def test_the_step_tail_graphs_draw_what_the_eager_tail_draws(name):
         proposer = _proposer(name, model)
         if name == "draft":
             proposer = DraftModel(noisy_copy(model, 0.05).cuda(), num_tokens=3)
-        if name == "eagle":
-            proposer.graphs = graphs  # the tree expansion's graphs
+        if name in ("eagle", "draft"):
+            proposer.graphs = graphs  # EAGLE's tree expansion, the draft model's chain
         engine = specdec.Engine(model, proposer)
         engine.tail_graphs = graphs
         out, stats = engine.run(prompts, gp)

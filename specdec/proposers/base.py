@@ -155,12 +155,24 @@ def draft_chain(
     -------
     drafts [B, K] long, q [B, K, V] (the processed distributions drawn from), law [B] (POINT / IID).
     """
+    all_greedy = bool(ctx.params.greedy.all())  # host parameters: no sync
+    return chain_draws(logits, num_tokens, ctx.params.to(logits.device), all_greedy, ctx.rng, advance)
+
+
+def chain_draws(
+    logits: torch.Tensor,
+    num_tokens: int,
+    params: SamplingParams,
+    all_greedy: bool,
+    rng,
+    advance: Callable[[int, torch.Tensor], torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`draft_chain` on parameters already on the logits' device, with the all-greedy flag given by
+    the caller: no host read, so a CUDA graph can capture it (DraftModel's captured chain)."""
     from ..sampling import process_logits, sample_from_probs, uniform
     from ..tree import Law
 
     dev = logits.device
-    all_greedy = bool(ctx.params.greedy.all())  # host parameters: no sync
-    params = ctx.params.to(dev)
     greedy = params.greedy
     B = logits.shape[0]
     drafts, qs = [], []
@@ -169,7 +181,7 @@ def draft_chain(
         if all_greedy:  # no coins to draw: a greedy batch skips the sampler's ~40 small ops per draft
             tok = q.argmax(-1)
         else:
-            u = uniform(ctx.rng, B, 1, STREAM_DRAFT + j, device=dev)[:, 0]
+            u = uniform(rng, B, 1, STREAM_DRAFT + j, device=dev)[:, 0]
             tok = torch.where(greedy, q.argmax(-1), sample_from_probs(q, u))
         drafts.append(tok)
         qs.append(q)

@@ -2,7 +2,8 @@
 
 Greedy rows draft the argmax (POINT law); sampled rows draw from the draft's processed q with the
 target's sampling parameters (IID law, verified with that true q). Rejected drafts are rolled back
-by truncating the draft's cache.
+by truncating the draft's cache. On a CUDA device a step's catch-up and its K drafts replay as one
+CUDA graph (`_propose_graphed`): the host reserves slots and commits, the device does the rest.
 """
 
 from __future__ import annotations
@@ -10,15 +11,19 @@ from __future__ import annotations
 import torch
 
 from ..devices import to_device
-from ..runtime.base import TargetModel
+from ..runtime.base import AttentionMetadata, TargetModel
+from ..runtime.graphs import BATCH_BUCKETS, GraphedCalls
 from ..runtime.hf import HFModel
+from ..runtime.metadata import slots_of
 from ..runtime.runner import PagedRunner
-from ..tree import DraftTree
+from ..sampling import RowSeeds, SamplingParams
+from ..tree import DraftTree, Law, node_bucket
 from ..validation import is_int, require_int
 from ..verify import VerifyResult
-from .base import ProposeContext, Proposer, draft_chain, register_proposer
+from .base import ProposeContext, Proposer, chain_draws, draft_chain, register_proposer
 
 VOCAB_PADDING = 0.01  # vocabulary sizes further apart than this fraction are different tokenizers
+CATCH_UP_BUCKET = 8  # the most new tokens a captured step catches up per row (a longer catch-up runs eagerly)
 
 
 @register_proposer("draft")
@@ -48,6 +53,11 @@ class DraftModel(Proposer):
         self.num_tokens = min(4, max_tokens) if self.adaptive else num_tokens
         self._drafted = 0  # K of the last proposal
         self._target_vocab: int | None = None  # the target's logits width (set by start)
+        # capture each step (catch-up + the chain) as one CUDA graph on a GPU (settable: False runs
+        # it eagerly; a GraphedCalls instance is used as it is, on any device: the CPU tests pass
+        # one with capture=False)
+        self.graphs: bool | GraphedCalls = True
+        self._graphs: GraphedCalls | None = None
 
     @property
     def runtime(self) -> HFModel:
@@ -85,6 +95,12 @@ class DraftModel(Proposer):
                 raise ValueError(f"draft {key}={d} but target {key}={t}: the models use different tokenizers")
         self.runner.ensure_pool(num_blocks, block_size)  # the target's pool size: every row fits
         self.runner.set_outputs(max_blocks_per_row)
+        if isinstance(self.graphs, GraphedCalls):
+            self._graphs = self.graphs
+        elif self.graphs and self.runner.cuda_graphs:
+            self._graphs = self._graphs or GraphedCalls()
+        else:
+            self._graphs = None
 
     def _ids(self, ids: torch.Tensor) -> torch.Tensor:
         """Target ids as the draft's inputs: an id beyond its embedding (padding) becomes 0."""
@@ -111,6 +127,8 @@ class DraftModel(Proposer):
         roots = to_device(ctx.roots(), dev)
         if K < 1:
             return DraftTree.chain(roots, torch.zeros(B, 0, dtype=torch.long, device=dev))
+        if self._capturable(ctx):
+            return self._propose_graphed(ctx, roots, K)
         # 1. catch up: every committed token the draft has not seen, up to and including the root
         logits = self._logits(self.runner.extend(ctx.seq_ids, [self._ids(h) for h in ctx.histories]))  # [B, V]
         for s in ctx.seq_ids:
@@ -125,6 +143,100 @@ class DraftModel(Proposer):
         drafts, q, law = draft_chain(logits, K, ctx, advance)
         num = to_device(ctx.max_drafts, dev).clamp(max=K)
         return DraftTree.chain(roots, drafts, law, q, num_drafts=num)
+
+    def _capturable(self, ctx: ProposeContext) -> bool:
+        """One graph can run this step: graphs on, a graph batch bucket, a short catch-up, counter
+        randomness for sampled rows and no transformers warpers (objects a graph cannot take)."""
+        if self._graphs is None or ctx.batch_size > BATCH_BUCKETS[-1] or ctx.params.warpers:
+            return False
+        if not (bool(ctx.params.greedy.all()) or isinstance(ctx.rng, RowSeeds)):  # host parameters: no sync
+            return False
+        done = (self.bm.num_tokens(s) for s in ctx.seq_ids)
+        return max(len(h) - n for h, n in zip(ctx.histories, done, strict=True)) <= CATCH_UP_BUCKET
+
+    def _propose_graphed(self, ctx: ProposeContext, roots: torch.Tensor, K: int) -> DraftTree:
+        """The catch-up and the K drafts as one CUDA graph per (batch bucket, K, catch-up bucket):
+        the host reserves each row's slots (new tokens + K - 1 drafts), pads the new tokens into a
+        [B, W] array and commits them after the launch; nothing waits for the device."""
+        dev = self.runtime.device
+        seqs, B = ctx.seq_ids, ctx.batch_size
+        done = [self.bm.num_tokens(s) for s in seqs]
+        new = [h[n:] for h, n in zip(ctx.histories, done, strict=True)]
+        W = node_bucket(max(len(x) for x in new))
+        tokens = torch.zeros(B, W, dtype=torch.long)
+        for b, (s, x) in enumerate(zip(seqs, new, strict=True)):
+            self.runner.reserve(s, len(x) + K - 1)
+            tokens[b, : len(x)] = x
+        g = self.runner.graphs
+        longest = max(len(self.bm.block_table(s)) for s in seqs)
+        width = g.max_blocks if g is not None else self.runner.graph_width(longest)
+        p = ctx.params
+        zeros = torch.zeros(B, dtype=torch.long)
+        seeds = ctx.rng if isinstance(ctx.rng, RowSeeds) else RowSeeds(zeros, zeros)  # greedy: no draws
+        host = {
+            "tokens": tokens,
+            "done": torch.tensor(done),
+            "count": torch.tensor([len(x) for x in new]),
+            "tables": self.bm.block_tables(seqs, width=width),
+            "temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p, "min_p": p.min_p,
+            "repetition_penalty": p.repetition_penalty,
+            "seeds": seeds.seeds.long(), "step": seeds.step.long(),
+        }  # fmt: skip
+        inputs = {k: to_device(v, dev) for k, v in host.items()}
+        all_greedy = bool(p.greedy.all())  # host parameters: no sync
+        key = ("chain", K, W, all_greedy, tuple(p.filters))
+        fn = self._chain_step(K, all_greedy, tuple(p.filters))
+        out = self._graphs(key, fn, B, inputs, {}, owner=self.runner.cache)
+        for s, x in zip(seqs, new, strict=True):
+            self.runner.commit(s, x.tolist(), keep=K - 1)  # the drafts' K-1 slots stay reserved
+        law = torch.where(to_device(p.greedy, dev), int(Law.POINT), int(Law.IID))
+        num = to_device(ctx.max_drafts, dev).clamp(max=K)
+        return DraftTree.chain(roots, out["drafts"], law, out["q"], num_drafts=num)
+
+    def _chain_step(self, K: int, all_greedy: bool, filters: tuple[bool, bool, bool]):
+        """The captured function of `_propose_graphed`: the catch-up (tokens [B, W], right-padded to
+        count [B], after done [B] committed tokens) and K - 1 one-token forwards, with the paged
+        metadata derived on the device; K/V written and read only for live rows (warm-up runs write
+        nothing; padding rows attend only to the committed prefix their copied inputs point at)."""
+        cache, runtime, bs = self.runner.cache, self.runtime, self.bm.block_size
+
+        def run(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            tokens, done, count, tables, live = t["tokens"], t["done"], t["count"], t["tables"], t["live"]
+            W = tokens.shape[1]
+            col = torch.arange(W, device=tokens.device)
+            valid = (col < count[:, None]) & live[:, None]
+            pos = done[:, None] + col
+            slots = slots_of(tables, torch.where(valid, pos, -1), bs)
+            causal = col[None, :, None] >= col[None, None, :]
+            meta = AttentionMetadata(
+                cache=cache, write_slots=slots, q_positions=pos, block_tables=tables.int(), prefix_lens=done.int(),
+                new_slots=slots.int(), new_mask=causal & valid[:, None, :],
+                max_prefix=tables.shape[1] * bs,
+            )  # fmt: skip
+            logits = runtime.forward(self._ids(tokens), pos, meta).logits  # [B, W, Vd]
+            last = (count - 1).clamp(min=0)
+            logits = self._logits(logits.gather(1, last[:, None, None].expand(-1, 1, logits.shape[-1]))[:, 0])
+            # padding rows read no further than their catch-up's prefix (their drafts are never written)
+            committed = torch.where(live, done + count, done)
+            one = live[:, None, None]
+
+            def advance(j: int, tok: torch.Tensor) -> torch.Tensor:
+                at = (committed + j)[:, None]
+                slot = slots_of(tables, torch.where(live[:, None], at, -1), bs)
+                m = AttentionMetadata(
+                    cache=cache, write_slots=slot, q_positions=at, block_tables=tables.int(),
+                    prefix_lens=torch.where(live, committed + j, done).int(), new_slots=slot.int(), new_mask=one,
+                    max_prefix=tables.shape[1] * bs,
+                )  # fmt: skip
+                return self._logits(runtime.forward(self._ids(tok[:, None]), at, m).logits[:, -1])
+
+            params = SamplingParams(
+                t["temperature"], t["top_k"], t["top_p"], t["min_p"], t["repetition_penalty"], filters=filters
+            )
+            drafts, q, _ = chain_draws(logits, K, params, all_greedy, RowSeeds(t["seeds"], t["step"]), advance)
+            return {"drafts": drafts, "q": q}
+
+        return run
 
     def update(self, ctx: ProposeContext, tree: DraftTree, result: VerifyResult, features=None) -> None:
         K = self._drafted  # the engine pads the tree to a node bucket: its width is not K + 1

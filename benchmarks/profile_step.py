@@ -1,36 +1,80 @@
-"""Where the host time of a decode step goes: cProfile of plain decoding on the GPU (8B shape, bf16).
+"""Where the time of a decode step goes on the GPU (8B shape, bf16): a cProfile of the host and a
+torch.profiler table of the device time per kernel, for plain decoding or a 1B-shaped draft model.
 
-python benchmarks/profile_step.py [--tokens 64] [--context 1024]
+python benchmarks/profile_step.py [--tokens 64] [--context 1024] [--proposer none|draft] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import io
 import pstats
+from pathlib import Path
 
 import torch
-from bench_engine import EIGHT_B, build_model
+from bench_engine import DEV, EIGHT_B, ONE_B, TINY, TINY_DRAFT, build_model, sync
 
 import specdec
-from specdec import Engine
+from specdec import DraftModel, Engine
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--proposer", choices=["none", "draft"], default="none")
+    ap.add_argument("--out", help="write host.txt and device.txt here (default: print)")
+    ap.add_argument("--tiny", action="store_true", help="tiny models (a CPU check of the script)")
     args = ap.parse_args()
-    model = build_model(EIGHT_B)
-    ids = torch.randint(0, EIGHT_B["vocab_size"], (1, args.context)).cuda()
-    eng = Engine(model, None)
-    specdec.generate(model, ids, max_new_tokens=8, engine=eng)
+    model = build_model(TINY if args.tiny else EIGHT_B)
+    ids = torch.randint(0, model.config.vocab_size, (1, args.context)).to(DEV)
+    report = []
+    proposer = None
+    if args.proposer == "draft":
+        draft = build_model(TINY_DRAFT if args.tiny else ONE_B)
+        # the draft alone: its plain-decode TPOT is what one drafted token costs at best
+        alone = Engine(draft, None)
+        specdec.generate(draft, ids, max_new_tokens=8, engine=alone)
+        o = specdec.generate(draft, ids, max_new_tokens=args.tokens, engine=alone, return_dict_in_generate=True)
+        report.append(f"1B-shaped draft alone, plain decode TPOT {o.stats.tpot_ms:.2f} ms")
+        one = Engine(draft, None)
+        one.pipeline = False
+        specdec.generate(draft, ids, max_new_tokens=8, engine=one)
+        o = specdec.generate(draft, ids, max_new_tokens=args.tokens, engine=one, return_dict_in_generate=True)
+        report.append(f"1B-shaped draft alone, one step at a time TPOT {o.stats.tpot_ms:.2f} ms")
+        proposer = DraftModel(draft, num_tokens=4)
+    eng = Engine(model, proposer)
+    specdec.generate(model, ids, max_new_tokens=16, engine=eng)
     prof = cProfile.Profile()
     prof.enable()
     out = specdec.generate(model, ids, max_new_tokens=args.tokens, engine=eng, return_dict_in_generate=True)
+    sync()
     prof.disable()
-    print(out.stats)
-    pstats.Stats(prof).sort_stats("tottime").print_stats(30)
+    st = out.stats
+    report.append(f"{args.proposer}: TPOT {st.tpot_ms:.2f} ms, tau {st.tau:.2f}, step {st.tpot_ms * st.tau:.2f} ms")
+    host = io.StringIO()
+    pstats.Stats(prof, stream=host).sort_stats("tottime").print_stats(30)
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if DEV.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as p:
+        out = specdec.generate(model, ids, max_new_tokens=args.tokens, engine=eng, return_dict_in_generate=True)
+        sync()
+    steps = max(out.stats.steps, 1)
+    events = p.key_averages()
+    device_us = sum(e.self_device_time_total for e in events)
+    report.append(f"device time per step {device_us / steps / 1e3:.2f} ms over {steps} steps")
+    table = events.table(sort_by="self_device_time_total", row_limit=30)
+    text = "\n".join(report)
+    print(text)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        Path(args.out, "host.txt").write_text(text + "\n\n" + host.getvalue())
+        Path(args.out, "device.txt").write_text(text + "\n\n" + table)
+    else:
+        print(host.getvalue())
+        print(table)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ CUDA graph (`_propose_graphed`): the host reserves slots and commits, the device
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from ..devices import to_device
@@ -128,7 +130,18 @@ class DraftModel(Proposer):
         if K < 1:
             return DraftTree.chain(roots, torch.zeros(B, 0, dtype=torch.long, device=dev))
         if self._capturable(ctx):
-            return self._propose_graphed(ctx, roots, K)
+            try:
+                return self._propose_graphed(ctx, roots, K)
+            except RuntimeError as e:  # e.g. MoE experts that copy routing offsets from the host
+                if "captur" not in str(e).lower():
+                    raise
+                self._graphs = None  # this call and later ones draft eagerly (each forward still tries its graph)
+                warnings.warn(
+                    f"the draft model's step cannot be captured in a CUDA graph ({str(e).splitlines()[0]}); "
+                    "it runs eagerly",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         # 1. catch up: every committed token the draft has not seen, up to and including the root
         logits = self._logits(self.runner.extend(ctx.seq_ids, [self._ids(h) for h in ctx.histories]))  # [B, V]
         for s in ctx.seq_ids:
@@ -148,6 +161,8 @@ class DraftModel(Proposer):
         """One graph can run this step: graphs on, a graph batch bucket, a short catch-up, counter
         randomness for sampled rows and no transformers warpers (objects a graph cannot take)."""
         if self._graphs is None or ctx.batch_size > BATCH_BUCKETS[-1] or ctx.params.warpers:
+            return False
+        if self.runner.graphs is not None and self.runner.graphs.uncapturable:
             return False
         if not (bool(ctx.params.greedy.all()) or isinstance(ctx.rng, RowSeeds)):  # host parameters: no sync
             return False

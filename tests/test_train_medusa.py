@@ -196,3 +196,34 @@ def test_bad_optimiser_settings_fail_before_distillation(target_dir, tmp_path):
             with pytest.raises(ValueError, match=match):
                 run(cfg)
             assert not (tmp_path / "run" / "distill.safetensors").exists()
+
+
+@pytest.mark.parametrize("head", ["medusa", "eagle"])
+def test_bf16_autocast_trains_the_heads_in_fp32_weights(target_dir, tmp_path, head):
+    """precision=bf16 runs the heads' forward and loss under bf16 autocast: the losses differ from
+    the fp32 run's with the same seed (so autocast is on) but stay close, fall, and the saved weights
+    are fp32; an unknown precision is an error that names it, before any work."""
+    logs = {}
+    extra = ["steps=30", "log_every=5", "checkpoint_every=30", "logger=stdout", f"head={head}"]
+    if head == "eagle":
+        extra.append("head.eval_prompts=0")
+    for precision in ("fp32", "bf16"):
+        out = _train(target_dir, tmp_path / precision, *extra, f"precision={precision}")
+        logs[precision] = [json.loads(line)["loss"] for line in out.splitlines() if line.startswith("{")]
+    a, b = logs["fp32"], logs["bf16"]
+    assert len(a) == len(b) == 6 and a != b
+    assert all(abs(x - y) < 0.1 * abs(x) + 1e-3 for x, y in zip(a, b, strict=True)), (a, b)
+    assert sum(b[-2:]) < sum(b[:2])
+    weights = load_file(str(tmp_path / "bf16" / "final" / "model.safetensors"))
+    assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float32}
+
+    from hydra import compose, initialize_config_module
+
+    from specdec.training.train import run
+
+    with initialize_config_module("specdec.conf", version_base=None):
+        cfg = compose("train", overrides=[f"target={target_dir / 'target'}", f"data={target_dir / 'prompts.txt'}",
+                                          f"out={tmp_path / 'bad'}", "precision=fp16"])  # fmt: skip
+        with pytest.raises(ValueError, match="precision='fp16' is not one of fp32, bf16"):
+            run(cfg)
+    assert not (tmp_path / "bad" / "distill.safetensors").exists()

@@ -35,7 +35,7 @@ from ..validation import require_int
 from .data import pad_batch
 from .logging import Logger, NullLogger
 from .medusa_trainer import _latest_checkpoint, _world
-from .optim import clip, lr_at, set_lr
+from .optim import autocast, check_precision, clip, lr_at, set_lr
 
 
 @dataclass(slots=True)
@@ -56,6 +56,7 @@ class EagleTrainConfig:
     min_lr_ratio: float = 0.0  # the decay's floor, as a fraction of lr
     grad_clip: float = 0.0  # max global gradient norm (0: no clipping)
     accumulation: int = 1  # micro-batches of batch_size per optimiser step
+    precision: str = "fp32"  # or bf16: forward and loss under bf16 autocast (weights and optimiser fp32)
     eval_tokens: int = 32  # new tokens per held-out prompt when measuring tau
     eval_depth: int = 5
     eval_top_k: int = 8
@@ -268,6 +269,7 @@ def train_eagle(
         range(start, cfg.steps), disable=rank != 0, desc=f"eagle{drafter.version}", initial=start, total=cfg.steps
     )  # under torchrun: same initial weights on every rank (same seed), gradients averaged every step
     require_int("accumulation", cfg.accumulation, 1, "micro-batches per optimiser step")
+    check_precision(cfg.precision)
     for step in bar:
         set_lr(opt, lr_at(step, cfg.steps, cfg.lr, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio))
         opt.zero_grad(set_to_none=True)
@@ -280,7 +282,10 @@ def train_eagle(
             else:
                 feats = _stack_padded([cached[f"f{index[i]}"] for i in pick], ids.shape[1]).to(device)
                 final = _stack_padded([cached[f"g{index[i]}"] for i in pick], ids.shape[1]).to(device)
-            loss, metrics = eagle_loss(drafter, drafter.version, embed, lm_w, ids, mask, feats, final, cfg, draft_ids)
+            with autocast(device, cfg.precision):
+                loss, metrics = eagle_loss(
+                    drafter, drafter.version, embed, lm_w, ids, mask, feats, final, cfg, draft_ids
+                )
             (loss / cfg.accumulation).backward()
         if world > 1:  # data parallel by hand: the training-time test runs several forwards per step,
             _average_gradients(drafter, world)  # which DistributedDataParallel's reducer does not allow

@@ -20,7 +20,7 @@ from ..heads.medusa import MedusaHeads, load_medusa
 from ..validation import require_int
 from .data import pad_batch
 from .logging import Logger, NullLogger
-from .optim import clip, lr_at, set_lr
+from .optim import autocast, check_precision, clip, lr_at, set_lr
 
 
 @dataclass(slots=True)
@@ -38,6 +38,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.0  # the decay's floor, as a fraction of lr
     grad_clip: float = 0.0  # max global gradient norm (0: no clipping)
     accumulation: int = 1  # micro-batches of batch_size per optimiser step
+    precision: str = "fp32"  # or bf16: forward and loss under bf16 autocast (weights and optimiser fp32)
     seed: int = 0
 
 
@@ -116,6 +117,7 @@ def train_medusa(
     mine = sequences[rank::world] or sequences
     bar = tqdm(range(start, cfg.steps), disable=rank != 0, desc="medusa", initial=start, total=cfg.steps)
     require_int("accumulation", cfg.accumulation, 1, "micro-batches per optimiser step")
+    check_precision(cfg.precision)
     for step in bar:
         set_lr(opt, lr_at(step, cfg.steps, cfg.lr, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio))
         opt.zero_grad(set_to_none=True)
@@ -124,8 +126,9 @@ def train_medusa(
             ids, mask = pad_batch([mine[i] for i in pick])
             ids, mask = ids.to(device), mask.to(device)
             hidden = target_hidden(target, ids, mask).float()
-            logits = model(hidden, lambda h: F.linear(h, lm_head.weight.float()))
-            loss, metrics = medusa_loss(logits, ids, mask, cfg.head_decay, cfg.top_k)
+            with autocast(device, cfg.precision):
+                logits = model(hidden, lambda h: F.linear(h, lm_head.weight.float()))
+                loss, metrics = medusa_loss(logits.float(), ids, mask, cfg.head_decay, cfg.top_k)
             (loss / cfg.accumulation).backward()
         norm = clip(heads.parameters(), cfg.grad_clip)
         opt.step()

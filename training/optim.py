@@ -45,3 +45,20 @@ def clip(params, max_norm: float) -> float | None:
     if not max_norm:
         return None
     return float(torch.nn.utils.clip_grad_norm_(list(params), max_norm))
+
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def check_precision(precision: str) -> str:
+    """fp32 or bf16 (the heads' forward and loss under bf16 autocast); anything else is an error
+    that names the value."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
+    return precision
+
+
+def autocast(device: torch.device, precision: str):
+    """The context a training step's forward and loss run in: bf16 autocast on the device (CPU
+    too), or nothing for fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=check_precision(precision) == "bf16")

@@ -24,7 +24,7 @@ from .data import distill, load_sequences, read_prompts
 from .eagle_trainer import EagleTrainConfig, build_draft_vocab, train_eagle
 from .logging import make_logger
 from .medusa_trainer import TrainConfig, _world, init_distributed, train_medusa
-from .optim import lr_at
+from .optim import check_precision, lr_at
 
 HEADS = ("medusa", "eagle", "eagle3")
 
@@ -62,7 +62,8 @@ def eagle_drafter(
 
 
 def _optim_fields(cfg: DictConfig) -> dict:
-    """The schedule / clipping / accumulation settings of the optim group (older configs: defaults)."""
+    """The schedule / clipping / accumulation settings of the optim group and the precision (older
+    configs: defaults)."""
     o = cfg.optim
     fields = dict(
         warmup_steps=int(o.get("warmup_steps", 0)),
@@ -73,6 +74,7 @@ def _optim_fields(cfg: DictConfig) -> dict:
     )
     # checked before the (long) distillation, not at the first training step
     lr_at(0, 1, 1.0, fields["warmup_steps"], fields["schedule"], fields["min_lr_ratio"])
+    fields["precision"] = check_precision(str(cfg.get("precision", "fp32")))
     require_int("optim.accumulation", fields["accumulation"], 1, "micro-batches per optimiser step")
     if fields["grad_clip"] < 0:
         raise ValueError(f"optim.grad_clip={fields['grad_clip']} must be >= 0 (0: no clipping)")

@@ -61,6 +61,14 @@ def _device(name: str) -> torch.device:
         raise CliError(f"--device {name}: {e}") from None
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in every flag's help, unless the help already states its default in words."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        return text if "default" in text else super()._get_help_string(action)
+
+
 # argument -> the smallest valid value (None values are "not given")
 _MINIMUMS = {
     "max_new_tokens": 1,
@@ -741,7 +749,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 def parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _DefaultsHelp
     ap = argparse.ArgumentParser(
         prog="specdec", description="exact speculative decoding: profile, generate, tune, kv-size", formatter_class=fmt
     )

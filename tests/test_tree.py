@@ -219,3 +219,29 @@ def test_validation_of_sampled_nodes():
         wor.validate()
     with pytest.raises(ValueError, match="parent 1 must be -1"):
         DraftTree.from_parents([[0, 1]], [[1, 0]])
+
+
+def test_ngram_lookup_is_the_most_recent_match_of_the_longest_suffix():
+    """specdec.proposers.ngram.lookup against a direct statement of its rule (every window that ends
+    before the last token, longest suffix first, the latest match wins) on 2000 random histories."""
+    from specdec.proposers.ngram import lookup
+
+    def rule(h: list[int], k: int, longest: int, shortest: int) -> list[int]:
+        L = len(h)
+        for n in range(min(longest, L - 1), shortest - 1, -1):
+            starts = [i for i in range(L - n) if h[i : i + n] == h[L - n :]]
+            if starts:
+                return h[starts[-1] + n : starts[-1] + n + k]
+        return []
+
+    g = torch.Generator().manual_seed(0)
+    hits = 0
+    for _ in range(2000):
+        L, V = int(torch.randint(1, 40, (1,), generator=g)), int(torch.randint(2, 6, (1,), generator=g))
+        h = torch.randint(0, V, (L,), generator=g)
+        longest = int(torch.randint(1, 5, (1,), generator=g))
+        shortest = int(torch.randint(1, longest + 1, (1,), generator=g))
+        want = rule(h.tolist(), 3, longest, shortest)
+        assert lookup(h, 3, longest, shortest).tolist() == want, (h.tolist(), longest, shortest)
+        hits += bool(want)
+    assert 500 < hits < 2000  # both outcomes are exercised

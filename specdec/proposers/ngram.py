@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..tree import DraftTree, Law
@@ -20,11 +21,14 @@ def lookup(history: torch.Tensor, num_tokens: int, max_ngram: int, min_ngram: in
     [3, 9]
     """
     L = history.shape[0]
+    h = history.numpy()  # numpy's per-op cost is a few microseconds: this runs on the host every step
     for n in range(min(max_ngram, L - 1), min_ngram - 1, -1):
-        windows = history[: L - 1].unfold(0, n, 1)  # [L - n, n]: windows ending before the last token
-        hits = (windows == history[L - n :]).all(1).nonzero()
-        if len(hits):
-            start = int(hits[-1, 0]) + n
+        hits = h[: L - n] == h[L - n]  # window starts i < L - n: windows that end before the last token
+        for k in range(1, n):
+            hits &= h[k : L - n + k] == h[L - n + k]
+        found = np.flatnonzero(hits)
+        if found.size:
+            start = int(found[-1]) + n
             return history[start : start + num_tokens]
     return history[:0]
 

@@ -10,6 +10,10 @@ of different lengths (the per-call TPOT spread shows whether anything is re-capt
 are checked token for token against specdec's plain decoding.
 
     python benchmarks/bench_pairs.py --out pairs.json [--prompts 10] [--new-tokens 128]
+    python benchmarks/bench_pairs.py --out t1.json --temperature 1 --only "specdec"   # sampled, specdec rows
+
+At --temperature > 0 every path samples (top_k=0, seeded per call for specdec); outputs are then
+not compared, and the EAGLE rows include top-k trees beside the default sampled trees.
 """
 
 from __future__ import annotations
@@ -70,6 +74,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--profile", help="write a cProfile (cumulative) of one timed specdec plain call here")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy (outputs compared with plain)")
+    ap.add_argument("--only", help="comma-separated parts of row names: run only the rows that contain one")
+    ap.add_argument("--no-ablations", action="store_true", help="skip the rows that run steps eagerly")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
@@ -94,9 +101,18 @@ def main() -> None:
         "new_tokens": N,
         "rows": [],
     }
-    hf_kw = dict(max_new_tokens=N, min_new_tokens=N, do_sample=False, pad_token_id=tok.eos_token_id or 0)
+    T = args.temperature
+    res["temperature"] = T
+    sampling = dict(do_sample=True, temperature=T, top_k=0) if T > 0 else dict(do_sample=False)
+    hf_kw = dict(max_new_tokens=N, min_new_tokens=N, pad_token_id=tok.eos_token_id or 0, **sampling)
+    wanted = [w.strip() for w in args.only.split(",")] if args.only else None
+
+    def selected(name: str) -> bool:
+        return wanted is None or any(w in name for w in wanted)
 
     def hf(name, **extra):
+        if not selected(name):
+            return
         target.generate(warm, attention_mask=torch.ones_like(warm), **hf_kw, **extra)
         tokens, seconds = 0, 0.0
         for p in prompts:
@@ -118,6 +134,7 @@ def main() -> None:
         "specdec Ngram(4)": lambda: specdec.Ngram(num_tokens=4),
         "specdec Medusa(32)": lambda: specdec.Medusa.from_pretrained(root / "medusa", tree=32),
         "specdec Eagle(6, 10, 60)": lambda: specdec.Eagle.from_pretrained(root / "eagle"),
+        "specdec Eagle(6, 10, 60), top-k trees": lambda: specdec.Eagle.from_pretrained(root / "eagle"),
         "specdec Eagle chain(5)": lambda: specdec.Eagle.from_pretrained(root / "eagle", depth=5, chain=True),
         "specdec EAGLE-3 Eagle(6, 10, 60)": lambda: specdec.Eagle.from_pretrained(root / "eagle3"),
         # ablations in the same run: the step tail (verify, K/V moves, read-back), EAGLE's tree
@@ -126,16 +143,24 @@ def main() -> None:
         "specdec Ngram(4), eager step tail": lambda: specdec.Ngram(num_tokens=4),
         "specdec Eagle(6, 10, 60), eager tail and expansion": lambda: specdec.Eagle.from_pretrained(root / "eagle"),
     }
+    if T == 0:  # greedy: top-k trees are the default run
+        proposers.pop("specdec Eagle(6, 10, 60), top-k trees")
     plain_out = {}
     for name, make in proposers.items():
+        if (not selected(name) or (args.no_ablations and "eager" in name)) and name != "specdec plain":
+            continue  # plain decoding always runs: every row's reference
         proposer = make()
+        if "top-k trees" in name:
+            proposer.sampled_trees = False
         eager = "eager" in name
         if eager and isinstance(proposer, (specdec.Eagle, specdec.DraftModel)):
             proposer.graphs = False
         engine = specdec.Engine(target, proposer)
         engine.pipeline = name != "specdec plain, one step at a time"
         engine.tail_graphs = not eager or "chain" in name  # the chain ablation keeps the tail's graph
-        kw = dict(engine=engine, max_new_tokens=N, min_new_tokens=N, do_sample=False, return_dict_in_generate=True)
+        kw = dict(engine=engine, max_new_tokens=N, min_new_tokens=N, return_dict_in_generate=True, **sampling)
+        if T > 0:
+            kw["seed"] = 0
         t0 = sync()
         cold_tokens = sum(specdec.generate(target, p, **kw).stats.generated_tokens for p in [warm, *prompts])
         cold = cold_tokens / (sync() - t0)  # first pass: captures, Triton compiles, pool allocation
@@ -175,7 +200,7 @@ def main() -> None:
                     prof.disable()
                     with open(args.profile, "w") as f:
                         pstats.Stats(prof, stream=f).sort_stats("cumulative").print_stats(40)
-            else:
+            elif T == 0:
                 identical &= torch.equal(out.sequences, plain_out[i])
         tau = tokens / forwards
         steady = sorted(tpots)[len(tpots) // 2]
@@ -187,7 +212,7 @@ def main() -> None:
             "tokens_per_s": tokens / seconds,
             "first_pass_tokens_per_s": cold,
             "tau": tau,
-            "greedy_identical": identical,
+            "greedy_identical": identical if T == 0 else None,
             "tpot_ms_per_call": tpots,
             "worst_call_vs_median_tpot": max(tpots) / steady,
             "calls": calls,
@@ -196,7 +221,8 @@ def main() -> None:
         res["rows"].append(row)
         print(
             f"{name:42s} {row['tokens_per_s']:8.1f} tok/s (first pass {cold:6.1f})  tau {tau:.2f}  "
-            f"identical {identical}  worst call / median TPOT {row['worst_call_vs_median_tpot']:.2f}  "
+            f"identical {identical if T == 0 else '-'}  "
+            f"worst call / median TPOT {row['worst_call_vs_median_tpot']:.2f}  "
             f"median TPOT {steady:.2f} ms  per call: wall {_med(calls, 'wall_ms'):.1f} ms, engine "
             f"{_med(calls, 'engine_ms'):.1f}, setup {_med(calls, 'setup_ms'):.1f}, "
             f"prefill {_med(calls, 'prefill_ms'):.1f}, "
@@ -204,6 +230,7 @@ def main() -> None:
             f"host syncs / step {syncs[0] if syncs else float('nan'):.1f}",
             flush=True,
         )
+        json.dump(res, open(args.out, "w"), indent=1)  # after every row: a cut run keeps what it measured
     json.dump(res, open(args.out, "w"), indent=1)
 
 

@@ -514,6 +514,15 @@ def _plots(report: dict, out: Path) -> None:
     ax.legend(fontsize=7)
     save(fig, ax, "tokens/s per prompt, same engine, same run", "tokens_per_s_per_prompt.png")
 
+    hist = report["counters"]["accepted_length_histogram"]
+    if hist:
+        fig, ax = plt.subplots(figsize=(5.5, 3.4))
+        total = sum(hist)
+        ax.bar(range(len(hist)), [n / total for n in hist])
+        ax.set(xlabel="drafts accepted in a step", ylabel="share of steps")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        save(fig, ax, f"accepted length per step ({total} row-steps)", "accepted_length_histogram.png")
+
     # predicted speedup of a chain of k drafts over the per-token acceptance a, with break-even
     step = report["step_ms"]
     cost = (step["draft"] + step["verify"]) / step["plain"] if step["plain"] else 0.0

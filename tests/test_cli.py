@@ -108,7 +108,8 @@ def test_profile_each_prompt_format(zoo, tmp_path, fmt, extra):
     assert r["num_prompts"] == {"sb.jsonl": 2, "he.jsonl.gz": 1, "lines.txt": 1}[fmt]
     if fmt == "sb.jsonl":
         assert set(r["per_category"]) == {"coding"}
-    pngs = ("acceptance_by_depth.png", "tau_per_prompt.png", "tokens_per_s_per_prompt.png", "speedup_vs_acceptance.png")
+    pngs = ("acceptance_by_depth.png", "tau_per_prompt.png", "tokens_per_s_per_prompt.png", "speedup_vs_acceptance.png",
+            "accepted_length_histogram.png")
     for png in pngs:
         assert (out / png).stat().st_size > 1000
     assert (out / "speedup_per_category.png").exists() == (len(r["per_category"]) > 1)  # no one-bar chart

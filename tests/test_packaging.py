@@ -54,31 +54,41 @@ def test_the_wheel_carries_the_demo_models_the_prompts_and_the_license(wheel_nam
 
 
 def test_the_installed_wheel_works_from_another_folder(wheel, tmp_path):
-    """pip install of the wheel (its own files only: the dependencies are this environment's), then the
-    command from a folder that is not the checkout: demo models and prompts come from the package."""
-    site = tmp_path / "site"
+    """The wheel installed into a fresh venv (its own files only: the dependencies are this
+    environment's, reached through a path entry that does not run this environment's editable
+    install), then `specdec generate`, `specdec profile` and the smoke recipe from a folder that is
+    not the checkout: demo models, prompts and configs come from the package."""
+    import sysconfig
+
+    fresh = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(fresh)], check=True, capture_output=True)
+    python = fresh / "bin" / "python"
+    site = Path(
+        subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                       check=True, capture_output=True, text=True).stdout.strip()
+    )  # fmt: skip
+    # a plain path line: the dependencies' folder is on sys.path, its .pth files (our editable install) are not run
+    (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
         check=True, capture_output=True,
     )  # fmt: skip
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "SPECDEC_DEMO_DIR"}
-    env.update(PYTHONPATH=str(site), TRITON_INTERPRET="1")
+    env = {k: v for k, v in os.environ.items() if k not in ("SPECDEC_DEMO_DIR", "PYTHONPATH")}
+    env.update(TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
 
     def run(*args):
-        res = subprocess.run(
-            [sys.executable, "-P", "-m", "specdec.cli", *args], cwd=elsewhere, env=env, capture_output=True, text=True
-        )
+        res = subprocess.run([str(python), *args], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, res.stderr[-2000:]
         return res
 
-    where = subprocess.run(
-        [sys.executable, "-P", "-c", "import specdec; print(specdec.__file__)"], cwd=elsewhere, env=env,
-        capture_output=True, text=True,
-    )  # fmt: skip
+    where = run("-c", "import specdec; print(specdec.__file__)")
     assert where.stdout.startswith(str(site)), where.stdout  # the installed copy, not the checkout
-    run("generate", "--prompt", "def add(a, b):", "--proposer", "ngram", "--max-new-tokens", "8", "--device", "cpu")
-    run("profile", "--proposer", "ngram", "--limit", "1", "--max-new-tokens", "8", "--device", "cpu",
-        "--out", "report", "--quiet")  # fmt: skip
+    run("-m", "specdec.cli", "generate", "--prompt", "def add(a, b):", "--proposer", "ngram", "--max-new-tokens", "8",
+        "--device", "cpu")  # fmt: skip
+    run("-m", "specdec.cli", "profile", "--proposer", "ngram", "--limit", "1", "--max-new-tokens", "8",
+        "--device", "cpu", "--out", "report", "--quiet")  # fmt: skip
     assert (elsewhere / "report" / "report.json").is_file()
+    run("-m", "specdec.training.lm", "size=smoke", "out=smoke")  # every stage, HumanEval from the package
+    assert (elsewhere / "smoke" / "eval.json").is_file() and (elsewhere / "smoke" / "eagle3" / "config.json").is_file()

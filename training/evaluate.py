@@ -74,8 +74,9 @@ def make_proposers(root: Path, target, spec: EvalSpec) -> dict:
     out = {
         "draft": (draft, both),
         "ngram": (lambda: specdec.Ngram(num_tokens=spec.ngram_tokens), both),
-        "medusa": (lambda: specdec.Medusa.from_pretrained(root / "medusa", tree=spec.medusa_nodes), both),
     }
+    if (root / "medusa" / "config.json").exists():  # heads the recipe trained (stages may skip them)
+        out["medusa"] = (lambda: specdec.Medusa.from_pretrained(root / "medusa", tree=spec.medusa_nodes), both)
     for folder in ("eagle", "eagle3"):
         if (root / folder / "config.json").exists():
             out[folder] = (eagle(folder, True), both)

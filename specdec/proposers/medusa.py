@@ -103,6 +103,8 @@ class Medusa(Proposer):
         # trees of sampled rows: True / None (default) draw the children from each head's q without
         # replacement (exact, keeps acceptance at T > 0); False keeps top-k trees at every temperature
         self.sampled_trees: bool | None = None
+        self._plan_key: tuple | None = None  # the sampled trees' draw plan (`_draw_plan`), per tree and device
+        self._plan: dict = {}
         self._set_choices(heads.config.num_heads if heads is not None else None)
 
     @classmethod
@@ -184,27 +186,55 @@ class Medusa(Proposer):
             return tree
         return self._sampled(ctx, tree, logits)
 
+    def _draw_plan(self, width: int, dev: torch.device) -> dict:
+        """From the static choices, on the host once per (tree, device): for each node its parent's
+        slot among the nodes with children and its draw number among its siblings; for each such
+        parent the head whose q its children come from; the most draws any parent makes."""
+        key = (tuple(self.choices), width, str(dev))
+        if self._plan_key == key:
+            return self._plan
+        paths = sorted({tuple(c) for c in self.choices}, key=lambda c: (len(c), c))  # from_choices' order
+        index, parent, depth = {(): 0}, [-1], [0]
+        for i, c in enumerate(paths, start=1):
+            index[c] = i
+            parent.append(index[c[:-1]])
+            depth.append(len(c))
+        if len(parent) != width:
+            raise RuntimeError(f"Medusa tree of {width} nodes, but its choices make {len(parent)}")
+        holders = sorted(set(parent[1:]))
+        slot = {p: j for j, p in enumerate(holders)}
+        seen: dict[int, int] = {}
+        sibling = []
+        for p in parent:
+            sibling.append(seen.get(p, 0))
+            seen[p] = seen.get(p, 0) + 1
+        long = dict(dtype=torch.long, device=dev)
+        self._plan_key, self._plan = key, {
+            "slot": torch.tensor([slot.get(p, 0) for p in parent], **long),
+            "sibling": torch.tensor([0] + sibling[1:], **long),
+            "holder_depth": torch.tensor([depth[p] for p in holders], **long),
+            "draws": max(seen[p] for p in holders),
+        }
+        return self._plan
+
     def _sampled(self, ctx: ProposeContext, tree: DraftTree, logits: torch.Tensor) -> DraftTree:
         """The same tree shape with the sampled rows' children drawn without replacement from each
         head's processed q (the row's temperature / top-k / top-p): the children of one node are the
         first draws of one Gumbel-top-k sequence, in sibling order (WOR law, verified with that q);
-        greedy rows keep their top-k children (POINT)."""
+        greedy rows keep their top-k children (POINT). Noise and the top-k are drawn per node that
+        has children ([B, P, V], P parents), not per node."""
         B, K, V = logits.shape
-        N, dev = tree.width, logits.device
+        dev = logits.device
         params = ctx.params.to(dev)
         q = process_logits(logits, params)  # [B, K, V] head d's q for the nodes at depth d + 1
-        parents = tree.parents[0]  # the same structure in every row
+        plan = self._draw_plan(tree.width, dev)
+        P = plan["holder_depth"].shape[0]
+        u = uniform(ctx.rng, B, P * V, STREAM_DRAFT + 32, device=dev).view(B, P, V) + 2.0**-25
+        keys = torch.log(q[:, plan["holder_depth"]].float()) - torch.log(-torch.log(u)).float()  # [B, P, V]
+        draws = keys.topk(plan["draws"], dim=-1).indices  # [B, P, s]: each parent's draw order
+        drawn = draws[:, plan["slot"], plan["sibling"]]  # [B, N]: node i = draw sibling[i] of its parent
         depth = tree.depth[0]
-        earlier = (parents[None, :] == parents[:, None]) & (
-            torch.arange(N, device=dev)[None, :] < torch.arange(N, device=dev)[:, None]
-        )
-        sibling = earlier.sum(1)  # [N] children before this one under its parent: its draw number
-        u = uniform(ctx.rng, B, N * V, STREAM_DRAFT + 32, device=dev).view(B, N, V) + 2.0**-25
-        gumbel = -torch.log(-torch.log(u)).float()  # one noise vector per parent node
         node_q = q[:, (depth - 1).clamp(min=0)]  # [B, N, V]: the q each node is drawn from
-        keys = torch.log(node_q.float()) + gumbel[:, parents.clamp(min=0)]
-        draws = keys.topk(int(sibling.max()) + 1, dim=-1).indices  # [B, N, s]: each parent's draw order
-        drawn = draws.gather(2, sibling[None, :, None].expand(B, N, 1))[:, :, 0]
         sampled = ~params.greedy[:, None] & (depth > 0)[None, :]
         tokens = torch.where(sampled, drawn, tree.tokens)
         q_x = node_q.gather(2, tokens[:, :, None])[:, :, 0]

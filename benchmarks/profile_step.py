@@ -2,6 +2,9 @@
 torch.profiler table of the device time per kernel, for plain decoding or a 1B-shaped draft model.
 
 python benchmarks/profile_step.py [--tokens 64] [--context 1024] [--proposer none|draft] [--out DIR]
+
+On the device image (specdec laid out by `make gpu-site`): `cd benchmarks && PYTHONPATH=/tmp/specdec-gpu-site
+python3 profile_step.py ...`, without `-P`, which would drop this folder (and bench_engine) from the path.
 """
 
 from __future__ import annotations

@@ -145,10 +145,15 @@ class Eagle(Proposer):
             return self.depth + 1
         if self.sampled_trees is False:
             return self.total_tokens + 1
+        wide, children = self._sampled_shape()
+        return max(self.total_tokens, self.top_k + (self.depth - 1) * wide * children) + 1
+
+    def _sampled_shape(self) -> tuple[int, int]:
+        """A sampled tree's shape after the root's top_k draws: each further level expands the
+        `wide` best nodes so far with `children` draws each, within about total_tokens nodes."""
         per_level = max((self.total_tokens - self.top_k) // max(self.depth - 1, 1), 1)
         children = 2 if per_level >= 2 else 1
-        wide = max(1, min(per_level // children, self.top_k))
-        return max(self.total_tokens, self.top_k + (self.depth - 1) * wide * children) + 1
+        return max(1, min(per_level // children, self.top_k)), children
 
     def _sampled(self, ctx: ProposeContext) -> bool:
         """Draw this step's tree from q (some row samples and sampled trees are on)."""
@@ -441,9 +446,8 @@ class Eagle(Proposer):
         dev = t["roots"].device
         B = ctx.batch_size
         params = ctx.params.to(dev)
-        first, per_level = self.top_k, max((self.total_tokens - self.top_k) // max(self.depth - 1, 1), 1)
-        children = 2 if per_level >= 2 else 1
-        wide = max(1, min(per_level // children, first))
+        first = self.top_k
+        wide, children = self._sampled_shape()
 
         def noise(level: int, shape: tuple[int, ...]) -> torch.Tensor:
             n = 1

@@ -10,6 +10,7 @@ of different lengths (the per-call TPOT spread shows whether anything is re-capt
 are checked token for token against specdec's plain decoding.
 
     python benchmarks/bench_pairs.py --out pairs.json [--prompts 10] [--new-tokens 128]
+    SPECDEC_DEMO_DIR=runs/bench python benchmarks/bench_pairs.py --out bench.json   # another pair (same layout)
     python benchmarks/bench_pairs.py --out t1.json --temperature 1 --only "specdec"   # sampled, specdec rows
 
 At --temperature > 0 every path samples (top_k=0, seeded per call for specdec); outputs are then
@@ -149,6 +150,11 @@ def main() -> None:
     for name, make in proposers.items():
         if (not selected(name) or (args.no_ablations and "eager" in name)) and name != "specdec plain":
             continue  # plain decoding always runs: every row's reference
+        heads = {"EAGLE-3": "eagle3", "Eagle": "eagle", "Medusa": "medusa"}
+        folder = next((f for key, f in heads.items() if key in name), None)
+        if folder and not (root / folder / "config.json").exists():  # a pair trained without these heads
+            print(f"{name:42s} skipped: no {root / folder}", flush=True)
+            continue
         proposer = make()
         if "top-k trees" in name:
             proposer.sampled_trees = False

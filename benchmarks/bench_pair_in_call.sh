@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Issue 13's end-to-end table on the `bench` pair (a ~113M target whose forward dominates its
+# launches), trained and measured inside one GPU call (about 8 minutes on an H200; the models are
+# not committed: ~230 MB is over what a call can carry back):
+#
+#     bash benchmarks/bench_pair_in_call.sh OUT_DIR            # on the GPU
+#     SIZE=smoke OVERRIDES= bash benchmarks/bench_pair_in_call.sh /tmp/b   # a CPU check of the script
+#
+# 1. python -m specdec.training.lm size=bench with a shortened schedule (OVERRIDES): corpus,
+#    tokenizer, target, draft, distilled continuations, Medusa heads, an EAGLE-1/2 drafter;
+# 2. benchmarks/bench_pairs.py on that folder: transformers' paths and every specdec proposer on the
+#    same HumanEval prompts, same run (bf16, batch 1, greedy, no eager ablations).
+set -euo pipefail
+out=${1:?usage: bench_pair_in_call.sh OUT_DIR}
+size=${SIZE:-bench}
+overrides=${OVERRIDES-size.target.max_minutes=2 size.draft.max_minutes=0.4 size.distill.num_sequences=512 size.medusa.steps=400 size.eagle.steps=800 size.eagle.checkpoint_every=400}
+here=$(cd "$(dirname "$0")" && pwd)
+mkdir -p "$out"
+# shellcheck disable=SC2086  # the overrides are separate words
+python3 -P -m specdec.training.lm size="$size" out="$out/$size" work="$out/work" \
+  'stages=[corpus,tokenizer,target,draft,distill,medusa,eagle]' $overrides
+SPECDEC_DEMO_DIR="$out/$size" python3 -P "$here/bench_pairs.py" --dtype "${DTYPE:-bfloat16}" --no-ablations \
+  --prompts "${PROMPTS:-10}" --new-tokens "${NEW_TOKENS:-128}" --out "$out/pairs_$size.json"

@@ -90,26 +90,34 @@ class _MLP(nn.Module):
 
 
 class _Layer(nn.Module):
-    """A Llama decoder layer; EAGLE-1's has no input norm, EAGLE-3's attends over [norm(embed), norm(hidden)]."""
+    """EAGLE-1/2's decoder layer: a Llama layer without the input norm (its input is fc's output)."""
 
-    def __init__(self, config: LlamaConfig, eagle3: bool):
+    def __init__(self, config: LlamaConfig, attn_in: int | None = None):
         super().__init__()
         H, eps = config.hidden_size, config.rms_norm_eps
-        self.eagle3 = eagle3
-        self.self_attn = _Attention(config, 2 * H if eagle3 else H)
+        self.self_attn = _Attention(config, attn_in or H)
         self.mlp = _MLP(config)
         self.post_attention_layernorm = LlamaRMSNorm(H, eps=eps)
-        if eagle3:
-            self.input_layernorm = LlamaRMSNorm(H, eps=eps)
-            self.hidden_norm = LlamaRMSNorm(H, eps=eps)
+
+    def attn_input(self, x: torch.Tensor, embeds: torch.Tensor | None) -> torch.Tensor:
+        return x
 
     def forward(self, x, cos, sin, attend: Attend, embeds: torch.Tensor | None = None) -> torch.Tensor:
-        if self.eagle3:
-            a = torch.cat([self.input_layernorm(embeds), self.hidden_norm(x)], -1)
-        else:
-            a = x
-        h = x + self.self_attn(a, cos, sin, attend)
+        h = x + self.self_attn(self.attn_input(x, embeds), cos, sin, attend)
         return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class _Eagle3Layer(_Layer):
+    """EAGLE-3's decoder layer: attention over [norm(embed), norm(hidden)] (2H wide)."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__(config, attn_in=2 * config.hidden_size)
+        H, eps = config.hidden_size, config.rms_norm_eps
+        self.input_layernorm = LlamaRMSNorm(H, eps=eps)
+        self.hidden_norm = LlamaRMSNorm(H, eps=eps)
+
+    def attn_input(self, x: torch.Tensor, embeds: torch.Tensor | None) -> torch.Tensor:
+        return torch.cat([self.input_layernorm(embeds), self.hidden_norm(x)], -1)
 
 
 def _default_aux_layers(num_target_layers: int) -> tuple[int, int, int]:
@@ -118,7 +126,8 @@ def _default_aux_layers(num_target_layers: int) -> tuple[int, int, int]:
 
 
 class EagleDrafter(nn.Module):
-    """An EAGLE-1/2 (`version=1`) or EAGLE-3 (`version=3`) drafter.
+    """An EAGLE drafter: `EagleDrafter(config, version=1)` builds an `Eagle1Drafter` (EAGLE-1/2),
+    `version=3` an `Eagle3Drafter`; the proposer, trainer and loaders use only this interface.
 
     Parameters
     ----------
@@ -133,32 +142,25 @@ class EagleDrafter(nn.Module):
     ...                   vocab_size=50, num_hidden_layers=1, draft_vocab_size=20)
     >>> d = EagleDrafter(cfg, version=3)
     >>> h = d(torch.randn(1, 4, 32), torch.randn(1, 4, 96), torch.arange(4)[None], from_target=True)
-    >>> d.logits(h).shape, d.fc.in_features
-    (torch.Size([1, 4, 20]), 96)
+    >>> type(d).__name__, d.logits(h).shape, d.fc.in_features
+    ('Eagle3Drafter', torch.Size([1, 4, 20]), 96)
     """
 
-    def __init__(self, config: LlamaConfig, version: int = 1):
+    version: int = 0  # 1 or 3: set by the subclasses
+
+    def __new__(cls, config: LlamaConfig | None = None, version: int | None = None):
+        if cls is EagleDrafter:
+            if version not in (1, 3):
+                raise ValueError(f"version must be 1 (EAGLE-1/2) or 3 (EAGLE-3), got {version!r}")
+            cls = Eagle1Drafter if version == 1 else Eagle3Drafter
+        return super().__new__(cls)
+
+    def __init__(self, config: LlamaConfig, version: int | None = None):
         super().__init__()
-        if version not in (1, 3):
-            raise ValueError(f"version must be 1 (EAGLE-1/2) or 3 (EAGLE-3), got {version!r}")
-        self.config, self.version = config, version
-        H = config.hidden_size
+        if version is not None and version != self.version:
+            raise ValueError(f"{type(self).__name__} is EAGLE version {self.version}, not {version!r}")
+        self.config = config
         self.rotary = LlamaRotaryEmbedding(config)
-        if version == 1:
-            self.fc = nn.Linear(2 * H, H, bias=bool(getattr(config, "bias", True)))
-            self.layers = nn.ModuleList([_Layer(config, eagle3=False)])
-        else:
-            Ht = int(getattr(config, "target_hidden_size", None) or H)
-            V = int(config.vocab_size)
-            Vd = int(getattr(config, "draft_vocab_size", None) or V)
-            self.fc = nn.Linear(3 * Ht, H, bias=False)
-            self.midlayer = _Layer(config, eagle3=True)
-            self.norm = LlamaRMSNorm(H, eps=config.rms_norm_eps)
-            self.lm_head = nn.Linear(H, Vd, bias=False)
-            self.register_buffer("d2t", torch.zeros(Vd, dtype=torch.long))  # identity until set
-            t2d = torch.zeros(V, dtype=torch.bool)
-            t2d[:Vd] = True
-            self.register_buffer("t2d", t2d)
         self.embed_tokens: nn.Embedding | None = None  # set from a checkpoint that carries one
 
     @property
@@ -167,36 +169,15 @@ class EagleDrafter(nn.Module):
 
     @property
     def draft_vocab_size(self) -> int:
-        return int(self.config.vocab_size) if self.version == 1 else self.lm_head.out_features
+        raise NotImplementedError
 
     def feature_layers(self, num_target_layers: int) -> tuple[int, ...]:
         """Which target features the drafter reads (runtime.hf.capture_features indices)."""
-        if self.version == 1:
-            return (num_target_layers,)
-        ids = getattr(self.config, "eagle_aux_hidden_state_layer_ids", None)
-        eagle_cfg = getattr(self.config, "eagle_config", None)
-        if ids is None and isinstance(eagle_cfg, dict):
-            ids = eagle_cfg.get("eagle_aux_hidden_state_layer_ids")
-        ids = tuple(int(i) for i in ids) if ids else _default_aux_layers(num_target_layers)
-        if len(ids) != 3 or not all(0 <= i < num_target_layers for i in ids):
-            raise ValueError(
-                f"EAGLE-3 reads 3 target layers in [0, {num_target_layers}); got {list(ids)} "
-                "(set eagle_aux_hidden_state_layer_ids in the drafter's config for small targets)"
-            )
-        return ids
-
-    def set_vocab_map(self, draft_to_target: torch.Tensor) -> None:
-        """EAGLE-3: draft id d means target id draft_to_target[d] (strictly increasing) -> d2t, t2d."""
-        ids = torch.as_tensor(draft_to_target, dtype=torch.long)
-        if ids.shape != self.d2t.shape or (ids[1:] <= ids[:-1]).any():
-            raise ValueError(f"need {self.d2t.shape[0]} strictly increasing target ids, got shape {tuple(ids.shape)}")
-        self.d2t.copy_(ids - torch.arange(len(ids)))
-        self.t2d.zero_()
-        self.t2d[ids] = True
+        raise NotImplementedError
 
     def target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
-        """Draft-vocabulary ids -> target ids (the identity for EAGLE-1/2)."""
-        return draft_ids if self.version == 1 else draft_ids + self.d2t[draft_ids]
+        """Draft-vocabulary ids -> target ids."""
+        raise NotImplementedError
 
     def forward(
         self,
@@ -211,38 +192,126 @@ class EagleDrafter(nn.Module):
 
         from_target: the features are the target's (EAGLE-3 fuses them with fc) rather than the
         drafter's own outputs (used as they are). EAGLE-1 treats both alike."""
-        cos, sin = self.rotary(embeds, positions)
-        if self.version == 1:
-            x = self.fc(torch.cat([embeds, features], -1))
-            return self.layers[0](x, cos, sin, attend)
-        x = self.fc(features) if from_target else features
-        return self.midlayer(x, cos, sin, attend, embeds=embeds)
+        raise NotImplementedError
 
     def logits(self, hidden: torch.Tensor, lm_head: nn.Module | None = None) -> torch.Tensor:
         """hidden [..., H] -> logits [..., Vd]; EAGLE-1/2 uses the target's lm_head (pass it)."""
-        if self.version == 1:
-            if lm_head is None:
-                raise ValueError("an EAGLE-1/2 drafter uses the target's lm_head: pass lm_head=")
-            return lm_head(hidden)
-        return self.lm_head(self.norm(hidden))
+        raise NotImplementedError
+
+    def _saved_config(self, cfg: dict) -> dict:
+        """The config.json fields that name this drafter's format."""
+        raise NotImplementedError
 
     def save_pretrained(self, path: str | Path) -> None:
         """SafeAILab's layout: config.json + model.safetensors (EAGLE-3 with `architectures`
         LlamaForCausalLMEagle3 and `draft_vocab_size`)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        cfg = self.config.to_dict()
-        cfg["num_hidden_layers"] = 1
-        if self.version == 3:
-            cfg["architectures"] = [EAGLE3_ARCH]
-            cfg["draft_vocab_size"] = self.draft_vocab_size
-        else:
-            cfg["architectures"] = ["LlamaForCausalLM"]
-            cfg["bias"] = self.fc.bias is not None
-            cfg.pop("draft_vocab_size", None)
+        cfg = self._saved_config({**self.config.to_dict(), "num_hidden_layers": 1})
         (path / "config.json").write_text(json.dumps(cfg, indent=1, default=str))
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items() if not k.startswith("rotary.")}
         save_file(state, str(path / "model.safetensors"))
+
+
+class Eagle1Drafter(EagleDrafter):
+    """EAGLE-1/2: fc over [embed(token), the target's final hidden state], one layer, the target's lm_head."""
+
+    version = 1
+
+    def __init__(self, config: LlamaConfig, version: int | None = None):
+        super().__init__(config, version)
+        H = config.hidden_size
+        self.fc = nn.Linear(2 * H, H, bias=bool(getattr(config, "bias", True)))
+        self.layers = nn.ModuleList([_Layer(config)])
+
+    @property
+    def draft_vocab_size(self) -> int:
+        return int(self.config.vocab_size)
+
+    def feature_layers(self, num_target_layers: int) -> tuple[int, ...]:
+        return (num_target_layers,)
+
+    def target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        return draft_ids
+
+    def forward(self, embeds, features, positions, attend: Attend = causal_attend, from_target: bool = True):
+        cos, sin = self.rotary(embeds, positions)
+        return self.layers[0](self.fc(torch.cat([embeds, features], -1)), cos, sin, attend)
+
+    def logits(self, hidden: torch.Tensor, lm_head: nn.Module | None = None) -> torch.Tensor:
+        if lm_head is None:
+            raise ValueError("an EAGLE-1/2 drafter uses the target's lm_head: pass lm_head=")
+        return lm_head(hidden)
+
+    def _saved_config(self, cfg: dict) -> dict:
+        cfg["architectures"] = ["LlamaForCausalLM"]
+        cfg["bias"] = self.fc.bias is not None
+        cfg.pop("draft_vocab_size", None)
+        return cfg
+
+
+class Eagle3Drafter(EagleDrafter):
+    """EAGLE-3: fc over three target layers' features, one layer attending over [embed, hidden],
+    its own lm_head over a draft vocabulary (draft id d is target id d + d2t[d])."""
+
+    version = 3
+
+    def __init__(self, config: LlamaConfig, version: int | None = None):
+        super().__init__(config, version)
+        H = config.hidden_size
+        Ht = int(getattr(config, "target_hidden_size", None) or H)
+        V = int(config.vocab_size)
+        Vd = int(getattr(config, "draft_vocab_size", None) or V)
+        self.fc = nn.Linear(3 * Ht, H, bias=False)
+        self.midlayer = _Eagle3Layer(config)
+        self.norm = LlamaRMSNorm(H, eps=config.rms_norm_eps)
+        self.lm_head = nn.Linear(H, Vd, bias=False)
+        self.register_buffer("d2t", torch.zeros(Vd, dtype=torch.long))  # identity until set
+        t2d = torch.zeros(V, dtype=torch.bool)
+        t2d[:Vd] = True
+        self.register_buffer("t2d", t2d)
+
+    @property
+    def draft_vocab_size(self) -> int:
+        return self.lm_head.out_features
+
+    def feature_layers(self, num_target_layers: int) -> tuple[int, ...]:
+        ids = getattr(self.config, "eagle_aux_hidden_state_layer_ids", None)
+        eagle_cfg = getattr(self.config, "eagle_config", None)
+        if ids is None and isinstance(eagle_cfg, dict):
+            ids = eagle_cfg.get("eagle_aux_hidden_state_layer_ids")
+        ids = tuple(int(i) for i in ids) if ids else _default_aux_layers(num_target_layers)
+        if len(ids) != 3 or not all(0 <= i < num_target_layers for i in ids):
+            raise ValueError(
+                f"EAGLE-3 reads 3 target layers in [0, {num_target_layers}); got {list(ids)} "
+                "(set eagle_aux_hidden_state_layer_ids in the drafter's config for small targets)"
+            )
+        return ids
+
+    def set_vocab_map(self, draft_to_target: torch.Tensor) -> None:
+        """Draft id d means target id draft_to_target[d] (strictly increasing) -> d2t, t2d."""
+        ids = torch.as_tensor(draft_to_target, dtype=torch.long)
+        if ids.shape != self.d2t.shape or (ids[1:] <= ids[:-1]).any():
+            raise ValueError(f"need {self.d2t.shape[0]} strictly increasing target ids, got shape {tuple(ids.shape)}")
+        self.d2t.copy_(ids - torch.arange(len(ids)))
+        self.t2d.zero_()
+        self.t2d[ids] = True
+
+    def target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        return draft_ids + self.d2t[draft_ids]
+
+    def forward(self, embeds, features, positions, attend: Attend = causal_attend, from_target: bool = True):
+        cos, sin = self.rotary(embeds, positions)
+        x = self.fc(features) if from_target else features
+        return self.midlayer(x, cos, sin, attend, embeds=embeds)
+
+    def logits(self, hidden: torch.Tensor, lm_head: nn.Module | None = None) -> torch.Tensor:
+        return self.lm_head(self.norm(hidden))
+
+    def _saved_config(self, cfg: dict) -> dict:
+        cfg["architectures"] = [EAGLE3_ARCH]
+        cfg["draft_vocab_size"] = self.draft_vocab_size
+        return cfg
 
 
 # ---------------------------------------------------------------------------------------------

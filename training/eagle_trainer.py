@@ -35,11 +35,14 @@ from ..validation import require_int
 from .data import pad_batch
 from .logging import Logger, NullLogger
 from .medusa_trainer import _latest_checkpoint, _world
-from .optim import autocast, check_precision, clip, lr_at, set_lr
+from .optim import OptimSettings, autocast, check_precision, clip, lr_at, set_lr
 
 
 @dataclass(slots=True)
-class EagleTrainConfig:
+class EagleTrainConfig(OptimSettings):
+    """Training settings; the schedule / clipping / accumulation / precision ones come from
+    `training.optim.OptimSettings`."""
+
     steps: int = 200
     batch_size: int = 4
     lr: float = 1e-3
@@ -51,12 +54,6 @@ class EagleTrainConfig:
     step_decay: float = 0.8  # EAGLE-3: weight of unrolled step i
     checkpoint_every: int = 50
     log_every: int = 10
-    warmup_steps: int = 0  # linear warm-up of the learning rate
-    schedule: str = "constant"  # then constant, linear or cosine decay (training.optim.lr_at)
-    min_lr_ratio: float = 0.0  # the decay's floor, as a fraction of lr
-    grad_clip: float = 0.0  # max global gradient norm (0: no clipping)
-    accumulation: int = 1  # micro-batches of batch_size per optimiser step
-    precision: str = "fp32"  # or bf16: forward and loss under bf16 autocast (weights and optimiser fp32)
     eval_tokens: int = 32  # new tokens per held-out prompt when measuring tau
     eval_depth: int = 5
     eval_top_k: int = 8

@@ -20,11 +20,14 @@ from ..heads.medusa import MedusaHeads, load_medusa
 from ..validation import require_int
 from .data import pad_batch
 from .logging import Logger, NullLogger
-from .optim import autocast, check_precision, clip, lr_at, set_lr
+from .optim import OptimSettings, autocast, check_precision, clip, lr_at, set_lr
 
 
 @dataclass(slots=True)
-class TrainConfig:
+class TrainConfig(OptimSettings):
+    """Training settings; the schedule / clipping / accumulation / precision ones come from
+    `training.optim.OptimSettings`."""
+
     steps: int = 200
     batch_size: int = 4
     lr: float = 1e-3
@@ -33,12 +36,6 @@ class TrainConfig:
     top_k: int = 5  # also report top-k accuracy
     checkpoint_every: int = 50
     log_every: int = 10
-    warmup_steps: int = 0  # linear warm-up of the learning rate
-    schedule: str = "constant"  # then constant, linear or cosine decay (training.optim.lr_at)
-    min_lr_ratio: float = 0.0  # the decay's floor, as a fraction of lr
-    grad_clip: float = 0.0  # max global gradient norm (0: no clipping)
-    accumulation: int = 1  # micro-batches of batch_size per optimiser step
-    precision: str = "fp32"  # or bf16: forward and loss under bf16 autocast (weights and optimiser fp32)
     seed: int = 0
 
 

@@ -4,6 +4,7 @@ linear or cosine decay to `min_lr_ratio` of the peak; gradient accumulation and 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -48,6 +49,19 @@ def clip(params, max_norm: float) -> float | None:
 
 
 PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass(slots=True)
+class OptimSettings:
+    """The schedule, clipping, accumulation and precision settings both head trainers take (their
+    configs extend this)."""
+
+    warmup_steps: int = 0  # linear warm-up of the learning rate
+    schedule: str = "constant"  # then constant, linear or cosine decay (lr_at)
+    min_lr_ratio: float = 0.0  # the decay's floor, as a fraction of lr
+    grad_clip: float = 0.0  # max global gradient norm (0: no clipping)
+    accumulation: int = 1  # micro-batches of batch_size per optimiser step
+    precision: str = "fp32"  # or bf16: forward and loss under bf16 autocast (weights and optimiser fp32)
 
 
 def check_precision(precision: str) -> str:

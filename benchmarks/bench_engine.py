@@ -456,7 +456,7 @@ def main() -> None:
             st = out.stats
             step = st.tpot_ms * st.tau
             plain_step = plain_step or step
-            tau = taus.get(key.split()[0] if key != "eagle chain" else "", None)
+            tau = taus.get(key)  # eval.json's proposer names (no chain row there)
             row = {
                 "proposer": key,
                 "label": label,
@@ -474,7 +474,8 @@ def main() -> None:
                 row["predicted_speedup"] = tau * plain_step / step
             rows.append(row)
             del eng, proposer
-            torch.cuda.empty_cache() if DEV.type == "cuda" else None
+            if DEV.type == "cuda":
+                torch.cuda.empty_cache()
 
     def anchored(eng: Engine, ids: torch.Tensor, n: int, max_rounds: int = 30) -> tuple[torch.Tensor, int, bool]:
         """Re-anchor a Replay proposer on the target's own output: decode with the references, take

@@ -168,7 +168,21 @@ def chain_draws(
     advance: Callable[[int, torch.Tensor], torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`draft_chain` on parameters already on the logits' device, with the all-greedy flag given by
-    the caller: no host read, so a CUDA graph can capture it (DraftModel's captured chain)."""
+    the caller: no host read, so a CUDA graph can capture it (DraftModel's captured chain).
+
+    Parameters
+    ----------
+    logits : [B, V] the drafter's logits for the first draft.
+    num_tokens : K >= 1 drafts.
+    params : SamplingParams of B rows on logits.device.
+    all_greedy : every row has temperature 0 (then no coins are drawn).
+    rng : RowSeeds of B rows (or a torch.Generator / None, eagerly only).
+    advance : advance(j, token [B]) -> [B, V] logits for draft j + 1.
+
+    Returns
+    -------
+    drafts [B, K] long, q [B, K, V], law [B] (POINT for greedy rows, IID for sampled ones).
+    """
     from ..sampling import process_logits, sample_from_probs, uniform
     from ..tree import Law
 

@@ -211,7 +211,7 @@ class Medusa(Proposer):
         long = dict(dtype=torch.long, device=dev)
         self._plan_key, self._plan = key, {
             "slot": torch.tensor([slot.get(p, 0) for p in parent], **long),
-            "sibling": torch.tensor([0] + sibling[1:], **long),
+            "sibling": torch.tensor(sibling, **long),  # the root's 0: it draws nothing
             "holder_depth": torch.tensor([depth[p] for p in holders], **long),
             "draws": max(seen[p] for p in holders),
         }

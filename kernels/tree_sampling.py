@@ -1,9 +1,16 @@
 """Fused exact tree verification (Triton): one program walks one row's tree in node order.
 
 It applies the same rules as `specdec.verify._verify_exact` (POINT: accept x with r(x), then drop x;
-IID: accept with min(1, r(x)/q(x)), then r <- norm(max(0, r - q))) and samples the recovered or
-bonus token by inverse CDF, touching the vocabulary only when a child is rejected. Trees with WOR
-nodes use the torch walk. Dims: B rows, N nodes, V vocab, K depth.
+IID: accept with min(1, r(x)/q(x)), then r <- norm(max(0, r - q)); WOR: the same with q' = q without
+the tokens of the earlier WOR siblings, renormalised) and samples the recovered or bonus token by
+inverse CDF, touching the vocabulary only when a child is rejected. Dims: B rows, N nodes, V vocab,
+K depth.
+
+WOR without a mask over the vocabulary: a node is tested only after every earlier sibling was
+rejected, and a rejected sampled child x leaves r(x) = 0 exactly (rejected means r(x) < q'(x), so
+max(0, r(x) - q'(x)) = 0). The removed tokens therefore already have r = 0, and r - q'/s with the
+unmasked q gives the masked result there; only the normaliser s = sum(q) - sum of q over the
+removed tokens needs them (the siblings are distinct: `DraftTree.validate`).
 """
 
 from __future__ import annotations
@@ -51,9 +58,20 @@ def _walk_kernel(
             p_x = tl.load(P + b * sp_b + cur * sp_n + x)
             r_x = tl.where(use_res != 0, tl.load(R + b * V + x), p_x)
             a = r_x
+            den = tl.zeros([], tl.float32) + 1.0  # q' = q / den (IID: den = 1)
             if HAS_Q:
+                if law == 2:  # WOR: normalise q without the earlier WOR siblings' tokens
+                    removed = tl.zeros([], tl.float32)
+                    for j in range(1, i):
+                        if (tl.load(Parents + b * N + j) == parent) & (tl.load(Law + b * N + j) == 2):
+                            removed += tl.load(Q + b * sq_b + i * sq_n + tl.load(Tokens + b * N + j))
+                    qsum = tl.zeros([], tl.float32)
+                    for v0 in range(0, V, BLOCK_V):
+                        v = v0 + offs
+                        qsum += tl.sum(tl.load(Q + b * sq_b + i * sq_n + v, mask=v < V, other=0.0), 0)
+                    den = tl.where(qsum - removed > 0, qsum - removed, 1.0)
                 if law != 0:
-                    q_x = tl.load(Q + b * sq_b + i * sq_n + x)
+                    q_x = tl.load(Q + b * sq_b + i * sq_n + x) / den
                     a = tl.minimum(r_x / tl.where(q_x > 0, q_x, 1.0), 1.0)
             coin = tl.load(Coins + b * N + i)
             if coin < a.to(tl.float64):
@@ -64,7 +82,7 @@ def _walk_kernel(
                 tl.store(Path + b * K + d - 1, i)
             else:
                 tested = tested * 0 + 1
-                # residual: POINT drops x; IID takes max(0, r - q). Two passes: mass, then normalise.
+                # residual: POINT drops x; IID / WOR take max(0, r - q'). Two passes: mass, then normalise.
                 total = tl.zeros([], tl.float32)
                 for v0 in range(0, V, BLOCK_V):
                     v = v0 + offs
@@ -77,7 +95,7 @@ def _walk_kernel(
                     new = tl.where(v == x, 0.0, r)
                     if HAS_Q:
                         if law != 0:
-                            qv = tl.load(Q + b * sq_b + i * sq_n + v, mask=ok, other=0.0)
+                            qv = tl.load(Q + b * sq_b + i * sq_n + v, mask=ok, other=0.0) / den
                             new = tl.maximum(r - qv, 0.0)
                     total += tl.sum(tl.where(ok, new, 0.0), 0)
                     tl.store(R + b * V + v, new, mask=ok)
@@ -144,7 +162,7 @@ def fused_tree_walk(
     draft_probs: torch.Tensor | None,
     K: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The exact walk of `verify` for POINT / IID trees.
+    """The exact walk of `verify` for POINT / IID / WOR trees (WOR siblings distinct, as validated).
 
     p [B, N, V] fp32 processed target probabilities; tokens, parents, depth, law [B, N];
     num_nodes [B]; coins [B, N] and final_u [B] fp64 uniforms; draft_probs [B, N, V] or None; K the

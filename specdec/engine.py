@@ -533,11 +533,9 @@ class Engine:
 
         return apply
 
-    def _verify(
-        self, rows: list[_Row], tree: DraftTree, logits: torch.Tensor, gp: GenerationParams, ahead: int = 0
-    ) -> VerifyResult:
-        """Verify a scored tree for these rows (eagerly; see `_verify_inputs` for `ahead`)."""
-        t = {**self._verify_inputs(rows, gp, ahead), **self._ban_masks(gp)}
+    def _verify(self, rows: list[_Row], tree: DraftTree, logits: torch.Tensor, gp: GenerationParams) -> VerifyResult:
+        """Verify a scored tree for these rows, eagerly (the prefill's first token)."""
+        t = {**self._verify_inputs(rows, gp), **self._ban_masks(gp)}
         return self._verify_tensors(tree, logits, t, gp, self._node_processors(rows, tree, gp))
 
     # ----------------------------------------------------------------------------- the step tail
@@ -595,11 +593,18 @@ class Engine:
         )
 
     def _tail(
-        self, rows: list[_Row], tree: DraftTree, out: ModelOutput, node_slots: torch.Tensor, gp: GenerationParams
+        self,
+        rows: list[_Row],
+        tree: DraftTree,
+        out: ModelOutput,
+        node_slots: torch.Tensor,
+        gp: GenerationParams,
+        ahead: int = 0,
     ) -> tuple[VerifyResult, torch.Tensor, torch.Tensor | None]:
-        """Run the step tail: through a captured graph after a graphed forward, else eagerly.
-        Returns the VerifyResult, the pack (see `_pack`) and the final hidden states [B, H] (or None)."""
-        t = self._verify_inputs(rows, gp)
+        """Run the step tail: through a captured graph after a graphed forward, else eagerly
+        (`ahead`: see `_verify_inputs`). Returns the VerifyResult (graphed: static buffers, valid
+        until the next replay), the pack (see `_pack`) and the final hidden states [B, H] (or None)."""
+        t = self._verify_inputs(rows, gp, ahead)
         for f in self._TREE_FIELDS:
             if getattr(tree, f) is not None:
                 t[f] = getattr(tree, f)
@@ -725,8 +730,11 @@ class Engine:
         for r in rows:
             self.runner.reserve(r.seq_id, ahead + 1)
         tree = self._root_tree(roots)
-        out, _ = self.runner.forward_tree([r.seq_id for r in rows], tree, offset=ahead, reserve=False)
-        tokens = self._verify(rows, tree, out.logits, gp, ahead=ahead).next_tokens
+        out, node_slots = self.runner.forward_tree([r.seq_id for r in rows], tree, offset=ahead, reserve=False)
+        # the step tail's graph (sampled rows: the sampler's few dozen small ops as one replay);
+        # its outputs are static buffers, the next launch reads this step's tokens
+        res, _, _ = self._tail(rows, tree, out, node_slots, gp, ahead=ahead)
+        tokens = res.next_tokens.clone()
         stats.target_forwards += 1
         if tokens.device.type != "cuda":
             return tokens, tokens, None

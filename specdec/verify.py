@@ -319,8 +319,8 @@ def verify(
         None (torch's global generator).
     typical : TypicalParams for mode="typical".
     suppress : [B, N, V] bool or None, tokens banned at each node (EOS before min_new_tokens).
-    fused : walk the tree in one Triton program per row (the same rules; default: on a CUDA device
-        for trees without WOR nodes). Off, the torch walk below is the reference.
+    fused : walk the tree in one Triton program per row (the same rules; default: on a CUDA device).
+        Off, the torch walk below is the reference.
     processors : scores [B, N, V] -> scores, or None: history-dependent logits processors, applied
         with every node's own history (see Engine); part of the target law.
 
@@ -354,10 +354,8 @@ def verify(
         return _verify_typical(tree, p, K, typical or TypicalParams(), final_u)
     coins = uniform(rng, B, N, STREAM_COINS, device=p.device)
     if fused is None:
-        fused = p.is_cuda and not tree.has_wor()
+        fused = p.is_cuda
     if fused:
-        if tree.has_wor():
-            raise ValueError("the fused walk handles POINT and IID nodes; trees with WOR nodes use fused=False")
         from specdec.kernels.tree_sampling import fused_tree_walk
 
         path, last, next_tokens, is_bonus = fused_tree_walk(

@@ -182,22 +182,45 @@ def test_engine_with_kernels_matches_model_generate():
         assert torch.equal(out, ref), type(proposer).__name__
 
 
-@pytest.mark.parametrize("shape", ["chain", "tree"])
+@pytest.mark.parametrize("shape", ["chain", "tree", "wor", "wide-wor"])
 def test_fused_tree_walk_matches_the_torch_walk(shape):
-    """Same coins, same rules: the fused walk makes the reference walk's choices row for row."""
+    """Same coins, same rules: the fused walk makes the reference walk's choices row for row.
+
+    "wor" / "wide-wor": every law mixed among siblings (POINT, IID and WOR, siblings distinct as
+    WOR needs); "wide-wor" has five children per node, so later WOR siblings are tested after
+    several rejections and their q is renormalised without up to four tokens.
+    """
     from specdec.kernels.tree_sampling import fused_tree_walk
     from specdec.verify import _verify_exact
 
-    g = torch.Generator().manual_seed(11 if shape == "chain" else 12)
-    B, V = 96, 40
-    parents = [-1, 0, 1, 2, 3, 4] if shape == "chain" else [-1, 0, 0, 1, 1, 2, 3, 3]
+    seeds = {"chain": 11, "tree": 12, "wor": 14, "wide-wor": 15}
+    g = torch.Generator().manual_seed(seeds[shape])
+    B, V = 256 if shape == "wide-wor" else 96, 40  # wide-wor: enough rows to meet the renormalisation
+    parents = {
+        "chain": [-1, 0, 1, 2, 3, 4],
+        "tree": [-1, 0, 0, 1, 1, 2, 3, 3],
+        "wor": [-1, 0, 0, 0, 1, 1, 2, 3, 3, 3],
+        "wide-wor": [-1, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 2, 2],
+    }[shape]
     N = len(parents)
-    tokens = torch.randint(0, V, (B, N), generator=g)
+    q = torch.softmax(torch.randn(B, N, V, generator=g) * 2, -1)
+    if "wor" in shape:  # siblings share their parent's q, as proposers' trees do
+        q = q[:, [max(j, 0) for j in parents]]
+    # each parent's children: a draw without replacement from its q (Gumbel top-k), so siblings are
+    # distinct and the earlier ones carry much of q's mass (what the renormalisation must remove)
+    order = (q.log() - torch.empty_like(q).exponential_(generator=g).log()).argsort(-1, descending=True)
+    first = [min(j for j in range(N) if parents[j] == parents[i]) for i in range(N)]  # one draw per parent
+    rank = [sum(parents[j] == parents[i] for j in range(1, i)) for i in range(N)]
+    tokens = torch.stack([order[:, first[i], rank[i]] for i in range(N)], 1)
     tree = DraftTree.from_parents(tokens.tolist(), [parents] * B)
     tree.num_nodes = torch.randint(1, N + 1, (B,), generator=g)  # ragged: padding nodes are skipped
-    tree.law = (torch.rand(B, N, generator=g) < 0.5).to(torch.int8)
+    laws = 3 if "wor" in shape else 2
+    tree.law = torch.randint(0, laws, (B, N), generator=g).to(torch.int8)
     tree.law[:, 0] = 0
-    tree.draft_probs = torch.softmax(torch.randn(B, N, V, generator=g) * 2, -1)
+    tree.draft_probs = q
+    if "wor" in shape:
+        tree.validate()
+        assert tree.has_wor()
     p = torch.softmax(torch.randn(B, N, V, generator=g) * 2, -1)
     p[:, :, :3] = 0  # tokens the target never emits
     p = p / p.sum(-1, keepdim=True)
@@ -211,6 +234,14 @@ def test_fused_tree_walk_matches_the_torch_walk(shape):
     assert torch.equal(nxt.cpu(), ref.next_tokens) and torch.equal(bonus.cpu(), ref.is_bonus)
     assert (nxt >= 3).all()
     assert 0 < int(ref.num_accepted.sum()) < B * K  # accepts and rejects both happened
+    if "wor" in shape:  # the case that needs the renormalised q: a WOR node tested after a WOR rejection
+        law, par = tree.law.long(), tree.parents
+        later = [
+            (law[:, i] == Law.WOR) & (law[:, j] == Law.WOR) & (par[:, i] == par[:, j])
+            for i in range(N)
+            for j in range(1, i)
+        ]
+        assert torch.stack(later).any()
 
 
 def test_verify_uses_the_fused_walk_with_the_same_results():

@@ -4,6 +4,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.specdec-installed
+# The checkout's top-level kernels/ (installed as specdec.kernels) would shadow Hugging Face's `kernels`
+# package, which transformers >= 5.25 imports, wherever the working folder is on sys.path (`python -m`
+# puts it there): keep it off for every command and the processes they start (Python >= 3.11).
+export PYTHONSAFEPATH := 1
 
 .PHONY: test test-gpu gpu-site demo lint clean
 

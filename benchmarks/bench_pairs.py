@@ -63,6 +63,27 @@ def _syncs_per_step(call) -> tuple[float, dict[str, int]]:
     return sum(sites.values()) / steps, sites
 
 
+def _profile(path: str, name: str, call) -> None:
+    """Append one call's host cProfile to `path`: the 25 functions with the most own time, then the
+    25 with the most cumulative time (where a step's host time goes, per row)."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    out = call()
+    sync()
+    prof.disable()
+    text = io.StringIO()
+    stats = pstats.Stats(prof, stream=text)
+    stats.sort_stats("tottime").print_stats(25)
+    stats.sort_stats("cumulative").print_stats(25)
+    steps = out.stats.target_forwards
+    with open(path, "a") as f:
+        f.write(f"\n===== {name}: {steps} target forwards, TPOT {out.stats.tpot_ms:.3f} ms =====\n{text.getvalue()}")
+
+
 def _med(rows: list[dict], key: str) -> float:
     values = sorted(r[key] for r in rows)
     return values[len(values) // 2]
@@ -74,7 +95,9 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=10)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--profile", help="write a cProfile (cumulative) of one timed specdec plain call here")
+    ap.add_argument(
+        "--profile", help="append a host cProfile (by own time and cumulative) of one call of every specdec row here"
+    )
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy (outputs compared with plain)")
     ap.add_argument("--only", help="comma-separated parts of row names: run only the rows that contain one")
     ap.add_argument("--no-ablations", action="store_true", help="skip the rows that run steps eagerly")
@@ -195,19 +218,10 @@ def main() -> None:
             )
             if name == "specdec plain":
                 plain_out[i] = out.sequences
-                if args.profile and i == 0:
-                    import cProfile
-                    import pstats
-
-                    prof = cProfile.Profile()
-                    prof.enable()
-                    specdec.generate(target, p, **kw)
-                    sync()
-                    prof.disable()
-                    with open(args.profile, "w") as f:
-                        pstats.Stats(prof, stream=f).sort_stats("cumulative").print_stats(40)
             elif T == 0:
                 identical &= torch.equal(out.sequences, plain_out[i])
+        if args.profile:
+            _profile(args.profile, name, lambda kw=kw: specdec.generate(target, prompts[0], **kw))
         tau = tokens / forwards
         steady = sorted(tpots)[len(tpots) // 2]
         syncs = None

@@ -48,6 +48,31 @@ def test_training_time_test_attends_like_a_drafted_node():
     assert torch.allclose(node[0, 0], h1[0, e], atol=1e-5)
 
 
+@torch.no_grad()
+def test_eagle3_head_starts_as_the_targets_read_out():
+    """With head_from_target, the drafter read out of a hidden state h gives the target's logits of
+    the draft vocabulary for the same h (lm_head rows and final norm copied); without, it does not."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from specdec.training.train import eagle_drafter
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=False,
+    )  # fmt: skip
+    target = LlamaForCausalLM(cfg).eval()
+    target.model.norm.weight.uniform_(0.5, 1.5)  # not the identity, so a missed copy shows
+    seqs = [torch.randint(0, 40, (30,)) for _ in range(4)]
+    h = torch.randn(3, 32)
+    drafter = eagle_drafter(target, 3, seqs, draft_vocab_size=12, aux_layers=[0, 1, 2])
+    ids = drafter.target_ids(torch.arange(12))
+    want = target.lm_head(target.model.norm(h))[:, ids]
+    assert torch.allclose(drafter.logits(h), want, atol=1e-6)
+    cold = eagle_drafter(target, 3, seqs, draft_vocab_size=12, aux_layers=[0, 1, 2], head_from_target=False)
+    assert not torch.allclose(cold.logits(h), want, atol=1e-2)
+
+
 def _train(target_dir, out, *extra):
     cmd = [
         sys.executable,

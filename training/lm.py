@@ -81,6 +81,7 @@ class EagleSpec:
     ttt_steps: int = 3
     step_decay: float = 0.8
     aux_layers: list | None = None  # target layers fused (null: 2, L // 2, L - 3)
+    head_from_target: bool = True  # lm_head / norm start as the target's (draft-vocabulary rows)
 
 
 def device_name(device: torch.device) -> str:
@@ -238,7 +239,7 @@ def run(cfg: DictConfig) -> Path:
         seqs = load_sequences(seq_file)
         e = EagleSpec(**size[name])
         torch.manual_seed(cfg.seed)
-        drafter = eagle_drafter(target, version, seqs, e.draft_vocab_size, e.aux_layers)
+        drafter = eagle_drafter(target, version, seqs, e.draft_vocab_size, e.aux_layers, e.head_from_target)
         texts = held_out_prompts(held_texts, tokenizer, e.eval_prompts, 64)
         evals = [tokenizer(t, return_tensors="pt").input_ids[0] for t in texts]
         ec = EagleTrainConfig(

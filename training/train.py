@@ -30,9 +30,16 @@ HEADS = ("medusa", "eagle", "eagle3")
 
 
 def eagle_drafter(
-    target: torch.nn.Module, version: int, sequences, draft_vocab_size: int = 2048, aux_layers=None
+    target: torch.nn.Module,
+    version: int,
+    sequences,
+    draft_vocab_size: int = 2048,
+    aux_layers=None,
+    head_from_target: bool = True,
 ) -> EagleDrafter:
-    """A fresh drafter shaped like one layer of the target (EAGLE-3: with the data's draft vocabulary)."""
+    """A fresh drafter shaped like one layer of the target (EAGLE-3: with the data's draft vocabulary;
+    with `head_from_target`, its lm_head starts as the target's rows of that vocabulary and its final
+    norm as the target's, rather than at random)."""
     tc = target.config
     V = target.get_output_embeddings().weight.shape[0]
     fields = dict(
@@ -58,7 +65,30 @@ def eagle_drafter(
     drafter = EagleDrafter(LlamaConfig(**fields), version=version)
     if version == 3:
         drafter.set_vocab_map(build_draft_vocab(sequences, V, fields["draft_vocab_size"]))
+        if head_from_target:
+            warm_start_eagle3_head(drafter, target)
     return drafter
+
+
+@torch.no_grad()
+def warm_start_eagle3_head(drafter: EagleDrafter, target: torch.nn.Module) -> None:
+    """Copy the target's lm_head rows of the drafter's draft vocabulary ([Vd, H] of [V, H]) into the
+    drafter's lm_head, and the target's final RMSNorm weight into the drafter's norm (when the target
+    has one of the drafter's width). The drafter's last hidden state is trained to play the part of the
+    target's, so the target's read-out is a start that already ranks tokens the way the target does."""
+    weight = target.get_output_embeddings().weight
+    head = drafter.lm_head.weight
+    if weight.shape[1] != head.shape[1]:
+        raise ValueError(
+            f"the target's lm_head has width {weight.shape[1]}, the drafter's {head.shape[1]}: "
+            "set head_from_target=false for a drafter narrower than its target"
+        )
+    ids = drafter.target_ids(torch.arange(drafter.draft_vocab_size, device=drafter.d2t.device))
+    head.copy_(weight[ids.to(weight.device)].to(device=head.device, dtype=head.dtype))
+    decoder = target.get_decoder() if hasattr(target, "get_decoder") else None
+    norm_weight = getattr(getattr(decoder, "norm", None), "weight", None)
+    if norm_weight is not None and norm_weight.shape == drafter.norm.weight.shape:
+        drafter.norm.weight.copy_(norm_weight.to(drafter.norm.weight))
 
 
 def _optim_fields(cfg: DictConfig) -> dict:
@@ -160,6 +190,7 @@ def run(cfg: DictConfig) -> Path:
             sequences,
             cfg.head.get("draft_vocab_size", 2048),
             cfg.head.get("aux_layers"),
+            bool(cfg.head.get("head_from_target", True)),
         )
         h = cfg.head
         train_cfg = EagleTrainConfig(

@@ -8,7 +8,8 @@
 # Each variant is a quoted list of hydra overrides of size.eagle3 (e.g. "size.eagle3.draft_vocab_size=8192").
 # The corpus and the distilled continuations are made once (stages corpus, distill) and copied to each
 # variant's work folder; the 9.5M target leaves the GPU mostly idle, so the variants run at once.
-# Needs hydra on the path (the device image lacks it: carry the wheels, README "GPU").
+# Needs hydra on the path: the device image lacks it, so carry hydra-core, omegaconf and
+# antlr4-python3-runtime 4.9.3 as wheels (docs/notes.md, 2026-12-06, says how).
 set -euo pipefail
 out=${1:?usage: eagle3_demo_variants.sh OUT "overrides" ...}
 shift

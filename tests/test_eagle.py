@@ -10,8 +10,11 @@ from transformers import LlamaConfig
 
 import specdec
 from specdec import Eagle
+from specdec.engine import GenerationParams
 from specdec.heads.eagle import EagleDrafter, load_eagle
 from specdec.runtime.hf import capture_features, decoder_layers
+from specdec.sampling import SamplingParams
+from specdec.tree import Law
 
 V = 16
 
@@ -268,13 +271,16 @@ def test_from_pretrained_detects_the_version(tmp_path, target):
     )
 
 
+@pytest.mark.parametrize("sampled", [False, True], ids=["topk", "sampled"])
 @pytest.mark.parametrize("version", [1, 3])
-def test_the_captured_drafting_step_drafts_what_the_eager_one_drafts(target, version):
+def test_the_captured_drafting_step_drafts_what_the_eager_one_drafts(target, version, sampled):
     """The function a CUDA graph captures for a drafting step (catch-up over the new entries,
-    written into the drafter's pages through the Triton kernels, then the tree expansion), run
-    eagerly on padded static buffers (GraphedCalls(capture=False): 3 rows in a bucket of 4, the
-    padding row live=False): the same trees at every step as the eager path, after the first
-    catch-up (a prompt: eager in both)."""
+    written into the drafter's pages through the Triton kernels, then the tree expansion: top-k,
+    or children drawn from q with the rows' parameters and RowSeeds counters as graph inputs),
+    run eagerly on padded static buffers (GraphedCalls(capture=False): 3 rows in a bucket of 4,
+    the padding row live=False): the same trees (tokens, parents, laws, q) at every step as the
+    eager path, after the first catch-up (a prompt: eager in both). The batch mixes a greedy row
+    with two sampled rows of different temperatures and top-p."""
     from specdec.runtime.graphs import GraphedCalls
 
     torch.manual_seed(3)
@@ -288,28 +294,42 @@ def test_the_captured_drafting_step_drafts_what_the_eager_one_drafts(target, ver
         class Spy(Eagle):
             def propose(self, ctx):
                 tree = super().propose(ctx)
-                self.trees.append((tree.tokens.tolist(), tree.parents.tolist()))
+                self.trees.append((tree.tokens.tolist(), tree.parents.tolist(), tree.law.tolist(), tree.draft_probs))
                 return tree
 
-            def _propose_graphed(self, ctx, roots):
-                self.graphed.append(ctx.batch_size)
-                return super()._propose_graphed(ctx, roots)
+            def _propose_graphed(self, ctx, roots, sampled=False):
+                self.graphed.append((sampled, not bool(ctx.params.greedy.all())))
+                return super()._propose_graphed(ctx, roots, sampled)
 
         proposer = Spy(make_drafter(version), depth=3, top_k=2, total_tokens=5)
-        proposer.sampled_trees = False  # the captured step drafts top-k trees (sampled ones run eagerly)
+        proposer.sampled_trees = sampled
         proposer.trees, proposer.graphed = trees, graphed
         proposer.graphs = graphs
-        out = specdec.generate(
-            target, ids, mask, proposer=proposer, max_new_tokens=20, do_sample=True, temperature=0.8,
-            seed=torch.tensor([1, 2, 3]), return_dict_in_generate=True,
-        )  # fmt: skip
-        runs.append((out.sequences, trees))
+        engine = specdec.Engine(target, proposer)
+        gp = GenerationParams(
+            max_new_tokens=20,
+            sampling=SamplingParams.make(3, temperature=[0.8, 0.0, 1.3], top_p=[1.0, 1.0, 0.9]),
+            seeds=torch.tensor([1, 2, 3]),
+        )
+        out, _ = engine.run([ids[b][mask[b].bool()] for b in range(3)], gp)
+        runs.append((out, trees))
+        # a sampled tree whenever a sampled row is in the batch (the greedy row may finish last)
+        assert all(g == (sampled and some) for g, some in graphed)
+        assert graphs is False or any(g for g, _ in graphed) == sampled
+        if sampled:  # the sampled rows' trees hold WOR nodes, the greedy row's do not
+            assert any(Law.WOR in law[0] + law[2] and Law.WOR not in law[1] for _, _, law, _ in trees)
         # graphed: every step but the first (a prompt's catch-up) and a last one with nothing to draft
         assert len(graphed) == 0 if graphs is False else len(graphed) >= len(trees) - 2 > 0
         if graphs is not False:
             assert graphs.calls and all(g is None for g, _, _ in graphs.calls.values())
-    assert runs[0][1] == runs[1][1]
-    assert torch.equal(runs[0][0], runs[1][0])
+    assert [t[:3] for t in runs[0][1]] == [t[:3] for t in runs[1][1]]
+    for (*_, q_eager), (*_, q_graphed) in zip(runs[0][1], runs[1][1], strict=True):
+        # q agrees to rounding (CPU matmuls are not bitwise reproducible across buffers)
+        assert (q_eager is None) == (q_graphed is None)
+        if q_eager is not None:
+            torch.testing.assert_close(q_graphed, q_eager, rtol=0, atol=1e-5)
+    assert any(t[3] is not None for t in runs[0][1]) == sampled
+    assert runs[0][0] == runs[1][0]
 
 
 def test_a_mixed_batch_draws_sampled_trees_and_keeps_the_greedy_row_exact(target):

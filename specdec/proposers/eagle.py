@@ -7,9 +7,12 @@ which (the root's) predicts the first draft. Drafted nodes never enter the paged
 live for one proposal, and the accepted ones are recomputed from the target's true features on
 the next catch-up (as in EAGLE), so rejected drafts need no rollback.
 
-Trees (default): EAGLE-2's top-k expansion scored by the drafter's cumulative log-probabilities,
-POINT law (exact verification against the target). Chain mode: argmax drafts for greedy rows and,
-for sampled rows, draws from the drafter's processed q (IID law, verified with that q).
+Trees (default): greedy rows get EAGLE-2's top-k expansion scored by the drafter's cumulative
+log-probabilities (POINT law, exact verification against the target); when a row samples, the
+tree's children are drawn without replacement from the drafter's processed q (WOR law, verified
+with that q), which keeps acceptance at T > 0 (`sampled_trees=False` forces top-k trees). On a
+GPU both kinds of tree are drafted inside one CUDA graph with the catch-up. Chain mode: argmax
+drafts for greedy rows and, for sampled rows, draws from the drafter's processed q (IID law).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from ..runtime.base import AttentionMetadata, TargetModel
 from ..runtime.graphs import GraphedCalls
 from ..runtime.hf import paged_attention
 from ..runtime.metadata import prefill_metadata, slots_of
-from ..sampling import process_logits, uniform
+from ..sampling import RowSeeds, SamplingParams, process_logits, uniform
 from ..tree import DraftTree
 from ..verify import VerifyResult
 from .base import STREAM_DRAFT, Needs, ProposeContext, Proposer, draft_chain, register_proposer
@@ -280,14 +283,15 @@ class Eagle(Proposer):
         if int(ctx.max_drafts.max()) < 1:  # every row emits its last token: nothing to draft
             return DraftTree.chain(roots, torch.zeros(B, 0, dtype=torch.long, device=dev))
         new = [sum(len(f) for f in self.pending[s]) for s in ctx.seq_ids]
+        sampled = self._sampled(ctx)
         if (
             self._graphs is not None
             and not self.chain
-            and not self._sampled(ctx)
+            and (not sampled or self._graphable_sampling(ctx))
             and max(new) <= CATCH_UP_BUCKET
             and all(s in self.bm for s in ctx.seq_ids)
         ):
-            return self._propose_graphed(ctx, roots)
+            return self._propose_graphed(ctx, roots, sampled)
         h_root = self._catch_up(ctx)  # [B, H]
         lengths = [self.bm.num_tokens(s) for s in ctx.seq_ids]
         # graphed: the gathered prefix is padded to a power of two, so a few graphs serve every length
@@ -300,7 +304,7 @@ class Eagle(Proposer):
         }
         if self.chain:
             return self._chain(ctx, inputs, width)
-        if self._sampled(ctx):
+        if sampled:
             return self._sampled_tree(ctx, inputs, width)
         expand = self._expansion(width)
         if self._graphs is None:
@@ -322,10 +326,18 @@ class Eagle(Proposer):
             _has_wor=False,
         )
 
-    def _propose_graphed(self, ctx: ProposeContext, roots: torch.Tensor) -> DraftTree:
+    @staticmethod
+    def _graphable_sampling(ctx: ProposeContext) -> bool:
+        """A sampled tree can be captured when its noise is a function of device tensors (RowSeeds,
+        what the engine passes) and its processing of q has no transformers warper (host code)."""
+        return isinstance(ctx.rng, RowSeeds) and not ctx.params.warpers
+
+    def _propose_graphed(self, ctx: ProposeContext, roots: torch.Tensor, sampled: bool = False) -> DraftTree:
         """Catch-up and tree expansion as one CUDA graph per prefix-width bucket: every row has at
         most CATCH_UP_BUCKET new entries (after a step: the accepted path and the root). The host
-        only reserves the entries' slots, pads them into [B, C] arrays and commits them after."""
+        only reserves the entries' slots, pads them into [B, C] arrays and commits them after.
+        sampled: the expansion draws children from q (`_sampled_tree`), its per-row parameters and
+        RowSeeds counters are inputs of the graph, and one graph serves any mix of temperatures."""
         dev = roots.device
         B, C = ctx.batch_size, CATCH_UP_BUCKET
         seqs = ctx.seq_ids
@@ -354,16 +366,24 @@ class Eagle(Proposer):
             "tables": to_device(self.bm.block_tables(seqs, width=self.bm.blocks_needed(width)), dev),
             "roots": roots,
         }
-        key = ("step", width, C, self.depth, self.top_k, self.total_tokens)
-        out = self._graphs(key, self._catch_up_and_expand(width), B, inputs, {}, owner=self.cache.k)
+        filters = None
+        if sampled:
+            params = ctx.params
+            inputs.update({f: to_device(getattr(params, f), dev) for f in SamplingParams._TENSORS})
+            inputs["seeds"] = to_device(ctx.rng.seeds.to(torch.long), dev)
+            inputs["steps"] = to_device(ctx.rng.step.to(torch.long), dev)
+            filters = params.filters
+        key = ("step", width, C, self.depth, self.top_k, self.total_tokens, filters)
+        out = self._graphs(key, self._catch_up_and_expand(width, filters), B, inputs, {}, owner=self.cache.k)
         for s, h, n in zip(seqs, ctx.histories, done, strict=True):
             self.bm.commit(s, h[n + 1 :].tolist())
-        return self._tree(out, B, dev)
+        return self._sampled_from(out) if sampled else self._tree(out, B, dev)
 
-    def _catch_up_and_expand(self, width: int):
+    def _catch_up_and_expand(self, width: int, filters: tuple[bool, bool, bool] | None = None):
         """The captured step of `_propose_graphed`: the drafter over each row's new entries
         (tokens, feats [B, C(, F)], right-padded to count [B], after done [B] committed ones;
-        their K/V written into the drafter's pages, not in warm-up runs), then `_expansion`."""
+        their K/V written into the drafter's pages, not in warm-up runs), then `_expansion`, or,
+        with the rows' sampling filters, `_sampled_expansion`."""
         bs = self.bm.block_size
         expand = self._expansion(width)
 
@@ -392,7 +412,11 @@ class Eagle(Proposer):
             h = self.drafter(self.embed(tokens), t["feats"], pos, attend, from_target=True)  # [B, C, H]
             last = (count - 1).clamp(min=0)
             h_root = h.gather(1, last[:, None, None].expand(-1, 1, h.shape[-1]))[:, 0]
-            return expand({"h_root": h_root, "roots": t["roots"], "committed": done + count, "tables": tables})
+            u = {"h_root": h_root, "roots": t["roots"], "committed": done + count, "tables": tables}
+            if filters is None:
+                return expand(u)
+            params = SamplingParams(*(t[f] for f in SamplingParams._TENSORS), filters=filters)
+            return self._sampled_expansion(u, width, params, RowSeeds(t["seeds"], t["steps"]))
 
         return run
 
@@ -444,28 +468,37 @@ class Eagle(Proposer):
         """Children drawn without replacement from the drafter's processed q (the rows' own
         temperature / top-k / top-p) at T > 0, top-k at T = 0: `DraftTree.from_sampled_expansion`."""
         dev = t["roots"].device
-        B = ctx.batch_size
-        params = ctx.params.to(dev)
-        first = self.top_k
+        return self._sampled_from(self._sampled_expansion(t, width, ctx.params.to(dev), ctx.rng))
+
+    def _sampled_expansion(self, t: dict[str, torch.Tensor], width: int, params: SamplingParams, rng):
+        """`_sampled_tree` as a function of tensors (root hidden [B, H], roots [B], committed [B],
+        tables [B, W], the rows' parameters, RowSeeds counters or a generator) -> the tree's fields
+        as a dict [B, ...]: captured in the drafting graph when rng is a RowSeeds."""
+        dev = t["roots"].device
+        B = t["roots"].shape[0]
         wide, children = self._sampled_shape()
 
         def noise(level: int, shape: tuple[int, ...]) -> torch.Tensor:
             n = 1
             for x in shape[1:]:
                 n *= x
-            u = uniform(ctx.rng, B, n, STREAM_TREE + level, device=dev) + 2.0**-25  # in (0, 1)
+            u = uniform(rng, B, n, STREAM_TREE + level, device=dev) + 2.0**-25  # in (0, 1)
             return -torch.log(-torch.log(u)).reshape(shape).float()
 
-        def process(logits: torch.Tensor) -> torch.Tensor:
-            rows = logits.shape[1]
-            flat = process_logits(logits.reshape(B * rows, -1), params.select(torch.arange(B).repeat_interleave(rows)))
-            return flat.reshape(logits.shape)
+        def process(logits: torch.Tensor) -> torch.Tensor:  # [B, m, V]: params [B] broadcast per row
+            return process_logits(logits, params)
 
         root_logits = self._to_target_vocab(self._draft_logits(t["h_root"]))
         expand = self._expander(t, width, target_vocab=True)
-        return DraftTree.from_sampled_expansion(
-            t["roots"], root_logits, expand, process, noise, params.greedy, self.depth, first, wide, children
+        tree = DraftTree.from_sampled_expansion(
+            t["roots"], root_logits, expand, process, noise, params.greedy, self.depth, self.top_k, wide, children
         )
+        return {f: getattr(tree, f) for f in ("tokens", "parents", "depth", "num_nodes", "law", "draft_probs")}
+
+    def _sampled_from(self, out: dict[str, torch.Tensor]) -> DraftTree:
+        """A sampled tree from `_sampled_expansion`'s fields (cloned: graphed, they are static
+        buffers that the next proposal overwrites)."""
+        return DraftTree(**{f: x.clone() for f, x in out.items()}, _max_depth=self.depth, _has_wor=True)
 
     def _chain(self, ctx: ProposeContext, t: dict[str, torch.Tensor], width: int) -> DraftTree:
         roots = t["roots"]

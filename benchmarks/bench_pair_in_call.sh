@@ -9,7 +9,7 @@
 # 1. python -m specdec.training.lm size=bench with a shortened schedule (OVERRIDES): corpus,
 #    tokenizer, target, draft, distilled continuations, Medusa heads, an EAGLE-1/2 drafter;
 # 2. benchmarks/bench_pairs.py on that folder: transformers' paths and every specdec proposer on the
-#    same HumanEval prompts, same run (bf16, batch 1, greedy, no eager ablations).
+#    same HumanEval prompts, same run (bf16, batch 1, greedy, no eager ablations); 3. below.
 set -euo pipefail
 out=${1:?usage: bench_pair_in_call.sh OUT_DIR}
 size=${SIZE:-bench}
@@ -21,3 +21,10 @@ python3 -P -m specdec.training.lm size="$size" out="$out/$size" work="$out/work"
   'stages=[corpus,tokenizer,target,draft,distill,medusa,eagle]' $overrides
 SPECDEC_DEMO_DIR="$out/$size" python3 -P "$here/bench_pairs.py" --dtype "${DTYPE:-bfloat16}" --no-ablations \
   --prompts "${PROMPTS:-10}" --new-tokens "${NEW_TOKENS:-128}" --out "$out/pairs_$size.json"
+# 3. at T = 1 (T1=0 skips it): EAGLE's sampled trees against its top-k trees and specdec plain, the
+#    measurement behind the default tree at T > 0 on a pair whose target forward dominates
+if [ "${T1:-1}" != 0 ]; then
+  SPECDEC_DEMO_DIR="$out/$size" python3 -P "$here/bench_pairs.py" --dtype "${DTYPE:-bfloat16}" --no-ablations \
+    --temperature 1 --only "Eagle(6, 10, 60)" --prompts "${PROMPTS:-10}" --new-tokens "${NEW_TOKENS:-128}" \
+    --out "$out/pairs_${size}_t1.json"
+fi

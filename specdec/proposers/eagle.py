@@ -35,7 +35,7 @@ from ..tree import DraftTree
 from ..verify import VerifyResult
 from .base import STREAM_DRAFT, Needs, ProposeContext, Proposer, draft_chain, register_proposer
 
-STREAM_TREE = STREAM_DRAFT + 64  # uniform() streams of the sampled trees' Gumbel noise, one per level
+STREAM_TREE = STREAM_DRAFT + 64  # the uniform() stream of the sampled trees' Gumbel noise (all levels)
 
 
 class _TreeAttend:
@@ -477,13 +477,18 @@ class Eagle(Proposer):
         dev = t["roots"].device
         B = t["roots"].shape[0]
         wide, children = self._sampled_shape()
+        V = int(self.drafter.config.vocab_size)
+        # every level's Gumbel noise in one draw (level 0: [B, 1, V], then [B, wide, V] per level):
+        # one counter hash instead of one per level, ~60 fewer tiny kernels a level on the GPU
+        sizes = [V] + [wide * V] * (self.depth - 1)
+        gumbel = []
 
         def noise(level: int, shape: tuple[int, ...]) -> torch.Tensor:
-            n = 1
-            for x in shape[1:]:
-                n *= x
-            u = uniform(rng, B, n, STREAM_TREE + level, device=dev) + 2.0**-25  # in (0, 1)
-            return -torch.log(-torch.log(u)).reshape(shape).float()
+            if not gumbel:
+                u = uniform(rng, B, sum(sizes), STREAM_TREE, device=dev) + 2.0**-25  # in (0, 1)
+                gumbel.append(-torch.log(-torch.log(u)).float())
+            start = sum(sizes[:level])
+            return gumbel[0][:, start : start + sizes[level]].reshape(shape)
 
         def process(logits: torch.Tensor) -> torch.Tensor:  # [B, m, V]: params [B] broadcast per row
             return process_logits(logits, params)

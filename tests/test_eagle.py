@@ -359,3 +359,18 @@ def test_a_mixed_batch_draws_sampled_trees_and_keeps_the_greedy_row_exact(target
     assert out[0] == plain[0, 9:].tolist()
     wor = [(law == int(Law.WOR)).any(1) for law in laws if law.shape[0] == 3]
     assert wor and all(not w[0] and w[1:].any() for w in wor)
+
+
+def test_a_reused_eagle3_proposer_keeps_the_draft_vocabulary_map_its_graphs_read(target):
+    """A captured drafting step reads the draft -> target id map by address: a second call must
+    not make a new one (it did: the graphs of a reused proposer then indexed freed memory and hit
+    out-of-bounds asserts at T > 0 on the GPU)."""
+    proposer = Eagle(make_drafter(3), depth=2, top_k=2, total_tokens=4)
+    ids = torch.randint(0, V, (1, 7), generator=torch.Generator().manual_seed(4))
+    engine = specdec.Engine(target, proposer)
+    first = None
+    for _ in range(2):
+        specdec.generate(target, ids, engine=engine, max_new_tokens=6, do_sample=True, seed=1)
+        first = first if first is not None else proposer._draft_ids
+        assert proposer._draft_ids is first
+    assert first.tolist() == [0, 1, 2, 3, 5, 8, 9, 11, 12, 15]

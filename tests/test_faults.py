@@ -44,6 +44,11 @@ def _proposer(name: str, model):
         hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, vocab_size=V,
         num_hidden_layers=1,
     )  # fmt: skip
+    if name == "eagle3":  # a draft vocabulary of half the target's, fusing layers 0 / 1 / 1
+        cfg.update(dict(draft_vocab_size=V // 2, eagle_aux_hidden_state_layer_ids=[0, 1, 1]))
+        drafter = EagleDrafter(cfg, version=3).eval()
+        drafter.set_vocab_map(torch.arange(0, V, 2))
+        return Eagle(drafter, depth=2, top_k=2, total_tokens=4)
     return Eagle(EagleDrafter(cfg, version=1).eval(), depth=2, top_k=2, total_tokens=4)
 
 

@@ -181,7 +181,9 @@ class Eagle(Proposer):
         d.to(device=param.device, dtype=param.dtype).eval()
         self.embed = d.embed_tokens if d.embed_tokens is not None else model.get_input_embeddings()
         self.lm_head = model.get_output_embeddings()
-        if d.version == 3:
+        if d.version == 3 and (self._draft_ids is None or self._draft_ids.device != param.device):
+            # made once: a captured drafting step reads it (a new tensor each call left the graphs
+            # of a reused proposer indexing freed memory: out-of-bounds asserts at T > 0 on the GPU)
             self._draft_ids = d.target_ids(torch.arange(d.draft_vocab_size, device=param.device))
         self.kernels = param.device.type == "cuda"
         if isinstance(self.graphs, GraphedCalls):

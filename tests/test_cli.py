@@ -108,13 +108,8 @@ def test_profile_each_prompt_format(zoo, tmp_path, fmt, extra):
     assert r["num_prompts"] == {"sb.jsonl": 2, "he.jsonl.gz": 1, "lines.txt": 1}[fmt]
     if fmt == "sb.jsonl":
         assert set(r["per_category"]) == {"coding"}
-    pngs = (
-        "acceptance_by_depth.png",
-        "tau_per_prompt.png",
-        "tokens_per_s_per_prompt.png",
-        "speedup_vs_acceptance.png",
-        "accepted_length_histogram.png",
-    )
+    pngs = ("acceptance_by_depth.png", "tau_per_prompt.png", "tokens_per_s_per_prompt.png", "speedup_vs_acceptance.png",
+            "accepted_length_histogram.png")
     for png in pngs:
         assert (out / png).stat().st_size > 1000
     assert (out / "speedup_per_category.png").exists() == (len(r["per_category"]) > 1)  # no one-bar chart
@@ -342,28 +337,12 @@ PROFILE = ["profile", "--target", "{t}", "--proposer", "ngram", "--prompts", "{z
         (PROFILE[:-1] + ["{b}/readonly/out/sub"], "cannot write there"),
         (["generate", "--target", "{b}/truncated", "--prompt", "x"], "cannot load the model"),
         (["generate", "--target", "{b}/noweights", "--prompt", "x"], "cannot load the model"),
-        (
-            [
-                "generate",
-                "--target",
-                "{t}",
-                "--prompt",
-                "x",
-                "--proposer",
-                "medusa",
-                "--heads",
-                "{t}",
-                "--tree",
-                "{b}/tree.json",
-            ],
-            "expected a list of choices",
-        ),  # fmt: skip
+        (["generate", "--target", "{t}", "--prompt", "x", "--proposer", "medusa", "--heads", "{t}", "--tree",
+          "{b}/tree.json"], "expected a list of choices"),  # fmt: skip
         (PROFILE[:6] + ["{b}/noturns.jsonl", "--out", "{o}"], "'turns' must be a non-empty list"),
         (PROFILE[:6] + ["{b}/plain.jsonl.gz", "--out", "{o}"], "cannot read prompts"),
-        (
-            ["tune", "--target", "{t}", "--heads", "{t}", "--report", "{b}/report.json", "--out", "{o}/t.json"],
-            "has no step_ms.draft",
-        ),  # fmt: skip
+        (["tune", "--target", "{t}", "--heads", "{t}", "--report", "{b}/report.json", "--out", "{o}/t.json"],
+         "has no step_ms.draft"),  # fmt: skip
         (["generate", "--target", "{t}", "--prompt", "x", "--device", "cuda:7"], "--device cuda:7"),
         (["generate", "--target", "{t}", "--prompt", "x", "--device", "tpu"], "not a device name"),
         (["kv-size", "--config", "{b}/config.json", "--seq-len", "8"], "lacks num_attention_heads"),

@@ -483,14 +483,12 @@ class Eagle(Proposer):
         # every level's Gumbel noise in one draw (level 0: [B, 1, V], then [B, wide, V] per level):
         # one counter hash instead of one per level, ~60 fewer tiny kernels a level on the GPU
         sizes = [V] + [wide * V] * (self.depth - 1)
-        gumbel = []
+        u = uniform(rng, B, sum(sizes), STREAM_TREE, device=dev) + 2.0**-25  # [B, sum(sizes)] in (0, 1)
+        gumbel = -torch.log(-torch.log(u)).float()
 
         def noise(level: int, shape: tuple[int, ...]) -> torch.Tensor:
-            if not gumbel:
-                u = uniform(rng, B, sum(sizes), STREAM_TREE, device=dev) + 2.0**-25  # in (0, 1)
-                gumbel.append(-torch.log(-torch.log(u)).float())
             start = sum(sizes[:level])
-            return gumbel[0][:, start : start + sizes[level]].reshape(shape)
+            return gumbel[:, start : start + sizes[level]].reshape(shape)
 
         def process(logits: torch.Tensor) -> torch.Tensor:  # [B, m, V]: params [B] broadcast per row
             return process_logits(logits, params)

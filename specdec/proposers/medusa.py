@@ -209,15 +209,12 @@ class Medusa(Proposer):
             sibling.append(seen.get(p, 0))
             seen[p] = seen.get(p, 0) + 1
         long = dict(dtype=torch.long, device=dev)
-        self._plan_key, self._plan = (
-            key,
-            {
-                "slot": torch.tensor([slot.get(p, 0) for p in parent], **long),
-                "sibling": torch.tensor(sibling, **long),  # the root's 0: it draws nothing
-                "holder_depth": torch.tensor([depth[p] for p in holders], **long),
-                "draws": max(seen[p] for p in holders),
-            },
-        )
+        self._plan_key, self._plan = key, {
+            "slot": torch.tensor([slot.get(p, 0) for p in parent], **long),
+            "sibling": torch.tensor(sibling, **long),  # the root's 0: it draws nothing
+            "holder_depth": torch.tensor([depth[p] for p in holders], **long),
+            "draws": max(seen[p] for p in holders),
+        }
         return self._plan
 
     def _sampled(self, ctx: ProposeContext, tree: DraftTree, logits: torch.Tensor) -> DraftTree:

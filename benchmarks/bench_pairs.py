@@ -84,6 +84,52 @@ def _profile(path: str, name: str, call) -> None:
         f.write(f"\n===== {name}: {steps} target forwards, TPOT {out.stats.tpot_ms:.3f} ms =====\n{text.getvalue()}")
 
 
+def _trace(folder: str, name: str, call) -> dict:
+    """One call under torch.profiler: where a step's wall time goes. Returns kernels per step, the
+    device's busy time per step (the union of kernel intervals: graph replays included, CUPTI
+    records their kernels) and the wall time per step; the rest is exposed host time (the device
+    idle, waiting for launches or for the host's bookkeeping). Writes the kernel table sorted by
+    device time and the gzipped Chrome trace of the call into `folder`."""
+    import tempfile
+
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        t0 = sync()
+        out = call()
+        wall = sync() - t0
+    steps = max(out.stats.target_forwards, 1)
+    slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        events = json.load(open(f.name))["traceEvents"]
+    with gzip.open(Path(folder) / f"{slug}.trace.json.gz", "wt") as g:
+        json.dump({"traceEvents": events}, g)
+    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") == "kernel" and "dur" in e)
+    busy, end = 0.0, float("-inf")
+    for a, b in spans:  # union of kernel intervals (us)
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    runtime = [e.get("name", "") for e in events if e.get("cat") == "cuda_runtime"]
+    table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=40)
+    summary = {
+        "kernels_per_step": len(spans) / steps,
+        "device_busy_ms_per_step": busy / 1e3 / steps,
+        "wall_ms_per_step": 1e3 * wall / steps,
+        "graph_launches_per_step": sum("GraphLaunch" in n for n in runtime) / steps,
+        "eager_launches_per_step": sum("LaunchKernel" in n for n in runtime) / steps,
+        "memcpy_calls_per_step": sum("Memcpy" in n for n in runtime) / steps,
+        "syncs_per_step": sum("Synchronize" in n for n in runtime) / steps,
+        "target_forwards": steps,
+        "tau": out.stats.generated_tokens / steps,
+    }
+    summary["exposed_host_ms_per_step"] = summary["wall_ms_per_step"] - summary["device_busy_ms_per_step"]
+    head = "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items())
+    (Path(folder) / f"{slug}.kernels.txt").write_text(f"{name}\n{head}\n\n{table}\n")
+    return summary
+
+
 def _med(rows: list[dict], key: str) -> float:
     values = sorted(r[key] for r in rows)
     return values[len(values) // 2]
@@ -100,6 +146,11 @@ def main() -> None:
     )
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy (outputs compared with plain)")
     ap.add_argument("--only", help="comma-separated parts of row names: run only the rows that contain one")
+    ap.add_argument(
+        "--trace",
+        help="a folder: one call of every specdec row under torch.profiler (kernels per step, "
+        "device busy vs wall time per step, kernel table, Chrome trace)",
+    )
     ap.add_argument("--no-ablations", action="store_true", help="skip the rows that run steps eagerly")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -222,6 +273,10 @@ def main() -> None:
                 identical &= torch.equal(out.sequences, plain_out[i])
         if args.profile:
             _profile(args.profile, name, lambda kw=kw: specdec.generate(target, prompts[0], **kw))
+        trace = None
+        if args.trace and dev.type == "cuda":
+            trace = _trace(args.trace, name, lambda kw=kw: specdec.generate(target, prompts[0], **kw))
+            print(f"{name:42s} trace: {trace}", flush=True)
         tau = tokens / forwards
         steady = sorted(tpots)[len(tpots) // 2]
         syncs = None
@@ -237,6 +292,7 @@ def main() -> None:
             "worst_call_vs_median_tpot": max(tpots) / steady,
             "calls": calls,
             "host_syncs_per_step": syncs,
+            "trace": trace,
         }
         res["rows"].append(row)
         print(

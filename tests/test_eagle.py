@@ -271,16 +271,18 @@ def test_from_pretrained_detects_the_version(tmp_path, target):
     )
 
 
-@pytest.mark.parametrize("sampled", [False, True], ids=["topk", "sampled"])
+@pytest.mark.parametrize("mode", ["topk", "sampled", "chain"])
 @pytest.mark.parametrize("version", [1, 3])
-def test_the_captured_drafting_step_drafts_what_the_eager_one_drafts(target, version, sampled):
+def test_the_captured_drafting_step_drafts_what_the_eager_one_drafts(target, version, mode):
     """The function a CUDA graph captures for a drafting step (catch-up over the new entries,
     written into the drafter's pages through the Triton kernels, then the tree expansion: top-k,
-    or children drawn from q with the rows' parameters and RowSeeds counters as graph inputs),
-    run eagerly on padded static buffers (GraphedCalls(capture=False): 3 rows in a bucket of 4,
-    the padding row live=False): the same trees (tokens, parents, laws, q) at every step as the
-    eager path, after the first catch-up (a prompt: eager in both). The batch mixes a greedy row
-    with two sampled rows of different temperatures and top-p."""
+    or children drawn from q with the rows' parameters and RowSeeds counters as graph inputs, or a
+    chain: argmax for the greedy row, draws from q for the sampled rows), run eagerly on padded
+    static buffers (GraphedCalls(capture=False): 3 rows in a bucket of 4, the padding row
+    live=False): the same trees (tokens, parents, laws, q) at every step as the eager path, after
+    the first catch-up (a prompt: eager in both). The batch mixes a greedy row with two sampled
+    rows of different temperatures and top-p."""
+    sampled, chain = mode == "sampled", mode == "chain"
     from specdec.runtime.graphs import GraphedCalls
 
     torch.manual_seed(3)
@@ -301,7 +303,8 @@ def test_the_captured_drafting_step_drafts_what_the_eager_one_drafts(target, ver
                 self.graphed.append((sampled, not bool(ctx.params.greedy.all())))
                 return super()._propose_graphed(ctx, roots, sampled)
 
-        proposer = Spy(make_drafter(version), depth=3, top_k=2, total_tokens=5)
+        shape = dict(chain=True) if chain else dict(top_k=2, total_tokens=5)
+        proposer = Spy(make_drafter(version), depth=3, **shape)
         proposer.sampled_trees = sampled
         proposer.trees, proposer.graphed = trees, graphed
         proposer.graphs = graphs
@@ -318,6 +321,8 @@ def test_the_captured_drafting_step_drafts_what_the_eager_one_drafts(target, ver
         assert graphs is False or any(g for g, _ in graphed) == sampled
         if sampled:  # the sampled rows' trees hold WOR nodes, the greedy row's do not
             assert any(Law.WOR in law[0] + law[2] and Law.WOR not in law[1] for _, _, law, _ in trees)
+        if chain:  # the sampled rows' chains are drawn from q (IID), the greedy row's are argmax
+            assert any(Law.IID in law[0] + law[2] and Law.IID not in law[1] for _, _, law, _ in trees)
         # graphed: every step but the first (a prompt's catch-up) and a last one with nothing to draft
         assert len(graphed) == 0 if graphs is False else len(graphed) >= len(trees) - 2 > 0
         if graphs is not False:
@@ -328,7 +333,7 @@ def test_the_captured_drafting_step_drafts_what_the_eager_one_drafts(target, ver
         assert (q_eager is None) == (q_graphed is None)
         if q_eager is not None:
             torch.testing.assert_close(q_graphed, q_eager, rtol=0, atol=1e-5)
-    assert any(t[3] is not None for t in runs[0][1]) == sampled
+    assert any(t[3] is not None for t in runs[0][1]) == (sampled or chain)
     assert runs[0][0] == runs[1][0]
 
 

@@ -49,6 +49,8 @@ def _proposer(name: str, model):
         drafter = EagleDrafter(cfg, version=3).eval()
         drafter.set_vocab_map(torch.arange(0, V, 2))
         return Eagle(drafter, depth=2, top_k=2, total_tokens=4)
+    if name == "eagle-chain":
+        return Eagle(EagleDrafter(cfg, version=1).eval(), depth=3, chain=True)
     return Eagle(EagleDrafter(cfg, version=1).eval(), depth=2, top_k=2, total_tokens=4)
 
 

@@ -110,7 +110,7 @@ def test_a_reused_engine_keeps_its_pool_and_graphs_for_longer_prompts(name):
         seen = now
 
 
-@pytest.mark.parametrize("name", ["ngram", "draft", "medusa", "eagle", "eagle3"])
+@pytest.mark.parametrize("name", ["ngram", "draft", "medusa", "eagle", "eagle3", "eagle-chain"])
 def test_the_step_tail_graphs_draw_what_the_eager_tail_draws(name):
     """The step tail (verify, K/V moves, read-back pack), EAGLE's tree expansion and the draft
     model's chain replayed from their graphs give the tokens and counts of the eager ones: a
@@ -131,8 +131,8 @@ def test_the_step_tail_graphs_draw_what_the_eager_tail_draws(name):
         proposer = _proposer(name, model)
         if name == "draft":
             proposer = DraftModel(noisy_copy(model, 0.05).cuda(), num_tokens=3)
-        if name in ("eagle", "eagle3", "draft"):
-            proposer.graphs = graphs  # EAGLE's tree expansion, the draft model's chain
+        if name in ("eagle", "eagle3", "eagle-chain", "draft"):
+            proposer.graphs = graphs  # EAGLE's drafting step (tree or chain), the draft model's chain
         engine = specdec.Engine(model, proposer)
         engine.tail_graphs = graphs
         out, stats = engine.run(prompts, gp)

@@ -31,9 +31,9 @@ from ..runtime.graphs import GraphedCalls
 from ..runtime.hf import paged_attention
 from ..runtime.metadata import prefill_metadata, slots_of
 from ..sampling import RowSeeds, SamplingParams, process_logits, uniform
-from ..tree import DraftTree
+from ..tree import DraftTree, Law
 from ..verify import VerifyResult
-from .base import STREAM_DRAFT, Needs, ProposeContext, Proposer, draft_chain, register_proposer
+from .base import STREAM_DRAFT, Needs, ProposeContext, Proposer, chain_draws, register_proposer
 
 STREAM_TREE = STREAM_DRAFT + 64  # the uniform() stream of the sampled trees' Gumbel noise (all levels)
 
@@ -286,10 +286,10 @@ class Eagle(Proposer):
             return DraftTree.chain(roots, torch.zeros(B, 0, dtype=torch.long, device=dev))
         new = [sum(len(f) for f in self.pending[s]) for s in ctx.seq_ids]
         sampled = self._sampled(ctx)
+        draws = sampled or (self.chain and not bool(ctx.params.greedy.all()))  # host parameters: no sync
         if (
             self._graphs is not None
-            and not self.chain
-            and (not sampled or self._graphable_sampling(ctx))
+            and (not draws or self._graphable_sampling(ctx))
             and max(new) <= CATCH_UP_BUCKET
             and all(s in self.bm for s in ctx.seq_ids)
         ):
@@ -368,24 +368,35 @@ class Eagle(Proposer):
             "tables": to_device(self.bm.block_tables(seqs, width=self.bm.blocks_needed(width)), dev),
             "roots": roots,
         }
-        filters = None
-        if sampled:
+        filters, chain = None, None
+        if self.chain:  # (drafts, all greedy): greedy batches draw no coins
+            chain = (int(min(self.depth, int(ctx.max_drafts.max()))), bool(ctx.params.greedy.all()))
+        if sampled or chain is not None:
             params = ctx.params
+            rng = ctx.rng if isinstance(ctx.rng, RowSeeds) else RowSeeds(torch.zeros(B), torch.zeros(B))  # greedy
             inputs.update({f: to_device(getattr(params, f), dev) for f in SamplingParams._TENSORS})
-            inputs["seeds"] = to_device(ctx.rng.seeds.to(torch.long), dev)
-            inputs["steps"] = to_device(ctx.rng.step.to(torch.long), dev)
+            inputs["seeds"] = to_device(rng.seeds.to(torch.long), dev)
+            inputs["steps"] = to_device(rng.step.to(torch.long), dev)
             filters = params.filters
-        key = ("step", width, C, self.depth, self.top_k, self.total_tokens, filters)
-        out = self._graphs(key, self._catch_up_and_expand(width, filters), B, inputs, {}, owner=self.cache.k)
+        key = ("step", width, C, self.depth, self.top_k, self.total_tokens, filters, chain)
+        fn = self._catch_up_and_expand(width, filters, chain)
+        out = self._graphs(key, fn, B, inputs, {}, owner=self.cache.k)
         for s, h, n in zip(seqs, ctx.histories, done, strict=True):
             self.bm.commit(s, h[n + 1 :].tolist())
+        if chain is not None:
+            law = torch.where(to_device(ctx.params.greedy, dev), int(Law.POINT), int(Law.IID))
+            num = to_device(ctx.max_drafts, dev).clamp(max=chain[0])
+            return DraftTree.chain(roots, out["drafts"].clone(), law, out["q"].clone(), num_drafts=num)
         return self._sampled_from(out) if sampled else self._tree(out, B, dev)
 
-    def _catch_up_and_expand(self, width: int, filters: tuple[bool, bool, bool] | None = None):
+    def _catch_up_and_expand(
+        self, width: int, filters: tuple[bool, bool, bool] | None = None, chain: tuple[int, bool] | None = None
+    ):
         """The captured step of `_propose_graphed`: the drafter over each row's new entries
         (tokens, feats [B, C(, F)], right-padded to count [B], after done [B] committed ones;
         their K/V written into the drafter's pages, not in warm-up runs), then `_expansion`, or,
-        with the rows' sampling filters, `_sampled_expansion`."""
+        with the rows' sampling filters, `_sampled_expansion`, or, chain = (drafts, all greedy),
+        `_chain_drafts` (-> drafts [B, K], q [B, K, V])."""
         bs = self.bm.block_size
         expand = self._expansion(width)
 
@@ -418,7 +429,11 @@ class Eagle(Proposer):
             if filters is None:
                 return expand(u)
             params = SamplingParams(*(t[f] for f in SamplingParams._TENSORS), filters=filters)
-            return self._sampled_expansion(u, width, params, RowSeeds(t["seeds"], t["steps"]))
+            rng = RowSeeds(t["seeds"], t["steps"])
+            if chain is not None:
+                drafts, q, _ = self._chain_drafts(u, width, chain[0], params, chain[1], rng)
+                return {"drafts": drafts, "q": q}
+            return self._sampled_expansion(u, width, params, rng)
 
         return run
 
@@ -506,13 +521,25 @@ class Eagle(Proposer):
         return DraftTree(**{f: x.clone() for f, x in out.items()}, _max_depth=self.depth, _has_wor=True)
 
     def _chain(self, ctx: ProposeContext, t: dict[str, torch.Tensor], width: int) -> DraftTree:
-        roots = t["roots"]
-        dev = roots.device
-        B = ctx.batch_size
+        """The eager chain (no graphs, or a step the graph cannot take)."""
+        dev = t["roots"].device
         K = int(min(self.depth, int(ctx.max_drafts.max())))
+        all_greedy = bool(ctx.params.greedy.all())  # host parameters: no sync
+        drafts, q, law = self._chain_drafts(t, width, K, ctx.params.to(dev), all_greedy, ctx.rng)
+        num = to_device(ctx.max_drafts, dev).clamp(max=K)
+        return DraftTree.chain(t["roots"], drafts, law, q, num_drafts=num)
+
+    def _chain_drafts(
+        self, t: dict[str, torch.Tensor], width: int, K: int, params: SamplingParams, all_greedy: bool, rng
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """K chained drafts from the root hidden state (t as in `_expansion`; parameters on the
+        device): `chain_draws`' drafts [B, K], q [B, K, V] and law [B]; no host read (captured in the
+        drafting graph when rng is a RowSeeds)."""
+        h_root = t["h_root"]
+        dev, B = h_root.device, h_root.shape[0]
         attend = self._tree_attend(t["tables"], t["committed"], width)
         root_pos = t["committed"] - 1
-        state = {"h": t["h_root"]}
+        state = {"h": h_root}
 
         def advance(j: int, tok: torch.Tensor) -> torch.Tensor:
             mask = torch.ones(B, 1, j + 1, dtype=torch.bool, device=dev)  # every earlier draft + itself
@@ -521,6 +548,5 @@ class Eagle(Proposer):
             state["h"] = h[:, 0]
             return self._to_target_vocab(self._draft_logits(state["h"]))
 
-        drafts, q, law = draft_chain(self._to_target_vocab(self._draft_logits(state["h"])), K, ctx, advance)
-        num = to_device(ctx.max_drafts, dev).clamp(max=K)
-        return DraftTree.chain(roots, drafts, law, q, num_drafts=num)
+        first = self._to_target_vocab(self._draft_logits(h_root))
+        return chain_draws(first, K, params, all_greedy, rng, advance)

@@ -367,6 +367,7 @@ class DraftTree:
         root_tokens: torch.Tensor,
         candidates: torch.Tensor,
         choices: Sequence[Sequence[int]],
+        keep: list | None = None,
     ) -> DraftTree:
         """A static tree from Medusa-style choices: paths of top-k ranks, one list per node.
 
@@ -376,6 +377,9 @@ class DraftTree:
         candidates : [B, K, k] long; candidates[b, d, r] = rank-r token proposed for depth d + 1
             (Medusa head d's top-k).
         choices : e.g. [(0,), (1,), (0, 0), (0, 1)]; every prefix of a choice must be a choice too.
+        keep : a list that receives the structure tensors the result was built from (cached per
+            tree shape and device): a CUDA graph that captures this call reads them at every replay,
+            so its owner keeps them (the cache may drop them).
 
         Returns
         -------
@@ -409,7 +413,10 @@ class DraftTree:
             depths.append(len(c))
         dev = candidates.device
         N = len(paths) + 1
-        depth, flat_index, parent = _choice_structure(tuple(depths), tuple(ranks), tuple(parents), k, dev)
+        structure = _choice_structure(tuple(depths), tuple(ranks), tuple(parents), k, dev)
+        if keep is not None and all(x is not structure for x in keep):
+            keep.append(structure)
+        depth, flat_index, parent = structure
         gathered = candidates.reshape(B, K * k)[:, flat_index]
         tokens = torch.where(depth == 0, root_tokens[:, None], gathered)
         return cls(

@@ -131,8 +131,8 @@ def test_the_step_tail_graphs_draw_what_the_eager_tail_draws(name):
         proposer = _proposer(name, model)
         if name == "draft":
             proposer = DraftModel(noisy_copy(model, 0.05).cuda(), num_tokens=3)
-        if name in ("eagle", "eagle3", "eagle-chain", "draft"):
-            proposer.graphs = graphs  # EAGLE's drafting step (tree or chain), the draft model's chain
+        if name in ("medusa", "eagle", "eagle3", "eagle-chain", "draft"):
+            proposer.graphs = graphs  # the captured proposal: Medusa, EAGLE (tree or chain), the draft model
         engine = specdec.Engine(model, proposer)
         engine.tail_graphs = graphs
         out, stats = engine.run(prompts, gp)

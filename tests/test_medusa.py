@@ -226,3 +226,59 @@ def test_a_truncated_checkpoint_is_an_error_naming_the_file(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="config.json is not valid JSON"):
         load_medusa(tmp_path, H, V)
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["topk", "sampled"])
+def test_the_captured_proposal_drafts_what_the_eager_one_drafts(sampled):
+    """The function a CUDA graph captures for Medusa's proposal (heads, top-k, tree, and for the
+    sampled rows the draws from each head's q with the rows' parameters and RowSeeds counters as
+    graph inputs), run eagerly on padded static buffers (GraphedCalls(capture=False): 3 rows in a
+    bucket of 4): the same trees (tokens, parents, laws, q) at every step as the eager proposal,
+    already padded to the node bucket; the same outputs and the same per-choice counts. The batch
+    mixes a greedy row with two sampled rows of different temperatures and top-p."""
+    from specdec.engine import GenerationParams
+    from specdec.runtime.graphs import GraphedCalls
+    from specdec.sampling import SamplingParams
+    from specdec.tree import Law, node_bucket
+
+    model = tiny("llama", vocab=V, eos_token_id=None)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, V, (n,), generator=g) for n in (7, 12, 5)]
+    runs = []
+    for graphs in (False, GraphedCalls(capture=False)):
+        trees = []
+
+        class Spy(Medusa):
+            def propose(self, ctx):
+                tree = super().propose(ctx)
+                self.trees.append((tree.tokens.tolist(), tree.parents.tolist(), tree.law.tolist(), tree.draft_probs))
+                return tree
+
+        proposer = Spy(_heads(), tree=10)
+        proposer.trees = trees
+        proposer.sampled_trees = sampled
+        proposer.graphs = graphs
+        gp = GenerationParams(
+            max_new_tokens=16,
+            sampling=SamplingParams.make(3, temperature=[0.8, 0.0, 1.3], top_p=[1.0, 1.0, 0.9]),
+            seeds=torch.tensor([1, 2, 3]),
+        )
+        out, stats = specdec.Engine(model, proposer).run(prompts, gp)
+        runs.append((out, trees, dict(proposer.path_stats)))
+        if graphs is not False:
+            assert graphs.calls and all(g is None for g, _, _ in graphs.calls.values())
+            assert all(len(t[0][0]) == node_bucket(11) for t in trees)  # padded inside the captured call
+        if sampled:  # the sampled rows' trees hold WOR nodes, the greedy row's do not
+            assert any(Law.WOR in law[0] + law[2] and Law.WOR not in law[1] for _, _, law, _ in trees)
+        assert sum(o for o, _ in proposer.path_stats.values()) > 0
+    eager, graphed = runs
+    assert len(eager[1]) == len(graphed[1]) > 0
+    for a, b in zip(eager[1], graphed[1], strict=True):
+        n = len(a[0][0])  # the eager tree's width; the captured one is padded further
+        assert [r[:n] for r in b[0]] == a[0] and [r[:n] for r in b[1]] == a[1] and [r[:n] for r in b[2]] == a[2]
+        assert all(x == -1 for r in b[1] for x in r[n:])
+        assert (a[3] is None) == (b[3] is None), (a[3], b[3])
+        if a[3] is not None:
+            torch.testing.assert_close(b[3][:, :n], a[3], rtol=0, atol=1e-6)
+    assert any(t[3] is not None for t in eager[1]) == sampled
+    assert eager[0] == graphed[0] and eager[2] == graphed[2]

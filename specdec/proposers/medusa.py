@@ -15,8 +15,9 @@ from ..devices import to_device
 from ..heads.medusa import MedusaHeads, load_medusa
 from ..hub import resolve
 from ..runtime.base import TargetModel
-from ..sampling import process_logits, uniform
-from ..tree import DraftTree, Law
+from ..runtime.graphs import GraphedCalls
+from ..sampling import RowSeeds, SamplingParams, process_logits, uniform
+from ..tree import DraftTree, Law, node_bucket
 from ..validation import is_int, require_int
 from .base import STREAM_DRAFT, Needs, ProposeContext, Proposer, register_proposer
 
@@ -98,8 +99,15 @@ class Medusa(Proposer):
         self.heads, self.path = heads, path
         self._tree = tree
         self.choices: list[tuple[int, ...]] | None = None
-        self.path_stats: dict[tuple[int, ...], tuple[int, int]] = {}  # choice -> (offered, accepted)
+        self._path_stats: dict[tuple[int, ...], tuple[int, int]] = {}  # choice -> (offered, accepted)
+        self._counts: torch.Tensor | None = None  # [2, N - 1] offered / accepted per node, on the device
         self.lm_head = None
+        # capture the proposal (heads, top-k, tree, sampled draws) on a CUDA device (settable: False
+        # runs it eagerly; a GraphedCalls instance is used as it is, on any device: the CPU tests
+        # pass one with capture=False)
+        self.graphs: bool | GraphedCalls = True
+        self._graphs: GraphedCalls | None = None
+        self._held: dict[tuple, list] = {}  # per graph key: the tensors its graph reads, kept alive
         # trees of sampled rows: True / None (default) draw the children from each head's q without
         # replacement (exact, keeps acceptance at T > 0); False keeps top-k trees at every temperature
         self.sampled_trees: bool | None = None
@@ -159,39 +167,100 @@ class Medusa(Proposer):
             )
         param = next(model.parameters())
         self.heads.to(device=param.device, dtype=param.dtype).eval()
-        self.lm_head = model.get_output_embeddings()
+        lm_head = model.get_output_embeddings()
+        if isinstance(self.graphs, GraphedCalls):
+            self._graphs = self.graphs
+        elif param.device.type == "cuda" and self.graphs:
+            # graphs hold the weights' addresses: another target (or a moved one) gets new graphs
+            if self._graphs is None or lm_head is not self.lm_head:
+                self._graphs, self._held = GraphedCalls(), {}
+        else:
+            self._graphs = None
+        self.lm_head = lm_head
+
+    @property
+    def path_stats(self) -> dict[tuple[int, ...], tuple[int, int]]:
+        """choice -> (offered, accepted): how often each node of the tree had its parent accepted
+        and was accepted itself, the measured per-depth / per-rank acceptance that `specdec tune`
+        builds trees from (counted on the device at every step, read here)."""
+        if self._counts is not None:
+            counts = self._counts.tolist()
+            self._counts = None
+            for i, choice in enumerate(self.choices):
+                o, a = self._path_stats.get(choice, (0, 0))
+                self._path_stats[choice] = (o + counts[0][i], a + counts[1][i])
+        return self._path_stats
 
     def update(self, ctx: ProposeContext, tree: DraftTree, result, features=None) -> None:
-        """Count, per choice, how often it was offered (its parent accepted) and accepted: the
-        measured per-depth / per-rank acceptance that `specdec tune` builds trees from."""
+        """Count, per choice, how often it was offered (its parent accepted) and accepted, on the
+        device (no host read a step): `path_stats`."""
         B, N = tree.tokens.shape
         on_path = torch.zeros(B, N + 1, dtype=torch.bool, device=tree.device)
         on_path.scatter_(1, torch.where(result.accepted_indices >= 0, result.accepted_indices, N), True)
         on_path[:, 0] = True
         offered = on_path.gather(1, tree.parents.clamp(min=0)) & tree.valid()
-        counts = torch.stack([offered[:, 1:].sum(0), on_path[:, 1:N].sum(0)]).tolist()
-        for i, choice in enumerate(self.choices):
-            o, a = self.path_stats.get(choice, (0, 0))
-            self.path_stats[choice] = (o + counts[0][i], a + counts[1][i])
+        n = len(self.choices)
+        counts = torch.stack([offered[:, 1 : n + 1].sum(0), on_path[:, 1 : n + 1].sum(0)])  # [2, n]
+        self._counts = counts if self._counts is None else self._counts + counts
 
     @torch.inference_mode()
     def propose(self, ctx: ProposeContext) -> DraftTree:
         if ctx.hidden is None:
             raise RuntimeError("Medusa needs the target's last hidden state (the engine provides it)")
+        dev = ctx.hidden.device
+        roots = to_device(ctx.roots(), dev)
+        sampled = self.sampled_trees is not False and not bool(ctx.params.greedy.all())  # host parameters: no sync
+        if self._graphs is not None and (not sampled or (isinstance(ctx.rng, RowSeeds) and not ctx.params.warpers)):
+            return self._propose_graphed(ctx, roots, sampled)
         logits = self.heads(ctx.hidden, self.lm_head)  # [B, K, V]
         candidates = logits.topk(self.top_k, dim=-1).indices  # [B, K, top_k]
-        roots = to_device(ctx.roots(), candidates.device)
         tree = DraftTree.from_choices(roots, candidates, self.choices)
-        if self.sampled_trees is False or bool(ctx.params.greedy.all()):  # host parameters: no sync
+        if not sampled:
             return tree
-        return self._sampled(ctx, tree, logits)
+        return self._sampled(tree, logits, ctx.params.to(dev), ctx.rng)
 
-    def _draw_plan(self, width: int, dev: torch.device) -> dict:
+    def _propose_graphed(self, ctx: ProposeContext, roots: torch.Tensor, sampled: bool) -> DraftTree:
+        """The heads, their top-k, the tree and (sampled rows) its draws as one CUDA graph per
+        (batch bucket, tree, sampling filters): the hidden state, roots and, when sampled, the rows'
+        parameters and RowSeeds counters are its inputs; the tree comes out padded to its node
+        bucket, so the engine pads nothing."""
+        dev = roots.device
+        rows = {"hidden": ctx.hidden, "roots": roots}
+        filters = None
+        if sampled:
+            p = ctx.params
+            rows.update({f: to_device(getattr(p, f), dev) for f in SamplingParams._TENSORS})
+            rows["seeds"] = to_device(ctx.rng.seeds.to(torch.long), dev)
+            rows["steps"] = to_device(ctx.rng.step.to(torch.long), dev)
+            filters = p.filters
+        key = ("medusa", tuple(self.choices), filters)
+        held = self._held.setdefault(key, [])
+        width = node_bucket(len(self.choices) + 1)
+
+        def run(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            logits = self.heads(t["hidden"], self.lm_head)  # [B, K, V]
+            candidates = logits.topk(self.top_k, dim=-1).indices
+            tree = DraftTree.from_choices(t["roots"], candidates, self.choices, keep=held)
+            if filters is not None:
+                params = SamplingParams(*(t[f] for f in SamplingParams._TENSORS), filters=filters)
+                tree = self._sampled(tree, logits, params, RowSeeds(t["seeds"], t["steps"]), keep=held)
+            tree = tree.pad_to(width)
+            fields = ["tokens", "parents", "depth", "num_nodes", "law"] + (["draft_probs"] if filters else [])
+            return {f: getattr(tree, f) for f in fields}
+
+        out = self._graphs(key, run, ctx.batch_size, rows, {}, owner=self.lm_head)
+        depth = max(len(c) for c in self.choices)
+        # cloned: static buffers that the next proposal overwrites
+        return DraftTree(**{f: x.clone() for f, x in out.items()}, _max_depth=depth, _has_wor=sampled)
+
+    def _draw_plan(self, width: int, dev: torch.device, keep: list | None = None) -> dict:
         """From the static choices, on the host once per (tree, device): for each node its parent's
         slot among the nodes with children and its draw number among its siblings; for each such
         parent the head whose q its children come from; the most draws any parent makes."""
         key = (tuple(self.choices), width, str(dev))
         if self._plan_key == key:
+            if keep is not None and all(x is not self._plan for x in keep):
+                keep.append(self._plan)
             return self._plan
         paths = sorted({tuple(c) for c in self.choices}, key=lambda c: (len(c), c))  # from_choices' order
         index, parent, depth = {(): 0}, [-1], [0]
@@ -215,21 +284,25 @@ class Medusa(Proposer):
             "holder_depth": torch.tensor([depth[p] for p in holders], **long),
             "draws": max(seen[p] for p in holders),
         }
+        if keep is not None:  # a graph reads the plan: its owner keeps it past the next plan
+            keep.append(self._plan)
         return self._plan
 
-    def _sampled(self, ctx: ProposeContext, tree: DraftTree, logits: torch.Tensor) -> DraftTree:
+    def _sampled(
+        self, tree: DraftTree, logits: torch.Tensor, params: SamplingParams, rng, keep: list | None = None
+    ) -> DraftTree:
         """The same tree shape with the sampled rows' children drawn without replacement from each
         head's processed q (the row's temperature / top-k / top-p): the children of one node are the
         first draws of one Gumbel-top-k sequence, in sibling order (WOR law, verified with that q);
         greedy rows keep their top-k children (POINT). Noise and the top-k are drawn per node that
-        has children ([B, P, V], P parents), not per node."""
+        has children ([B, P, V], P parents), not per node. params: on the logits' device; rng: the
+        rows' RowSeeds (or a generator, eagerly); keep: see `_draw_plan`."""
         B, K, V = logits.shape
         dev = logits.device
-        params = ctx.params.to(dev)
         q = process_logits(logits, params)  # [B, K, V] head d's q for the nodes at depth d + 1
-        plan = self._draw_plan(tree.width, dev)
+        plan = self._draw_plan(tree.width, dev, keep)
         P = plan["holder_depth"].shape[0]
-        u = uniform(ctx.rng, B, P * V, STREAM_DRAFT + 32, device=dev).view(B, P, V) + 2.0**-25
+        u = uniform(rng, B, P * V, STREAM_DRAFT + 32, device=dev).view(B, P, V) + 2.0**-25
         keys = torch.log(q[:, plan["holder_depth"]].float()) - torch.log(-torch.log(u)).float()  # [B, P, V]
         draws = keys.topk(plan["draws"], dim=-1).indices  # [B, P, s]: each parent's draw order
         drawn = draws[:, plan["slot"], plan["sibling"]]  # [B, N]: node i = draw sibling[i] of its parent

@@ -208,6 +208,8 @@ def main() -> None:
         "specdec DraftModel(4)": lambda: specdec.DraftModel(draft, num_tokens=4),
         "specdec Ngram(4)": lambda: specdec.Ngram(num_tokens=4),
         "specdec Medusa(32)": lambda: specdec.Medusa.from_pretrained(root / "medusa", tree=32),
+        # 31 draft nodes + the root fill the 32-node bucket; 32 + the root are verified as 64
+        "specdec Medusa(31)": lambda: specdec.Medusa.from_pretrained(root / "medusa", tree=31),
         "specdec Eagle(6, 10, 60)": lambda: specdec.Eagle.from_pretrained(root / "eagle"),
         "specdec Eagle(6, 10, 60), top-k trees": lambda: specdec.Eagle.from_pretrained(root / "eagle"),
         "specdec Eagle chain(5)": lambda: specdec.Eagle.from_pretrained(root / "eagle", depth=5, chain=True),

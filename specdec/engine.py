@@ -393,11 +393,14 @@ class Engine:
 
     # ----------------------------------------------------------------------------- one step
 
-    def _verify_inputs(self, rows: list[_Row], gp: GenerationParams, ahead: int = 0) -> dict[str, torch.Tensor]:
+    def _verify_inputs(
+        self, rows: list[_Row], gp: GenerationParams, ahead: int = 0, host: bool = False
+    ) -> dict[str, torch.Tensor]:
         """The per-row tensors verification reads, on the device: the rows' sampling parameters and
         seeds; their step counters (coins) unless every row is greedy; the tokens each has made
         when min_new_tokens / begin_suppress_tokens need it; the presence masks for the penalty.
-        ahead > 0: the step runs that many steps after the rows' host state (a pipelined plain step)."""
+        ahead > 0: the step runs that many steps after the rows' host state (a pipelined plain step).
+        host: the counters stay on the host (a captured tail packs host inputs into one transfer)."""
         dev = self.target.device
         sampling, seeds, all_greedy, _ = self._call
         index = [r.index for r in rows]
@@ -406,10 +409,11 @@ class Engine:
             sampling, seeds = sampling.select(idx), seeds[idx]
         t = {f: getattr(sampling, f) for f in SamplingParams._TENSORS}
         t["seeds"] = seeds
+        move = (lambda x: x) if host else (lambda x: to_device(x, dev))
         if self._verify_mode(gp) is not VerifyMode.GREEDY:
-            t["steps"] = to_device(torch.tensor([r.step + ahead for r in rows]), dev)
+            t["steps"] = move(torch.tensor([r.step + ahead for r in rows]))
         if (gp.min_new_tokens > 0 and gp.eos_token_ids) or gp.begin_suppress_tokens:
-            t["made"] = to_device(torch.tensor([len(r.generated) + ahead for r in rows]), dev)
+            t["made"] = move(torch.tensor([len(r.generated) + ahead for r in rows]))
         if rows[0].presence is not None:
             t["presence"] = torch.stack([r.presence for r in rows])
         return t
@@ -604,18 +608,19 @@ class Engine:
         """Run the step tail: through a captured graph after a graphed forward, else eagerly
         (`ahead`: see `_verify_inputs`). Returns the VerifyResult (graphed: static buffers, valid
         until the next replay), the pack (see `_pack`) and the final hidden states [B, H] (or None)."""
-        t = self._verify_inputs(rows, gp, ahead)
-        for f in self._TREE_FIELDS:
-            if getattr(tree, f) is not None:
-                t[f] = getattr(tree, f)
-        tree.max_depth(), tree.has_wor()  # known by the builders; else a sync here, not in the graph
-        fn = self._tail_fn(tree, gp, self._node_processors(rows, tree, gp))
         c = self.runner.captured
         sampling = self._call[0]
         # eager: a forward that ran eagerly, the repetition penalty (its presence masks grow per
         # token on the host side), transformers' warpers (objects the key cannot see into) and
         # history processors (called on the host's token lists)
-        if c is None or "presence" in t or sampling.warpers or gp.processors or not self.tail_graphs:
+        eager = c is None or rows[0].presence is not None or sampling.warpers or gp.processors or not self.tail_graphs
+        t = self._verify_inputs(rows, gp, ahead, host=not eager)
+        for f in self._TREE_FIELDS:
+            if getattr(tree, f) is not None:
+                t[f] = getattr(tree, f)
+        tree.max_depth(), tree.has_wor()  # known by the builders; else a sync here, not in the graph
+        fn = self._tail_fn(tree, gp, self._node_processors(rows, tree, gp))
+        if eager:
             live = torch.ones(len(rows), dtype=torch.bool, device=node_slots.device)
             fixed = {"logits": out.logits, "node_slots": node_slots, "live": live}
             if self._hidden:
@@ -660,6 +665,7 @@ class Engine:
         stats.target_forwards += 1
         stats.verify_time_s += clock(dev) - t1
         emitted, num_acc, drafted = self._read_back(tree, pack, stats)
+        res.host_accepted = num_acc  # proposers read the counts without another device read
         t_emit = time.perf_counter()  # the read-back waited for the device
         if final is not None:
             final = final.clone()  # a static buffer of the tail's graph: the next step overwrites it

@@ -313,6 +313,7 @@ class DraftTree:
         law: Law | torch.Tensor = Law.POINT,
         draft_probs: torch.Tensor | None = None,
         num_drafts: torch.Tensor | None = None,
+        has_wor: bool | None = None,
     ) -> DraftTree:
         """A chain root -> d_1 -> ... -> d_K.
 
@@ -323,6 +324,8 @@ class DraftTree:
         law : Law.POINT for argmax / lookup drafts, Law.IID for a chain sampled from q; or [B] per row.
         draft_probs : [B, K, V], the q each draft was sampled from (IID).
         num_drafts : [B] long or None; rows may use fewer than K drafts (the rest is padding).
+        has_wor : whether a per-row law holds Law.WOR (None: read from it when needed, a device
+            sync; a caller whose laws are POINT / IID says False).
 
         Examples
         --------
@@ -357,7 +360,7 @@ class DraftTree:
             law=torch.where(valid & (ar > 0), row_law[:, None], int(Law.POINT)).to(torch.int8),
             draft_probs=probs,
             _max_depth=K,
-            _has_wor=(law == Law.WOR) if isinstance(law, Law) else None,
+            _has_wor=(law == Law.WOR) if isinstance(law, Law) else has_wor,
         )
         return tree
 

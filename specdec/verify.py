@@ -61,6 +61,7 @@ class VerifyResult:
                                   at a node with no children, sampled from its processed p)
     is_bonus         [B]    bool
     lossy            bool         True for typical acceptance
+    host_accepted    list[int] | None   num_accepted on the host, once the engine has read it back
     """
 
     accepted_indices: torch.Tensor
@@ -68,6 +69,11 @@ class VerifyResult:
     next_tokens: torch.Tensor
     is_bonus: torch.Tensor
     lossy: bool = False
+    host_accepted: list[int] | None = None
+
+    def accepted_counts(self) -> list[int]:
+        """num_accepted as a host list (no device read when the engine has read it back already)."""
+        return self.host_accepted if self.host_accepted is not None else self.num_accepted.tolist()
 
     @property
     def accepted_per_depth(self) -> torch.Tensor:

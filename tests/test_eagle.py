@@ -14,7 +14,7 @@ from specdec.engine import GenerationParams
 from specdec.heads.eagle import EagleDrafter, load_eagle
 from specdec.runtime.hf import capture_features, decoder_layers
 from specdec.sampling import SamplingParams
-from specdec.tree import Law
+from specdec.tree import Law, node_bucket
 
 V = 16
 
@@ -296,7 +296,8 @@ def test_the_captured_drafting_step_drafts_what_the_eager_one_drafts(target, ver
         class Spy(Eagle):
             def propose(self, ctx):
                 tree = super().propose(ctx)
-                self.trees.append((tree.tokens.tolist(), tree.parents.tolist(), tree.law.tolist(), tree.draft_probs))
+                t = tree.pad_to(node_bucket(tree.width))  # captured steps pad inside: compare padded
+                self.trees.append((t.tokens.tolist(), t.parents.tolist(), t.law.tolist(), t.draft_probs))
                 return tree
 
             def _propose_graphed(self, ctx, roots, sampled=False):

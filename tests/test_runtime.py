@@ -266,3 +266,37 @@ def test_the_ancestor_closure_of_a_graph_is_the_trees_ancestor_mask():
         tree.num_nodes = torch.tensor([N, max(1, N // 2)])
         want = tree.ancestor_mask() & tree.valid()[:, None, :]
         assert torch.equal(ancestor_closure(tree.parents, tree.valid()), want), N
+
+
+def test_graphed_calls_pack_host_rows_and_mark_the_live_rows():
+    """GraphedCalls (capture=False: the captured function run eagerly on the static buffers): host
+    rows of several dtypes, packed per dtype into one buffer, reach the function intact for the B
+    real rows, the padding rows of the bucket hold row 0's values of this call, and `live` follows
+    the batch size as it shrinks and grows again within one bucket."""
+    from specdec.runtime.graphs import GraphedCalls
+
+    calls = GraphedCalls(capture=False)
+    seen = []
+
+    def fn(t):
+        seen.append({n: x.clone() for n, x in t.items()})
+        return {"sum": t["a"].sum(1) + t["c"].float().sum((1, 2)), "live": t["live"].clone()}
+
+    g = torch.Generator().manual_seed(0)
+    for B in (3, 4, 3, 4):
+        rows = {
+            "a": torch.randint(0, 100, (B, 5), generator=g),
+            "b": torch.rand(B, generator=g),
+            "c": torch.randint(0, 9, (B, 2, 3), generator=g, dtype=torch.int32),
+            "m": torch.rand(B, 4, generator=g) > 0.5,
+            "d": torch.randint(0, 100, (B,), generator=g),  # a second long row, packed beside "a"
+        }
+        out = calls(("k",), fn, B, rows, {})
+        t = seen[-1]
+        for n, x in rows.items():
+            assert torch.equal(t[n][:B], x), (B, n)
+            assert all(torch.equal(t[n][i], x[0]) for i in range(B, 4)), (B, n)  # padding rows: row 0's
+        assert t["live"].tolist() == [True] * B + [False] * (4 - B)
+        assert torch.equal(out["sum"], rows["a"].sum(1) + rows["c"].float().sum((1, 2)))
+        assert out["live"].all() and out["live"].shape == (B,)
+    assert len(calls.calls) == 1  # one bucket, one entry

@@ -19,7 +19,7 @@ from ..runtime.hf import HFModel
 from ..runtime.metadata import slots_of
 from ..runtime.runner import PagedRunner
 from ..sampling import RowSeeds, SamplingParams
-from ..tree import DraftTree, Law, node_bucket
+from ..tree import DraftTree, node_bucket
 from ..validation import is_int, require_int
 from ..verify import VerifyResult
 from .base import ProposeContext, Proposer, chain_draws, draft_chain, register_proposer
@@ -155,7 +155,7 @@ class DraftModel(Proposer):
 
         drafts, q, law = draft_chain(logits, K, ctx, advance)
         num = to_device(ctx.max_drafts, dev).clamp(max=K)
-        return DraftTree.chain(roots, drafts, law, q, num_drafts=num)
+        return DraftTree.chain(roots, drafts, law, q, num_drafts=num, has_wor=False)
 
     def _capturable(self, ctx: ProposeContext) -> bool:
         """One graph can run this step: graphs on, a graph batch bucket, a short catch-up, counter
@@ -196,17 +196,17 @@ class DraftModel(Proposer):
             "temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p, "min_p": p.min_p,
             "repetition_penalty": p.repetition_penalty,
             "seeds": seeds.seeds.long(), "step": seeds.step.long(),
+            "roots": ctx.roots(), "max_drafts": ctx.max_drafts.long(),
         }  # fmt: skip
-        inputs = {k: to_device(v, dev) for k, v in host.items()}
+        # host tensors: GraphedCalls packs them per dtype into one transfer
         all_greedy = bool(p.greedy.all())  # host parameters: no sync
         key = ("chain", K, W, all_greedy, tuple(p.filters))
         fn = self._chain_step(K, all_greedy, tuple(p.filters))
-        out = self._graphs(key, fn, B, inputs, {}, owner=self.runner.cache)
+        out = self._graphs(key, fn, B, host, {}, owner=self.runner.cache, device=dev)
         for s, x in zip(seqs, new, strict=True):
             self.runner.commit(s, x.tolist(), keep=K - 1)  # the drafts' K-1 slots stay reserved
-        law = torch.where(to_device(p.greedy, dev), int(Law.POINT), int(Law.IID))
-        num = to_device(ctx.max_drafts, dev).clamp(max=K)
-        return DraftTree.chain(roots, out["drafts"], law, out["q"], num_drafts=num)
+        # cloned: static buffers that the next proposal overwrites
+        return DraftTree(**{f: x.clone() for f, x in out.items()}, _max_depth=K, _has_wor=False)
 
     def _chain_step(self, K: int, all_greedy: bool, filters: tuple[bool, bool, bool]):
         """The captured function of `_propose_graphed`: the catch-up (tokens [B, W], right-padded to
@@ -248,14 +248,17 @@ class DraftModel(Proposer):
             params = SamplingParams(
                 t["temperature"], t["top_k"], t["top_p"], t["min_p"], t["repetition_penalty"], filters=filters
             )
-            drafts, q, _ = chain_draws(logits, K, params, all_greedy, RowSeeds(t["seeds"], t["step"]), advance)
-            return {"drafts": drafts, "q": q}
+            drafts, q, law = chain_draws(logits, K, params, all_greedy, RowSeeds(t["seeds"], t["step"]), advance)
+            tree = DraftTree.chain(t["roots"], drafts, law, q, num_drafts=t["max_drafts"].clamp(max=K), has_wor=False)
+            tree = tree.pad_to(node_bucket(tree.width))  # the engine then pads nothing
+            names = ("tokens", "parents", "depth", "num_nodes", "law", "draft_probs")
+            return {f: getattr(tree, f) for f in names}
 
         return run
 
     def update(self, ctx: ProposeContext, tree: DraftTree, result: VerifyResult, features=None) -> None:
         K = self._drafted  # the engine pads the tree to a node bucket: its width is not K + 1
-        accepted = result.num_accepted.tolist()  # the engine has synchronised already: no wait
+        accepted = result.accepted_counts()  # read back by the engine already: no device read
         fed = tree.tokens[:, 1:K].tolist() if K > 1 else [[] for _ in ctx.seq_ids]
         for s, n, drafts in zip(ctx.seq_ids, accepted, fed, strict=True):
             # valid draft K/V: the history, then the drafts it both fed itself and the target accepted

@@ -31,7 +31,7 @@ from ..runtime.graphs import GraphedCalls
 from ..runtime.hf import paged_attention
 from ..runtime.metadata import prefill_metadata, slots_of
 from ..sampling import RowSeeds, SamplingParams, process_logits, uniform
-from ..tree import DraftTree, Law
+from ..tree import DraftTree, node_bucket
 from ..verify import VerifyResult
 from .base import STREAM_DRAFT, Needs, ProposeContext, Proposer, chain_draws, register_proposer
 
@@ -63,6 +63,19 @@ class _TreeAttend:
 
 
 CATCH_UP_BUCKET = 8  # new drafter entries per row that a captured step takes (accepted path + root)
+
+
+def _fields(tree: DraftTree) -> dict[str, torch.Tensor]:
+    """A drafted tree's tensors, padded to its node bucket (the engine then pads nothing): the
+    outputs of a captured drafting step."""
+    tree = tree.pad_to(node_bucket(tree.width))
+    names = ("tokens", "parents", "depth", "num_nodes", "law", "draft_probs")
+    return {f: getattr(tree, f) for f in names if getattr(tree, f) is not None}
+
+
+def _joined(pieces: list[torch.Tensor]) -> torch.Tensor:
+    """Pending feature pieces [m_i, F] as one [m, F] (one piece, the common case: no copy)."""
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
 def _width_bucket(entries: int) -> int:
@@ -212,7 +225,7 @@ class Eagle(Proposer):
         acc = result.accepted_indices.to(feats.device).clamp(min=0)
         idx = torch.cat([torch.zeros(B, 1, dtype=torch.long, device=feats.device), acc], 1)
         path = feats.gather(1, idx[:, :, None].expand(-1, -1, Fw))  # [B, E, F]
-        for b, (s, n) in enumerate(zip(ctx.seq_ids, result.num_accepted.tolist(), strict=True)):
+        for b, (s, n) in enumerate(zip(ctx.seq_ids, result.accepted_counts(), strict=True)):
             self.pending.setdefault(s, []).append(path[b, : n + 1])
 
     def release(self, seq_ids: list[int]) -> None:
@@ -314,19 +327,14 @@ class Eagle(Proposer):
         else:
             key = ("tree", width, self.depth, self.top_k, self.total_tokens)
             out = self._graphs(key, expand, B, inputs, {}, owner=self.cache.k)
-        return self._tree(out, B, dev)
+        return self._from_fields(out, self.depth, wor=False)
 
-    def _tree(self, out: dict[str, torch.Tensor], B: int, dev: torch.device) -> DraftTree:
-        N = self.total_tokens + 1
-        return DraftTree(
-            tokens=out["tokens"].clone(),  # graphed: static buffers that the next proposal overwrites
-            parents=out["parents"].clone(),
-            depth=out["depth"].clone(),
-            num_nodes=torch.full((B,), N, dtype=torch.long, device=dev),
-            law=torch.zeros(B, N, dtype=torch.int8, device=dev),
-            _max_depth=self.depth,
-            _has_wor=False,
-        )
+    @staticmethod
+    def _from_fields(out: dict[str, torch.Tensor], depth: int, wor: bool) -> DraftTree:
+        """A tree from a drafting function's fields (`_fields`), cloned: graphed, they are static
+        buffers that the next proposal overwrites. depth: its deepest node (a bound); wor: whether
+        it holds WOR nodes (known here: reading it would sync)."""
+        return DraftTree(**{f: x.clone() for f, x in out.items()}, _max_depth=depth, _has_wor=wor)
 
     @staticmethod
     def _graphable_sampling(ctx: ProposeContext) -> bool:
@@ -343,7 +351,7 @@ class Eagle(Proposer):
         dev = roots.device
         B, C = ctx.batch_size, CATCH_UP_BUCKET
         seqs = ctx.seq_ids
-        feats = [torch.cat(self.pending.pop(s)) for s in seqs]
+        feats = [_joined(self.pending.pop(s)) for s in seqs]
         Fw = feats[0].shape[-1]
         tokens = torch.zeros(B, C, dtype=torch.long)
         x = torch.zeros(B, C, Fw, dtype=feats[0].dtype, device=dev)
@@ -360,34 +368,34 @@ class Eagle(Proposer):
             done.append(n)
             ends.append(n + m)
         width = _width_bucket(max(ends))
+        # host tensors: GraphedCalls packs them per dtype into one transfer
         inputs = {
-            "tokens": to_device(tokens, dev),
+            "tokens": tokens,
             "feats": x,
-            "done": to_device(torch.tensor(done), dev),
-            "count": to_device(torch.tensor([len(f) for f in feats]), dev),
-            "tables": to_device(self.bm.block_tables(seqs, width=self.bm.blocks_needed(width)), dev),
-            "roots": roots,
+            "done": torch.tensor(done),
+            "count": torch.tensor([len(f) for f in feats]),
+            "tables": self.bm.block_tables(seqs, width=self.bm.blocks_needed(width)),
+            "roots": ctx.roots(),
         }
         filters, chain = None, None
         if self.chain:  # (drafts, all greedy): greedy batches draw no coins
             chain = (int(min(self.depth, int(ctx.max_drafts.max()))), bool(ctx.params.greedy.all()))
+            inputs["max_drafts"] = ctx.max_drafts.long()
         if sampled or chain is not None:
             params = ctx.params
             rng = ctx.rng if isinstance(ctx.rng, RowSeeds) else RowSeeds(torch.zeros(B), torch.zeros(B))  # greedy
-            inputs.update({f: to_device(getattr(params, f), dev) for f in SamplingParams._TENSORS})
-            inputs["seeds"] = to_device(rng.seeds.to(torch.long), dev)
-            inputs["steps"] = to_device(rng.step.to(torch.long), dev)
+            inputs.update({f: getattr(params, f) for f in SamplingParams._TENSORS})
+            inputs["seeds"] = rng.seeds.to(torch.long)
+            inputs["steps"] = rng.step.to(torch.long)
             filters = params.filters
         key = ("step", width, C, self.depth, self.top_k, self.total_tokens, filters, chain)
         fn = self._catch_up_and_expand(width, filters, chain)
-        out = self._graphs(key, fn, B, inputs, {}, owner=self.cache.k)
+        out = self._graphs(key, fn, B, inputs, {}, owner=self.cache.k, device=dev)
         for s, h, n in zip(seqs, ctx.histories, done, strict=True):
             self.bm.commit(s, h[n + 1 :].tolist())
         if chain is not None:
-            law = torch.where(to_device(ctx.params.greedy, dev), int(Law.POINT), int(Law.IID))
-            num = to_device(ctx.max_drafts, dev).clamp(max=chain[0])
-            return DraftTree.chain(roots, out["drafts"].clone(), law, out["q"].clone(), num_drafts=num)
-        return self._sampled_from(out) if sampled else self._tree(out, B, dev)
+            return self._from_fields(out, chain[0], wor=False)
+        return self._from_fields(out, self.depth, wor=sampled)
 
     def _catch_up_and_expand(
         self, width: int, filters: tuple[bool, bool, bool] | None = None, chain: tuple[int, bool] | None = None
@@ -431,8 +439,10 @@ class Eagle(Proposer):
             params = SamplingParams(*(t[f] for f in SamplingParams._TENSORS), filters=filters)
             rng = RowSeeds(t["seeds"], t["steps"])
             if chain is not None:
-                drafts, q, _ = self._chain_drafts(u, width, chain[0], params, chain[1], rng)
-                return {"drafts": drafts, "q": q}
+                K = chain[0]
+                drafts, q, law = self._chain_drafts(u, width, K, params, chain[1], rng)
+                num = t["max_drafts"].clamp(max=K)
+                return _fields(DraftTree.chain(t["roots"], drafts, law, q, num_drafts=num, has_wor=False))
             return self._sampled_expansion(u, width, params, rng)
 
         return run
@@ -446,10 +456,9 @@ class Eagle(Proposer):
             expand = self._expander(t, width, target_vocab=False)
             root_lp = torch.log_softmax(self._draft_logits(t["h_root"]), -1)
             tree = DraftTree.from_topk_expansion(t["roots"], root_lp, expand, self.depth, self.top_k, self.total_tokens)
-            tokens = tree.tokens
             if self.drafter.version == 3:
-                tokens = torch.cat([tokens[:, :1], self.drafter.target_ids(tokens[:, 1:])], 1)
-            return {"tokens": tokens, "parents": tree.parents, "depth": tree.depth}
+                tree.tokens = torch.cat([tree.tokens[:, :1], self.drafter.target_ids(tree.tokens[:, 1:])], 1)
+            return _fields(tree)
 
         return run
 
@@ -485,7 +494,7 @@ class Eagle(Proposer):
         """Children drawn without replacement from the drafter's processed q (the rows' own
         temperature / top-k / top-p) at T > 0, top-k at T = 0: `DraftTree.from_sampled_expansion`."""
         dev = t["roots"].device
-        return self._sampled_from(self._sampled_expansion(t, width, ctx.params.to(dev), ctx.rng))
+        return self._from_fields(self._sampled_expansion(t, width, ctx.params.to(dev), ctx.rng), self.depth, wor=True)
 
     def _sampled_expansion(self, t: dict[str, torch.Tensor], width: int, params: SamplingParams, rng):
         """`_sampled_tree` as a function of tensors (root hidden [B, H], roots [B], committed [B],
@@ -513,12 +522,7 @@ class Eagle(Proposer):
         tree = DraftTree.from_sampled_expansion(
             t["roots"], root_logits, expand, process, noise, params.greedy, self.depth, self.top_k, wide, children
         )
-        return {f: getattr(tree, f) for f in ("tokens", "parents", "depth", "num_nodes", "law", "draft_probs")}
-
-    def _sampled_from(self, out: dict[str, torch.Tensor]) -> DraftTree:
-        """A sampled tree from `_sampled_expansion`'s fields (cloned: graphed, they are static
-        buffers that the next proposal overwrites)."""
-        return DraftTree(**{f: x.clone() for f, x in out.items()}, _max_depth=self.depth, _has_wor=True)
+        return _fields(tree)
 
     def _chain(self, ctx: ProposeContext, t: dict[str, torch.Tensor], width: int) -> DraftTree:
         """The eager chain (no graphs, or a step the graph cannot take)."""
@@ -527,7 +531,7 @@ class Eagle(Proposer):
         all_greedy = bool(ctx.params.greedy.all())  # host parameters: no sync
         drafts, q, law = self._chain_drafts(t, width, K, ctx.params.to(dev), all_greedy, ctx.rng)
         num = to_device(ctx.max_drafts, dev).clamp(max=K)
-        return DraftTree.chain(t["roots"], drafts, law, q, num_drafts=num)
+        return DraftTree.chain(t["roots"], drafts, law, q, num_drafts=num, has_wor=False)
 
     def _chain_drafts(
         self, t: dict[str, torch.Tensor], width: int, K: int, params: SamplingParams, all_greedy: bool, rng

@@ -196,10 +196,13 @@ class GraphedForward:
         if c.host.is_cuda:
             staged = staged.pin_memory()
         c.host.copy_(staged, non_blocking=True)
-        c.input_ids[:B].copy_(tokens)
-        c.depth[:B].copy_(depth)
-        c.parents[:B].copy_(parents)
-        c.num_nodes[:B].copy_(num_nodes)
+        # one multi-tensor copy (the tree's fields are all long) instead of four
+        dst, src = [c.input_ids[:B], c.depth[:B], c.parents[:B], c.num_nodes[:B]], [tokens, depth, parents, num_nodes]
+        if all(x.dtype == torch.long and x.device == c.depth.device for x in src):
+            torch._foreach_copy_(dst, src, non_blocking=True)
+        else:
+            for d, x in zip(dst, src, strict=True):
+                d.copy_(x)
 
     def capturable(self, batch: int) -> bool:
         return batch <= BATCH_BUCKETS[-1] and not self.uncapturable
@@ -294,6 +297,9 @@ class GraphedCalls:
 
     rows   : [B, ...] tensors, copied into static buffers of the bucket Bb >= B before each replay;
              rows B.. keep row 0's values from the capture (a valid input whose results are unused).
+             Rows on the host (CPU tensors) are packed per dtype into one pinned buffer and reach
+             the device in one transfer (rows B.. then take row 0's values of this call); rows
+             already on the device are copied with one multi-tensor copy per dtype.
     fixed  : tensors that are already static with Bb rows (another graph's outputs); their
              addresses are part of the key, so a re-captured forward gets new calls.
     shared : tensors without a batch dimension (copied whole).
@@ -320,7 +326,10 @@ class GraphedCalls:
         fixed: dict[str, torch.Tensor],
         shared: dict[str, torch.Tensor] | None = None,
         owner=None,
+        device: torch.device | None = None,
     ) -> dict[str, torch.Tensor]:
+        """Replay (capture on first use) the call of `key` for B rows; device: where the static
+        buffers live (default: the first input not on the host)."""
         shared = shared or {}
         if owner is not self.owner:
             self.calls.clear()
@@ -330,38 +339,82 @@ class GraphedCalls:
             key,
             Bb,
             tuple((n, t.data_ptr(), tuple(t.shape), t.dtype) for n, t in sorted(fixed.items())),
-            tuple((n, tuple(t.shape[1:]), t.dtype) for n, t in sorted(rows.items())),
+            tuple((n, tuple(t.shape[1:]), t.dtype, t.device.type) for n, t in sorted(rows.items())),
             tuple((n, tuple(t.shape), t.dtype) for n, t in sorted(shared.items())),
         )
         entry = self.calls.get(full)
         if entry is None:
-            entry = self._capture(fn, B, Bb, rows, fixed, shared)
+            entry = self._capture(fn, B, Bb, rows, fixed, shared, device)
             self.calls[full] = entry
+        else:
+            self._load(entry[1], B, rows, shared)
         graph, static, outputs = entry
-        for n, t in rows.items():
-            static[n][:B].copy_(t, non_blocking=True)
-        for n, t in shared.items():
-            static[n].copy_(t, non_blocking=True)
-        live = static["live"]
-        live[:B] = True
-        live[B:] = False
+        if static["_live_rows"] != B:  # the rows' mask, set only when the batch changes
+            live = static["live"]
+            live[:B] = True
+            live[B:] = False
+            static["_live_rows"] = B
         if graph is None:  # capture=False
-            outputs = fn({**{n: t for n, t in static.items() if n != "_fixed"}, **fixed})
+            outputs = fn({**{n: t for n, t in static.items() if not n.startswith("_")}, **fixed})
         else:
             graph.replay()
         return {n: t[:B] for n, t in outputs.items()}
 
-    def _capture(self, fn, B: int, Bb: int, rows: dict, fixed: dict, shared: dict):
-        static: dict[str, torch.Tensor] = {}
+    @staticmethod
+    def _load(static: dict, B: int, rows: dict, shared: dict) -> None:
+        """Copy this call's inputs into the static buffers: host rows packed per dtype into one
+        (pinned) staging buffer and one transfer, device rows by one multi-tensor copy per dtype."""
+        for flat, layout in static["_packed"]:
+            stage = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=flat.is_cuda)
+            Bb, off = static["live"].shape[0], 0
+            for n, k in layout:
+                src = rows[n].reshape(B, k)
+                dst = stage[off : off + Bb * k].view(Bb, k)
+                dst[:B].copy_(src)
+                if Bb > B:  # padding rows: row 0's values (a valid input whose results are unused)
+                    dst[B:].copy_(src[:1].expand(Bb - B, k))
+                off += Bb * k
+            flat.copy_(stage, non_blocking=True)
+        groups: dict[torch.dtype, tuple[list, list]] = {}
         for n, t in rows.items():
-            buf = t[:1].expand(Bb, *t.shape[1:]).clone()  # padding rows: row 0's (valid) values
-            buf[:B].copy_(t)
-            static[n] = buf
+            if t.device.type != "cpu":
+                dst, src = groups.setdefault(t.dtype, ([], []))
+                dst.append(static[n][:B])
+                src.append(t)
+        for dst, src in groups.values():
+            torch._foreach_copy_(dst, src, non_blocking=True)
+        for n, t in shared.items():
+            static[n].copy_(t, non_blocking=True)
+
+    def _capture(self, fn, B: int, Bb: int, rows: dict, fixed: dict, shared: dict, device=None):
+        if device is None:
+            on = [t.device for t in (*fixed.values(), *rows.values(), *shared.values()) if t.device.type != "cpu"]
+            device = on[0] if on else torch.device("cpu")
+        static: dict = {}
+        packed = []
+        by_dtype: dict[torch.dtype, list[str]] = {}
+        for n, t in rows.items():
+            if t.device.type == "cpu":  # packed: one flat device buffer per dtype, the inputs views of it
+                by_dtype.setdefault(t.dtype, []).append(n)
+            else:
+                buf = t[:1].expand(Bb, *t.shape[1:]).clone()  # padding rows: row 0's (valid) values
+                buf[:B].copy_(t)
+                static[n] = buf
+        for dtype, names in by_dtype.items():
+            sizes = [rows[n][0].numel() for n in names]
+            flat = torch.empty(Bb * sum(sizes), dtype=dtype, device=device)
+            off = 0
+            for n, k in zip(names, sizes, strict=True):
+                static[n] = flat[off : off + Bb * k].view(Bb, *rows[n].shape[1:])
+                off += Bb * k
+            packed.append((flat, list(zip(names, sizes, strict=True))))
         for n, t in shared.items():
             static[n] = t.clone()
-        dev = next(iter(fixed.values())).device if fixed else next(iter(rows.values())).device
-        static["live"] = torch.zeros(Bb, dtype=torch.bool, device=dev)  # the warm-up runs move nothing
-        inputs = {**static, **fixed}
+        static["live"] = torch.zeros(Bb, dtype=torch.bool, device=device)  # the warm-up runs move nothing
+        static["_packed"] = packed
+        static["_live_rows"] = 0
+        self._load(static, B, {n: t for n, t in rows.items() if t.device.type == "cpu"}, {})
+        inputs = {**{n: t for n, t in static.items() if not n.startswith("_")}, **fixed}
         if not self.capture:
             fn(inputs)  # a warm-up run as the captured path has one: it must write nothing
             return None, {**static, "_fixed": tuple(fixed.values())}, {}

@@ -17,7 +17,7 @@ from ..hub import resolve
 from ..runtime.base import TargetModel
 from ..runtime.graphs import GraphedCalls
 from ..sampling import RowSeeds, SamplingParams, process_logits, uniform
-from ..tree import DraftTree, Law, node_bucket
+from ..tree import DraftTree, Law, node_bucket, topk_last
 from ..validation import is_int, require_int
 from .base import STREAM_DRAFT, Needs, ProposeContext, Proposer, register_proposer
 
@@ -213,7 +213,7 @@ class Medusa(Proposer):
         if self._graphs is not None and (not sampled or (isinstance(ctx.rng, RowSeeds) and not ctx.params.warpers)):
             return self._propose_graphed(ctx, roots, sampled)
         logits = self.heads(ctx.hidden, self.lm_head)  # [B, K, V]
-        candidates = logits.topk(self.top_k, dim=-1).indices  # [B, K, top_k]
+        candidates = topk_last(logits, self.top_k)[1]  # [B, K, top_k]
         tree = DraftTree.from_choices(roots, candidates, self.choices)
         if not sampled:
             return tree
@@ -239,7 +239,7 @@ class Medusa(Proposer):
 
         def run(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             logits = self.heads(t["hidden"], self.lm_head)  # [B, K, V]
-            candidates = logits.topk(self.top_k, dim=-1).indices
+            candidates = topk_last(logits, self.top_k)[1]
             tree = DraftTree.from_choices(t["roots"], candidates, self.choices, keep=held)
             if filters is not None:
                 params = SamplingParams(*(t[f] for f in SamplingParams._TENSORS), filters=filters)
@@ -304,7 +304,7 @@ class Medusa(Proposer):
         P = plan["holder_depth"].shape[0]
         u = uniform(rng, B, P * V, STREAM_DRAFT + 32, device=dev).view(B, P, V) + 2.0**-25
         keys = torch.log(q[:, plan["holder_depth"]].float()) - torch.log(-torch.log(u)).float()  # [B, P, V]
-        draws = keys.topk(plan["draws"], dim=-1).indices  # [B, P, s]: each parent's draw order
+        draws = topk_last(keys, plan["draws"])[1]  # [B, P, s]: each parent's draw order
         drawn = draws[:, plan["slot"], plan["sibling"]]  # [B, N]: node i = draw sibling[i] of its parent
         depth = tree.depth[0]
         node_q = q[:, (depth - 1).clamp(min=0)]  # [B, N, V]: the q each node is drawn from

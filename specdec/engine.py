@@ -544,7 +544,7 @@ class Engine:
 
     # ----------------------------------------------------------------------------- the step tail
 
-    _TREE_FIELDS = ("tokens", "parents", "depth", "num_nodes", "law", "draft_probs")
+    _TREE_FIELDS = DraftTree._FIELDS
 
     def _tail_fn(self, tree: DraftTree, gp: GenerationParams, processors=None):
         """The step after the target's forward, as a function of tensors: verify, move the accepted

@@ -178,6 +178,22 @@ class DraftTree:
 
     # ----------------------------------------------------------------------------- padding
 
+    _FIELDS = ("tokens", "parents", "depth", "num_nodes", "law", "draft_probs")
+
+    def bucket_fields(self) -> dict[str, torch.Tensor]:
+        """The tree's tensors (tokens, parents, depth [B, N], num_nodes [B], law [B, N], draft_probs
+        [B, N, V] when set), padded to its node bucket: what a captured drafting step returns, so
+        the engine pads nothing (`from_fields` rebuilds the tree)."""
+        tree = self.pad_to(node_bucket(self.width))
+        return {f: getattr(tree, f) for f in self._FIELDS if getattr(tree, f) is not None}
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, torch.Tensor], max_depth: int, has_wor: bool) -> DraftTree:
+        """A tree from `bucket_fields`' tensors, cloned (a graph's outputs are static buffers that
+        its next replay overwrites); max_depth (a bound) and has_wor are given, as reading them
+        would sync."""
+        return cls(**{f: x.clone() for f, x in fields.items()}, _max_depth=max_depth, _has_wor=has_wor)
+
     def pad_to(self, width: int) -> DraftTree:
         """The same trees padded to `width` nodes per row (a node bucket)."""
         if width < self.width:

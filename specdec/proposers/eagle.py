@@ -31,7 +31,7 @@ from ..runtime.graphs import GraphedCalls
 from ..runtime.hf import paged_attention
 from ..runtime.metadata import prefill_metadata, slots_of
 from ..sampling import RowSeeds, SamplingParams, process_logits, uniform
-from ..tree import DraftTree, node_bucket
+from ..tree import DraftTree
 from ..verify import VerifyResult
 from .base import STREAM_DRAFT, Needs, ProposeContext, Proposer, chain_draws, register_proposer
 
@@ -63,14 +63,6 @@ class _TreeAttend:
 
 
 CATCH_UP_BUCKET = 8  # new drafter entries per row that a captured step takes (accepted path + root)
-
-
-def _fields(tree: DraftTree) -> dict[str, torch.Tensor]:
-    """A drafted tree's tensors, padded to its node bucket (the engine then pads nothing): the
-    outputs of a captured drafting step."""
-    tree = tree.pad_to(node_bucket(tree.width))
-    names = ("tokens", "parents", "depth", "num_nodes", "law", "draft_probs")
-    return {f: getattr(tree, f) for f in names if getattr(tree, f) is not None}
 
 
 def _joined(pieces: list[torch.Tensor]) -> torch.Tensor:
@@ -327,14 +319,7 @@ class Eagle(Proposer):
         else:
             key = ("tree", width, self.depth, self.top_k, self.total_tokens)
             out = self._graphs(key, expand, B, inputs, {}, owner=self.cache.k)
-        return self._from_fields(out, self.depth, wor=False)
-
-    @staticmethod
-    def _from_fields(out: dict[str, torch.Tensor], depth: int, wor: bool) -> DraftTree:
-        """A tree from a drafting function's fields (`_fields`), cloned: graphed, they are static
-        buffers that the next proposal overwrites. depth: its deepest node (a bound); wor: whether
-        it holds WOR nodes (known here: reading it would sync)."""
-        return DraftTree(**{f: x.clone() for f, x in out.items()}, _max_depth=depth, _has_wor=wor)
+        return DraftTree.from_fields(out, self.depth, has_wor=False)
 
     @staticmethod
     def _graphable_sampling(ctx: ProposeContext) -> bool:
@@ -394,8 +379,8 @@ class Eagle(Proposer):
         for s, h, n in zip(seqs, ctx.histories, done, strict=True):
             self.bm.commit(s, h[n + 1 :].tolist())
         if chain is not None:
-            return self._from_fields(out, chain[0], wor=False)
-        return self._from_fields(out, self.depth, wor=sampled)
+            return DraftTree.from_fields(out, chain[0], has_wor=False)
+        return DraftTree.from_fields(out, self.depth, has_wor=sampled)
 
     def _catch_up_and_expand(
         self, width: int, filters: tuple[bool, bool, bool] | None = None, chain: tuple[int, bool] | None = None
@@ -442,7 +427,7 @@ class Eagle(Proposer):
                 K = chain[0]
                 drafts, q, law = self._chain_drafts(u, width, K, params, chain[1], rng)
                 num = t["max_drafts"].clamp(max=K)
-                return _fields(DraftTree.chain(t["roots"], drafts, law, q, num_drafts=num, has_wor=False))
+                return DraftTree.chain(t["roots"], drafts, law, q, num_drafts=num, has_wor=False).bucket_fields()
             return self._sampled_expansion(u, width, params, rng)
 
         return run
@@ -458,7 +443,7 @@ class Eagle(Proposer):
             tree = DraftTree.from_topk_expansion(t["roots"], root_lp, expand, self.depth, self.top_k, self.total_tokens)
             if self.drafter.version == 3:
                 tree.tokens = torch.cat([tree.tokens[:, :1], self.drafter.target_ids(tree.tokens[:, 1:])], 1)
-            return _fields(tree)
+            return tree.bucket_fields()
 
         return run
 
@@ -494,7 +479,8 @@ class Eagle(Proposer):
         """Children drawn without replacement from the drafter's processed q (the rows' own
         temperature / top-k / top-p) at T > 0, top-k at T = 0: `DraftTree.from_sampled_expansion`."""
         dev = t["roots"].device
-        return self._from_fields(self._sampled_expansion(t, width, ctx.params.to(dev), ctx.rng), self.depth, wor=True)
+        out = self._sampled_expansion(t, width, ctx.params.to(dev), ctx.rng)
+        return DraftTree.from_fields(out, self.depth, has_wor=True)
 
     def _sampled_expansion(self, t: dict[str, torch.Tensor], width: int, params: SamplingParams, rng):
         """`_sampled_tree` as a function of tensors (root hidden [B, H], roots [B], committed [B],
@@ -522,7 +508,7 @@ class Eagle(Proposer):
         tree = DraftTree.from_sampled_expansion(
             t["roots"], root_logits, expand, process, noise, params.greedy, self.depth, self.top_k, wide, children
         )
-        return _fields(tree)
+        return tree.bucket_fields()
 
     def _chain(self, ctx: ProposeContext, t: dict[str, torch.Tensor], width: int) -> DraftTree:
         """The eager chain (no graphs, or a step the graph cannot take)."""

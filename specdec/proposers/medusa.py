@@ -17,7 +17,7 @@ from ..hub import resolve
 from ..runtime.base import TargetModel
 from ..runtime.graphs import GraphedCalls
 from ..sampling import RowSeeds, SamplingParams, process_logits, uniform
-from ..tree import DraftTree, Law, node_bucket, topk_last
+from ..tree import DraftTree, Law, topk_last
 from ..validation import is_int, require_int
 from .base import STREAM_DRAFT, Needs, ProposeContext, Proposer, register_proposer
 
@@ -208,10 +208,10 @@ class Medusa(Proposer):
         if ctx.hidden is None:
             raise RuntimeError("Medusa needs the target's last hidden state (the engine provides it)")
         dev = ctx.hidden.device
-        roots = to_device(ctx.roots(), dev)
         sampled = self.sampled_trees is not False and not bool(ctx.params.greedy.all())  # host parameters: no sync
         if self._graphs is not None and (not sampled or (isinstance(ctx.rng, RowSeeds) and not ctx.params.warpers)):
-            return self._propose_graphed(ctx, roots, sampled)
+            return self._propose_graphed(ctx, sampled)
+        roots = to_device(ctx.roots(), dev)
         logits = self.heads(ctx.hidden, self.lm_head)  # [B, K, V]
         candidates = topk_last(logits, self.top_k)[1]  # [B, K, top_k]
         tree = DraftTree.from_choices(roots, candidates, self.choices)
@@ -219,23 +219,22 @@ class Medusa(Proposer):
             return tree
         return self._sampled(tree, logits, ctx.params.to(dev), ctx.rng)
 
-    def _propose_graphed(self, ctx: ProposeContext, roots: torch.Tensor, sampled: bool) -> DraftTree:
+    def _propose_graphed(self, ctx: ProposeContext, sampled: bool) -> DraftTree:
         """The heads, their top-k, the tree and (sampled rows) its draws as one CUDA graph per
         (batch bucket, tree, sampling filters): the hidden state, roots and, when sampled, the rows'
         parameters and RowSeeds counters are its inputs; the tree comes out padded to its node
         bucket, so the engine pads nothing."""
-        dev = roots.device
-        rows = {"hidden": ctx.hidden, "roots": roots}
+        # host tensors (roots, parameters, counters): GraphedCalls packs them into one transfer
+        rows = {"hidden": ctx.hidden, "roots": ctx.roots()}
         filters = None
         if sampled:
             p = ctx.params
-            rows.update({f: to_device(getattr(p, f), dev) for f in SamplingParams._TENSORS})
-            rows["seeds"] = to_device(ctx.rng.seeds.to(torch.long), dev)
-            rows["steps"] = to_device(ctx.rng.step.to(torch.long), dev)
+            rows.update({f: getattr(p, f) for f in SamplingParams._TENSORS})
+            rows["seeds"] = ctx.rng.seeds.to(torch.long)
+            rows["steps"] = ctx.rng.step.to(torch.long)
             filters = p.filters
         key = ("medusa", tuple(self.choices), filters)
         held = self._held.setdefault(key, [])
-        width = node_bucket(len(self.choices) + 1)
 
         def run(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             logits = self.heads(t["hidden"], self.lm_head)  # [B, K, V]
@@ -244,14 +243,10 @@ class Medusa(Proposer):
             if filters is not None:
                 params = SamplingParams(*(t[f] for f in SamplingParams._TENSORS), filters=filters)
                 tree = self._sampled(tree, logits, params, RowSeeds(t["seeds"], t["steps"]), keep=held)
-            tree = tree.pad_to(width)
-            fields = ["tokens", "parents", "depth", "num_nodes", "law"] + (["draft_probs"] if filters else [])
-            return {f: getattr(tree, f) for f in fields}
+            return tree.bucket_fields()
 
-        out = self._graphs(key, run, ctx.batch_size, rows, {}, owner=self.lm_head)
-        depth = max(len(c) for c in self.choices)
-        # cloned: static buffers that the next proposal overwrites
-        return DraftTree(**{f: x.clone() for f, x in out.items()}, _max_depth=depth, _has_wor=sampled)
+        out = self._graphs(key, run, ctx.batch_size, rows, {}, owner=self.lm_head, device=ctx.hidden.device)
+        return DraftTree.from_fields(out, max(len(c) for c in self.choices), has_wor=sampled)
 
     def _draw_plan(self, width: int, dev: torch.device, keep: list | None = None) -> dict:
         """From the static choices, on the host once per (tree, device): for each node its parent's

@@ -126,6 +126,9 @@ class Eagle(Proposer):
         # (exact, keeps acceptance at T > 0); False keeps EAGLE-2's top-k trees at every temperature
         self.sampled_trees: bool | None = None
         self._draft_ids: torch.Tensor | None = None  # [Vd] target id of each draft id (EAGLE-3)
+        # rows whose last catch-up was launched from a step in flight (`Ahead`): its entries are
+        # reserved and written, and committed once that step's tokens are read back (`update`)
+        self._inflight: set[int] = set()
         self._graphs: GraphedCalls | None = None  # the tree expansion's CUDA graphs (on a GPU)
 
     @classmethod
@@ -146,6 +149,15 @@ class Eagle(Proposer):
     @property
     def version(self) -> int:
         return self.drafter.version
+
+    @property
+    def max_depth(self) -> int:
+        return self.depth
+
+    @property
+    def pipelines(self) -> bool:
+        # a step in flight emits up to depth + 1 tokens: the captured catch-up takes that many
+        return self._graphs is not None and self.depth + 1 <= CATCH_UP_BUCKET
 
     @property
     def max_nodes(self) -> int:
@@ -209,7 +221,15 @@ class Eagle(Proposer):
 
     def update(self, ctx: ProposeContext, tree: DraftTree, result: VerifyResult, features=None) -> None:
         """Keep the target's features [B, N, F] along the accepted path (root first): the next
-        catch-up's input."""
+        catch-up's input. When the proposal in flight already caught up on them (result.consumed),
+        commit the drafter entries it wrote instead: one per token the step emitted."""
+        if result.consumed:
+            for s, emitted in zip(ctx.seq_ids, result.host_emitted, strict=True):
+                if s not in self._inflight:
+                    raise RuntimeError(f"EAGLE row {s}: a consumed step, but no catch-up in flight")
+                self._inflight.discard(s)
+                self.bm.commit(s, emitted)
+            return
         feats = features
         if feats is None:
             raise RuntimeError("EAGLE needs the target's features of the verified tree (the engine provides them)")
@@ -223,11 +243,13 @@ class Eagle(Proposer):
     def release(self, seq_ids: list[int]) -> None:
         for s in seq_ids:
             self.pending.pop(s, None)
+            self._inflight.discard(s)
             if s in self.bm:
                 self.bm.free(s)
 
     def finish(self) -> None:
         self.pending.clear()
+        self._inflight.clear()
 
     # ----------------------------------------------------------------------------- drafting
 
@@ -287,6 +309,8 @@ class Eagle(Proposer):
         dev = self.embed.weight.device
         B = ctx.batch_size
         roots = to_device(ctx.roots(), dev)
+        if ctx.ahead is not None:  # the engine pipelines only when `pipelines`: captured, within the bucket
+            return self._propose_graphed(ctx, roots, self._sampled(ctx))
         if int(ctx.max_drafts.max()) < 1:  # every row emits its last token: nothing to draft
             return DraftTree.chain(roots, torch.zeros(B, 0, dtype=torch.long, device=dev))
         new = [sum(len(f) for f in self.pending[s]) for s in ctx.seq_ids]
@@ -336,32 +360,35 @@ class Eagle(Proposer):
         dev = roots.device
         B, C = ctx.batch_size, CATCH_UP_BUCKET
         seqs = ctx.seq_ids
-        feats = [_joined(self.pending.pop(s)) for s in seqs]
-        Fw = feats[0].shape[-1]
-        tokens = torch.zeros(B, C, dtype=torch.long)
-        x = torch.zeros(B, C, Fw, dtype=feats[0].dtype, device=dev)
-        done, ends = [], []
-        for b, (s, h, f) in enumerate(zip(seqs, ctx.histories, feats, strict=True)):
-            m = len(f)
-            n = len(h) - 1 - m  # entry e reads token e + 1: a row with L tokens has L - 1 entries
-            if self.bm.num_tokens(s) != n:
-                raise RuntimeError(f"EAGLE row {s}: {self.bm.num_tokens(s)} entries cached, expected {n}")
-            _, copies = self.bm.reserve(s, m)
-            self.cache.copy_blocks(copies)
-            tokens[b, :m] = h[n + 1 :]
-            x[b, :m] = f
-            done.append(n)
-            ends.append(n + m)
-        width = _width_bucket(max(ends))
-        # host tensors: GraphedCalls packs them per dtype into one transfer
-        inputs = {
-            "tokens": tokens,
-            "feats": x,
-            "done": torch.tensor(done),
-            "count": torch.tensor([len(f) for f in feats]),
-            "tables": self.bm.block_tables(seqs, width=self.bm.blocks_needed(width)),
-            "roots": ctx.roots(),
-        }
+        if ctx.ahead is not None:
+            inputs, done, width = self._ahead_inputs(ctx)
+        else:
+            feats = [_joined(self.pending.pop(s)) for s in seqs]
+            Fw = feats[0].shape[-1]
+            tokens = torch.zeros(B, C, dtype=torch.long)
+            x = torch.zeros(B, C, Fw, dtype=feats[0].dtype, device=dev)
+            done, ends = [], []
+            for b, (s, h, f) in enumerate(zip(seqs, ctx.histories, feats, strict=True)):
+                m = len(f)
+                n = len(h) - 1 - m  # entry e reads token e + 1: a row with L tokens has L - 1 entries
+                if self.bm.num_tokens(s) != n:
+                    raise RuntimeError(f"EAGLE row {s}: {self.bm.num_tokens(s)} entries cached, expected {n}")
+                _, copies = self.bm.reserve(s, m)
+                self.cache.copy_blocks(copies)
+                tokens[b, :m] = h[n + 1 :]
+                x[b, :m] = f
+                done.append(n)
+                ends.append(n + m)
+            width = _width_bucket(max(ends))
+            # host tensors: GraphedCalls packs them per dtype into one transfer
+            inputs = {
+                "tokens": tokens,
+                "feats": x,
+                "done": torch.tensor(done),
+                "count": torch.tensor([len(f) for f in feats]),
+                "tables": self.bm.block_tables(seqs, width=self.bm.blocks_needed(width)),
+                "roots": ctx.roots(),
+            }
         filters, chain = None, None
         if self.chain:  # (drafts, all greedy): greedy batches draw no coins
             chain = (int(min(self.depth, int(ctx.max_drafts.max()))), bool(ctx.params.greedy.all()))
@@ -376,11 +403,46 @@ class Eagle(Proposer):
         key = ("step", width, C, self.depth, self.top_k, self.total_tokens, filters, chain)
         fn = self._catch_up_and_expand(width, filters, chain)
         out = self._graphs(key, fn, B, inputs, {}, owner=self.cache.k, device=dev)
-        for s, h, n in zip(seqs, ctx.histories, done, strict=True):
-            self.bm.commit(s, h[n + 1 :].tolist())
+        if ctx.ahead is None:
+            for s, h, n in zip(seqs, ctx.histories, done, strict=True):
+                self.bm.commit(s, h[n + 1 :].tolist())
+        # else: the entries are committed when the step in flight is read back (`update`)
         if chain is not None:
             return DraftTree.from_fields(out, chain[0], has_wor=False)
         return DraftTree.from_fields(out, self.depth, has_wor=sampled)
+
+    def _ahead_inputs(self, ctx: ProposeContext) -> tuple[dict[str, torch.Tensor], list[int], int]:
+        """The captured step's inputs when the step before is still in flight (`ctx.ahead`): its
+        emitted tokens, their count and the target's features along its accepted path (root first)
+        stay on the device; the host knows where each row's new entries start (the histories end
+        before the step in flight) and reserves room for the most the step can emit. Returns the
+        inputs, each row's committed entries and the gathered prefix width."""
+        a = ctx.ahead
+        C, E = CATCH_UP_BUCKET, a.max_emit
+        if E > C:
+            raise RuntimeError(f"a step in flight emits up to {E} tokens; the captured catch-up takes {C}")
+        done = []
+        for s, h in zip(ctx.seq_ids, ctx.histories, strict=True):
+            n = len(h) - 1  # entry e reads token e + 1: a row with L tokens has L - 1 entries
+            if self.bm.num_tokens(s) != n:
+                raise RuntimeError(f"EAGLE row {s}: {self.bm.num_tokens(s)} entries cached, expected {n}")
+            _, copies = self.bm.reserve(s, E)
+            self.cache.copy_blocks(copies)
+            self._inflight.add(s)
+            done.append(n)
+        B, Fw = a.features.shape[0], a.features.shape[-1]
+        path = torch.cat([a.accepted_indices.new_zeros(B, 1), a.accepted_indices.clamp(min=0)], 1)[:, :E]  # [B, E]
+        feats = a.features.gather(1, path[:, :, None].expand(-1, -1, Fw))  # [B, E, F]
+        width = _width_bucket(max(done) + E)
+        inputs = {
+            "tokens": F.pad(a.tokens.clamp(min=0), (0, C - E)),  # [B, C] on the device
+            "feats": F.pad(feats, (0, 0, 0, C - E)),  # [B, C, F]
+            "done": torch.tensor(done),
+            "count": a.count,
+            "tables": self.bm.block_tables(ctx.seq_ids, width=self.bm.blocks_needed(width)),
+            "roots": a.roots,
+        }
+        return inputs, done, width
 
     def _catch_up_and_expand(
         self, width: int, filters: tuple[bool, bool, bool] | None = None, chain: tuple[int, bool] | None = None

@@ -179,6 +179,15 @@ class Medusa(Proposer):
         self.lm_head = lm_head
 
     @property
+    def max_depth(self) -> int:
+        return max(len(c) for c in self.choices) if self.choices else self.max_nodes - 1
+
+    @property
+    def pipelines(self) -> bool:
+        # the captured proposal reads only device tensors of the step before (hidden state, root)
+        return self._graphs is not None
+
+    @property
     def path_stats(self) -> dict[tuple[int, ...], tuple[int, int]]:
         """choice -> (offered, accepted): how often each node of the tree had its parent accepted
         and was accepted itself, the measured per-depth / per-rank acceptance that `specdec tune`

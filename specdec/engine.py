@@ -441,8 +441,9 @@ class Engine:
         if (gp.min_new_tokens > 0 and gp.eos_token_ids) or gp.begin_suppress_tokens:
             if made is None:
                 t["made"] = move(torch.tensor([len(r.generated) + ahead for r in rows]))
-            else:  # known on the device only: the count of the step in flight
-                t["made"] = to_device(torch.tensor([len(r.generated) for r in rows]), dev) + made
+            else:  # the host's count (packed with the other host rows) + the in-flight count on the device
+                t["made"] = move(torch.tensor([len(r.generated) for r in rows]))
+                t["made_ahead"] = made
         if rows[0].presence is not None:
             t["presence"] = torch.stack([r.presence for r in rows])
         return t
@@ -497,7 +498,8 @@ class Engine:
         masks = t.get("masks")
         bans = [masks[1]] if gp.suppress_tokens else []  # [V]
         if "made" in t:
-            number = t["made"][:, None] + tree.depth + 1  # [B, N]: the generated token a node's children are
+            made = t["made"] + t["made_ahead"] if "made_ahead" in t else t["made"]  # [B]
+            number = made[:, None] + tree.depth + 1  # [B, N]: the generated token a node's children are
             if gp.min_new_tokens > 0 and gp.eos_token_ids:
                 bans.append((number <= gp.min_new_tokens)[:, :, None] & masks[0])  # [B, N, V]
             if gp.begin_suppress_tokens:
@@ -706,7 +708,7 @@ class Engine:
         if prev is None:
             out, node_slots = self.runner.forward_tree(seq_ids, tree)  # score: [B, N, V]
         else:
-            count = prev.res.num_accepted + 1  # the tokens the step in flight commits first
+            count = ctx.ahead.count  # the tokens the step in flight commits first
             out, node_slots = self.runner.forward_tree(seq_ids, tree, advance=count, max_advance=prev.max_emit)
         res, pack, final = self._tail(rows, tree, out, node_slots, gp, ahead=int(prev is not None), made=count)
         outputs = self._path_outputs(rows, tree, out.logits, res, gp) if gp.outputs is not None else None

@@ -19,6 +19,9 @@ mkdir -p "$out"
 # shellcheck disable=SC2086  # the overrides are separate words
 python3 -P -m specdec.training.lm size="$size" out="$out/$size" work="$out/work" \
   'stages=[corpus,tokenizer,target,draft,distill,medusa,eagle]' $overrides
+#    WAIT_FOR=FILE waits until FILE exists before timing anything (a GPU test run in the same call
+#    must not share the card with the measurements).
+while [ -n "${WAIT_FOR:-}" ] && [ ! -e "$WAIT_FOR" ]; do sleep 2; done
 #    ONLY="part,part" keeps the rows whose names hold a part (specdec plain always runs); TRACE=DIR
 #    adds one torch.profiler call per specdec row (kernels and device busy time per step).
 SPECDEC_DEMO_DIR="$out/$size" python3 -P "$here/bench_pairs.py" --dtype "${DTYPE:-bfloat16}" --no-ablations \

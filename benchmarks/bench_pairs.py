@@ -212,6 +212,8 @@ def main() -> None:
         "specdec Medusa(31)": lambda: specdec.Medusa.from_pretrained(root / "medusa", tree=31),
         "specdec Eagle(6, 10, 60)": lambda: specdec.Eagle.from_pretrained(root / "eagle"),
         "specdec Eagle(6, 10, 60), top-k trees": lambda: specdec.Eagle.from_pretrained(root / "eagle"),
+        # the pipelined speculative loop's ablation: each step read back before the next is drafted
+        "specdec Eagle(6, 10, 60), one step at a time": lambda: specdec.Eagle.from_pretrained(root / "eagle"),
         "specdec Eagle chain(5)": lambda: specdec.Eagle.from_pretrained(root / "eagle", depth=5, chain=True),
         "specdec EAGLE-3 Eagle(6, 10, 60)": lambda: specdec.Eagle.from_pretrained(root / "eagle3"),
         # ablations in the same run: the step tail (verify, K/V moves, read-back), EAGLE's tree
@@ -238,7 +240,7 @@ def main() -> None:
         if eager and isinstance(proposer, (specdec.Eagle, specdec.DraftModel)):
             proposer.graphs = False
         engine = specdec.Engine(target, proposer)
-        engine.pipeline = name != "specdec plain, one step at a time"
+        engine.pipeline = "one step at a time" not in name
         engine.tail_graphs = not eager or "chain" in name  # the chain ablation keeps the tail's graph
         kw = dict(engine=engine, max_new_tokens=N, min_new_tokens=N, return_dict_in_generate=True, **sampling)
         if T > 0:

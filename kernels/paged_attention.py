@@ -12,6 +12,8 @@ Dims: B rows, T new tokens, H query heads, Hkv KV heads, G = H / Hkv, D head siz
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -212,6 +214,38 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
+# programs the split grid aims for: two per SM of a 132-SM Hopper card
+TARGET_PROGRAMS = 132 * 2
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """One launch's tile shapes: query rows (T x G folded), prefix keys and new keys a step."""
+
+    block_m: int
+    block_n: int
+    block_t: int
+    num_warps: int = 4
+    num_stages: int = 3
+    num_splits: int | None = None  # None: enough programs to fill the card
+
+
+def tile_config(T: int, G: int, D_PAD: int, B: int, Hkv: int, max_prefix: int) -> Tiles:
+    """The tiles for T new tokens of G query heads per KV head (few shapes: each one is a compile).
+
+    16 query rows for decode, 64 or 128 for trees and prefill chunks (more rows are more tiles);
+    16 or 64 new keys a step.
+    """
+    rows = T * G
+    block_m = min(16 if rows <= 16 else 64 if rows <= 64 else 128, max(16, 16384 // D_PAD))
+    return Tiles(
+        block_m=block_m,
+        block_n=64 if block_m <= 64 else 32,
+        block_t=16 if T <= 16 else 64,
+        num_warps=8 if D_PAD >= 256 else 4,
+    )
+
+
 def paged_tree_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -228,6 +262,7 @@ def paged_tree_attention(
     sliding_window: int | None = None,
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
+    tiles: Tiles | None = None,
 ) -> torch.Tensor:
     """Attention of T new tokens per row over their committed prefix and each other.
 
@@ -248,6 +283,7 @@ def paged_tree_attention(
     sliding_window : key visible to query only if q_pos - k_pos < sliding_window (None: no window).
     softcap : logits s become softcap * tanh(s / softcap) before masking (None: off).
     sinks : [H] per-head sink logits added to the softmax denominator (None: off).
+    tiles : the launch's tile shapes (None: `tile_config`'s; benchmarks/bench_attention.py sweeps them).
 
     Returns
     -------
@@ -262,17 +298,21 @@ def paged_tree_attention(
     assert sinks is None or sinks.shape == (H,), f"sinks must be [H={H}]"
     G = H // Hkv
     D_PAD = max(16, _next_pow2(D))
-    # few tile shapes (each one is a compile): 16 query rows for decode, 64 or 128 for trees and
-    # prefill chunks (more rows are more tiles); 16 or 64 new keys a step
-    rows = T * G
-    BLOCK_M = min(16 if rows <= 16 else 64 if rows <= 64 else 128, max(16, 16384 // D_PAD))
-    num_q_tiles = triton.cdiv(rows, BLOCK_M)
-    BLOCK_T = 16 if T <= 16 else 64
-    BLOCK_N = 64 if BLOCK_M <= 64 else 32
+    tiles = tiles or tile_config(T, G, D_PAD, B, Hkv, max_prefix)
+    BLOCK_M, BLOCK_N, BLOCK_T, num_warps, num_stages = (
+        tiles.block_m,
+        tiles.block_n,
+        tiles.block_t,
+        tiles.num_warps,
+        tiles.num_stages,
+    )
+    assert BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_T >= 16, f"tiles below 16 cannot feed tl.dot: {tiles}"
+    num_q_tiles = triton.cdiv(T * G, BLOCK_M)
+    num_splits = num_splits or tiles.num_splits
     if num_splits is None:
-        target_programs = 132 * 2
         num_splits = max(
-            1, min(triton.cdiv(max(max_prefix, 1), BLOCK_N), target_programs // max(B * Hkv * num_q_tiles, 1))
+            1,
+            min(triton.cdiv(max(max_prefix, 1), BLOCK_N), TARGET_PROGRAMS // max(B * Hkv * num_q_tiles, 1)),
         )
     if q_positions is None:
         q_positions = torch.zeros(B, T, dtype=torch.long, device=q.device)
@@ -326,7 +366,8 @@ def paged_tree_attention(
         HAS_WINDOW=sliding_window is not None,
         HAS_SOFTCAP=softcap is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 inputs: no tf32 rounding
-        num_warps=8 if D_PAD >= 256 else 4,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     out = torch.empty(B, T, H, D, dtype=q.dtype, device=q.device)
     _merge_kernel[(B, T, H)](

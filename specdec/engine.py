@@ -22,7 +22,7 @@ from .cache.block_manager import BlockManager, OutOfBlocksError
 from .cache.paged_kv import PagedKVCache
 from .devices import to_device
 from .metrics import SpecStats, sync_time
-from .proposers.base import Needs, ProposeContext, Proposer, resolve_proposer
+from .proposers.base import Ahead, Needs, ProposeContext, Proposer, resolve_proposer
 from .runtime.base import ModelOutput
 from .runtime.graphs import GraphedCalls, GraphedForward
 from .runtime.runner import PagedRunner
@@ -79,6 +79,23 @@ class _Row:
     emitted: int = 0  # tokens its steps emitted (bonus included; steps = step - 1): its own tau
     drafted: int = 0
     accepted: int = 0
+
+
+@dataclass(slots=True)
+class _Flight:
+    """A speculative step launched on the device and not read back yet (`Engine._launch`)."""
+
+    ctx: ProposeContext | None
+    tree: DraftTree
+    out: ModelOutput  # the target's outputs: static buffers, valid until its next forward
+    res: VerifyResult  # kept (cloned) when a later step may be launched before this one lands
+    pack: torch.Tensor  # see Engine._pack (kept: cloned)
+    host: torch.Tensor | None  # the pack's pinned host copy, in flight (None: read pack itself)
+    event: object | None  # a torch.cuda.Event after that copy
+    final: torch.Tensor | None  # [B, H] the final hidden states (kept: cloned)
+    outputs: list | None  # output_scores / output_logits of the step
+    max_emit: int  # E: the most tokens a row emits in this step (K + 1)
+    advance: int = 0  # the tree sits after a step in flight that emits up to this many tokens
 
 
 def max_tree_nodes(proposer: Proposer | None) -> int:
@@ -307,6 +324,8 @@ class Engine:
                     pipelined = self.pipeline and not use_presence and not gp.processors and gp.outputs is None
                     if live and self.proposer is None and pipelined:
                         self._plain_run(live, gp, stats, streamer)
+                    elif live and pipelined and self._spec_pipelines(gp):
+                        self._spec_run(live, gp, stats, streamer)
                     elif live:
                         self._step(live, gp, stats, streamer)
                     for r in active:
@@ -394,13 +413,20 @@ class Engine:
     # ----------------------------------------------------------------------------- one step
 
     def _verify_inputs(
-        self, rows: list[_Row], gp: GenerationParams, ahead: int = 0, host: bool = False
+        self,
+        rows: list[_Row],
+        gp: GenerationParams,
+        ahead: int = 0,
+        host: bool = False,
+        made: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """The per-row tensors verification reads, on the device: the rows' sampling parameters and
         seeds; their step counters (coins) unless every row is greedy; the tokens each has made
         when min_new_tokens / begin_suppress_tokens need it; the presence masks for the penalty.
         ahead > 0: the step runs that many steps after the rows' host state (a pipelined plain step).
-        host: the counters stay on the host (a captured tail packs host inputs into one transfer)."""
+        host: the counters stay on the host (a captured tail packs host inputs into one transfer).
+        made [B] (device): tokens a speculative step in flight emits before this one (instead of
+        `ahead` in the generated-token count)."""
         dev = self.target.device
         sampling, seeds, all_greedy, _ = self._call
         index = [r.index for r in rows]
@@ -413,7 +439,11 @@ class Engine:
         if self._verify_mode(gp) is not VerifyMode.GREEDY:
             t["steps"] = move(torch.tensor([r.step + ahead for r in rows]))
         if (gp.min_new_tokens > 0 and gp.eos_token_ids) or gp.begin_suppress_tokens:
-            t["made"] = move(torch.tensor([len(r.generated) + ahead for r in rows]))
+            if made is None:
+                t["made"] = move(torch.tensor([len(r.generated) + ahead for r in rows]))
+            else:  # the host's count (packed with the other host rows) + the in-flight count on the device
+                t["made"] = move(torch.tensor([len(r.generated) for r in rows]))
+                t["made_ahead"] = made
         if rows[0].presence is not None:
             t["presence"] = torch.stack([r.presence for r in rows])
         return t
@@ -468,7 +498,8 @@ class Engine:
         masks = t.get("masks")
         bans = [masks[1]] if gp.suppress_tokens else []  # [V]
         if "made" in t:
-            number = t["made"][:, None] + tree.depth + 1  # [B, N]: the generated token a node's children are
+            made = t["made"] + t["made_ahead"] if "made_ahead" in t else t["made"]  # [B]
+            number = made[:, None] + tree.depth + 1  # [B, N]: the generated token a node's children are
             if gp.min_new_tokens > 0 and gp.eos_token_ids:
                 bans.append((number <= gp.min_new_tokens)[:, :, None] & masks[0])  # [B, N, V]
             if gp.begin_suppress_tokens:
@@ -544,7 +575,7 @@ class Engine:
 
     # ----------------------------------------------------------------------------- the step tail
 
-    _TREE_FIELDS = ("tokens", "parents", "depth", "num_nodes", "law", "draft_probs")
+    _TREE_FIELDS = DraftTree._FIELDS
 
     def _tail_fn(self, tree: DraftTree, gp: GenerationParams, processors=None):
         """The step after the target's forward, as a function of tensors: verify, move the accepted
@@ -604,9 +635,10 @@ class Engine:
         node_slots: torch.Tensor,
         gp: GenerationParams,
         ahead: int = 0,
+        made: torch.Tensor | None = None,
     ) -> tuple[VerifyResult, torch.Tensor, torch.Tensor | None]:
         """Run the step tail: through a captured graph after a graphed forward, else eagerly
-        (`ahead`: see `_verify_inputs`). Returns the VerifyResult (graphed: static buffers, valid
+        (`ahead`, `made`: see `_verify_inputs`). Returns the VerifyResult (graphed: static buffers, valid
         until the next replay), the pack (see `_pack`) and the final hidden states [B, H] (or None)."""
         c = self.runner.captured
         sampling = self._call[0]
@@ -614,7 +646,7 @@ class Engine:
         # token on the host side), transformers' warpers (objects the key cannot see into) and
         # history processors (called on the host's token lists)
         eager = c is None or rows[0].presence is not None or sampling.warpers or gp.processors or not self.tail_graphs
-        t = self._verify_inputs(rows, gp, ahead, host=not eager)
+        t = self._verify_inputs(rows, gp, ahead, host=not eager, made=made)
         for f in self._TREE_FIELDS:
             if getattr(tree, f) is not None:
                 t[f] = getattr(tree, f)
@@ -653,42 +685,137 @@ class Engine:
 
     def _step(self, rows: list[_Row], gp: GenerationParams, stats: SpecStats, streamer) -> None:
         """One speculative step for the live rows: propose, score, verify, commit, update, emit."""
+        self._land(rows, self._launch(rows, gp, stats), gp, stats, streamer)
+
+    def _launch(
+        self, rows: list[_Row], gp: GenerationParams, stats: SpecStats, prev: _Flight | None = None, keep: bool = False
+    ) -> _Flight:
+        """Propose, score and verify one step; the device works on, the host reads nothing back.
+
+        prev: a step still in flight that this one follows (the proposer drafts from its device
+        outputs, the tree sits after the tokens it will commit: `PagedRunner.forward_tree`'s
+        advance). keep: a later step may be launched before this one lands, so the outputs the
+        landing reads (and the next launch starts from) are copied out of the graphs' static buffers.
+        """
         clock = sync_time if self.time_split else (lambda _dev: time.perf_counter())
         dev = self.target.device
         t0 = clock(dev)
-        ctx, tree = self._propose(rows, gp)
+        ctx, tree = self._propose(rows, gp, prev)
         t1 = clock(dev)
         stats.draft_time_s += t1 - t0
-        out, node_slots = self.runner.forward_tree([r.seq_id for r in rows], tree)  # score: [B, N, V]
-        res, pack, final = self._tail(rows, tree, out, node_slots, gp)  # verify, move K/V, pack
+        seq_ids = [r.seq_id for r in rows]
+        count = None
+        if prev is None:
+            out, node_slots = self.runner.forward_tree(seq_ids, tree)  # score: [B, N, V]
+        else:
+            count = ctx.ahead.count  # the tokens the step in flight commits first
+            out, node_slots = self.runner.forward_tree(seq_ids, tree, advance=count, max_advance=prev.max_emit)
+        res, pack, final = self._tail(rows, tree, out, node_slots, gp, ahead=int(prev is not None), made=count)
         outputs = self._path_outputs(rows, tree, out.logits, res, gp) if gp.outputs is not None else None
         stats.target_forwards += 1
+        host = event = None
+        if keep:  # the tail's outputs are static buffers that the next launch's replay overwrites
+            res = VerifyResult(
+                res.accepted_indices.clone(),
+                res.num_accepted.clone(),
+                res.next_tokens.clone(),
+                res.is_bonus.clone(),
+                lossy=res.lossy,
+            )
+            pack = pack.clone()
+            final = final.clone() if final is not None else None
+            if pack.device.type == "cuda":
+                host = torch.empty(pack.shape, dtype=pack.dtype, pin_memory=True)
+                host.copy_(pack, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
         stats.verify_time_s += clock(dev) - t1
-        emitted, num_acc, drafted = self._read_back(tree, pack, stats)
+        E = (pack.shape[1] - 3) // 3 + 1
+        advance = prev.max_emit if prev is not None else 0
+        return _Flight(ctx, tree, out, res, pack, host, event, final, outputs, E, advance)
+
+    def _land(
+        self,
+        rows: list[_Row],
+        f: _Flight,
+        gp: GenerationParams,
+        stats: SpecStats,
+        streamer,
+        follow: _Flight | None = None,
+    ) -> None:
+        """Read a launched step back (its one sync), then update the proposer, emit, commit. Rows
+        already done (a row that finished while this step was in flight) take nothing from it.
+        follow: the step launched after this one, which already consumed its outputs on the device:
+        each row keeps that step's reserved slots, and the proposer is told (`VerifyResult.consumed`)."""
+        t0 = time.perf_counter()
+        if f.event is not None:
+            f.event.synchronize()  # this step only: the one launched after it keeps running
+        live = [b for b, r in enumerate(rows) if not r.done]
+        emitted, num_acc, drafted = self._read_back(f.tree, f.pack if f.host is None else f.host, stats, live)
+        res = f.res
         res.host_accepted = num_acc  # proposers read the counts without another device read
+        res.host_emitted = [e[: n + 1] for e, n in zip(emitted, num_acc, strict=True)]
+        res.consumed = follow is not None
         t_emit = time.perf_counter()  # the read-back waited for the device
-        if final is not None:
-            final = final.clone()  # a static buffer of the tail's graph: the next step overwrites it
+        if f.final is not None:
+            final = f.final if follow is not None else f.final.clone()  # kept, or a static buffer of the tail
             for b, r in enumerate(rows):
                 r.hidden = final[b]
-        if self.proposer is not None:  # features only for proposers that declared them
-            extra = {"features": out.features} if self._features is not None else {}
-            self.proposer.update(ctx, tree, res, **extra)
-        for b, r in enumerate(rows):
+        if self.proposer is not None:  # features only for proposers that declared them (not yet consumed)
+            extra = {"features": None if follow is not None else f.out.features} if self._features is not None else {}
+            self.proposer.update(f.ctx, f.tree, res, **extra)
+        for b in live:
+            r = rows[b]
             root, n = r.tokens[-1], num_acc[b]
             new = emitted[b][: n + 1]
             kept = self._emit(r, new, gp)
-            if outputs is not None:
-                self._keep_outputs(r, gp, outputs[b], len(kept))
+            if f.outputs is not None:
+                self._keep_outputs(r, gp, f.outputs[b], len(kept))
             r.step += 1
             r.emitted += n + 1  # this row's own tau and acceptance (SpecStats.per_sequence)
             r.drafted += drafted[b]
             r.accepted += n
             r.t_last = t_emit
             if not r.done:
-                self.runner.commit(r.seq_id, [root] + new[:n])
+                # a step in flight writes (up to) follow.advance + its nodes after the old length
+                ahead = 0 if follow is None else follow.advance + follow.tree.width - (n + 1)
+                self.runner.commit(r.seq_id, [root] + new[:n], keep=ahead)
             if streamer is not None and len(rows) == 1 and kept:
                 streamer.put(torch.tensor(kept))
+        stats.verify_time_s += time.perf_counter() - t0
+
+    # ----------------------------------------------------------------------------- speculative steps, pipelined
+
+    def _spec_pipelines(self, gp: GenerationParams) -> bool:
+        """Speculative steps may be launched ahead of the host: the proposer drafts from device
+        outputs, and no host code needs the tokens of the step before (transformers' warpers run
+        on the host)."""
+        return self.proposer.pipelines and not self._call[0].warpers
+
+    def _spec_run(self, rows: list[_Row], gp: GenerationParams, stats: SpecStats, streamer) -> None:
+        """Speculative steps until a row finishes, each launched before the previous one is read
+        back: the proposer drafts step n + 1 from step n's outputs on the device (`Ahead`), the
+        target scores its tree after the tokens step n will commit (a device-side advance of the
+        committed length), and the host lands step n (read back, update, emit, commit) while the
+        device works on step n + 1. The trees, tokens and coins are those of `_step`, one step at a
+        time: step n + 1 is launched only while every row has room for both steps' tokens, so its
+        drafts are never cut by max_new_tokens (the drafting limit is the same in both loops).
+
+        At most one step is in flight. When a row finishes, the step in flight still lands for the
+        other rows (the finished row's share is dropped: it wrote only into its own slots)."""
+        room = self.proposer.max_depth + 1  # the most tokens one more step emits
+        flight = self._launch(rows, gp, stats, keep=True)
+        while True:
+            follow = None
+            if all(len(r.generated) + flight.max_emit + room <= gp.max_new_tokens for r in rows):
+                follow = self._launch(rows, gp, stats, prev=flight, keep=True)
+            self._land(rows, flight, gp, stats, streamer, follow)
+            if follow is None:
+                break
+            if any(r.done for r in rows):
+                self._land(rows, follow, gp, stats, streamer)  # the running rows take its tokens
+                break
+            flight = follow
 
     # ----------------------------------------------------------------------------- plain decoding, pipelined
 
@@ -776,20 +903,38 @@ class Engine:
 
     # ----------------------------------------------------------------------------- speculative steps
 
-    def _propose(self, rows: list[_Row], gp: GenerationParams) -> tuple[ProposeContext | None, DraftTree]:
-        """The proposer's tree on the device, padded to its node bucket (plain decoding: the roots)."""
+    def _propose(
+        self, rows: list[_Row], gp: GenerationParams, prev: _Flight | None = None
+    ) -> tuple[ProposeContext | None, DraftTree]:
+        """The proposer's tree on the device, padded to its node bucket (plain decoding: the roots);
+        prev: the step in flight it starts from (`_launch`)."""
         dev = self.target.device
         if self.proposer is None:  # plain decoding: no history tensors, no context to build
             roots = to_device(torch.tensor([r.tokens[-1] for r in rows]), dev)
             return None, DraftTree.chain(roots, torch.zeros(len(rows), 0, dtype=torch.long, device=dev))
         idx = torch.tensor([r.index for r in rows])
+        ahead, hidden, E = None, None, 0
+        if prev is not None:
+            E = prev.max_emit  # every row has room for E more tokens: the same drafting limit as `_step`'s
+            res = prev.res
+            ahead = Ahead(
+                tokens=prev.pack[:, :E],  # [B, K + 1]: the pack's emitted tokens
+                count=res.num_accepted + 1,
+                roots=res.next_tokens,
+                accepted_indices=res.accepted_indices,  # [B, K]
+                features=prev.out.features if self._features is not None else None,
+            )
+            hidden = prev.final
+        elif self._hidden:
+            hidden = torch.stack([r.hidden for r in rows])
         ctx = ProposeContext(
             seq_ids=[r.seq_id for r in rows],
             histories=[torch.tensor(r.tokens) for r in rows],
             params=gp.sampling.select(idx),
-            rng=RowSeeds(gp.seeds[idx], torch.tensor([r.step for r in rows])),
-            max_drafts=torch.tensor([gp.max_new_tokens - len(r.generated) - 1 for r in rows]).clamp(min=0),
-            hidden=torch.stack([r.hidden for r in rows]) if self._hidden else None,
+            rng=RowSeeds(gp.seeds[idx], torch.tensor([r.step + int(prev is not None) for r in rows])),
+            max_drafts=torch.tensor([gp.max_new_tokens - len(r.generated) - E - 1 for r in rows]).clamp(min=0),
+            hidden=hidden,
+            ahead=ahead,
         )
         tree = self.proposer.propose(ctx).to(dev)
         if rows[0].step == 1:  # each call's first tree is checked: a plugin's malformed tree is an error
@@ -799,22 +944,25 @@ class Engine:
         return ctx, tree.pad_to(node_bucket(widest))
 
     def _read_back(
-        self, tree: DraftTree, pack: torch.Tensor, stats: SpecStats
+        self, tree: DraftTree, pack: torch.Tensor, stats: SpecStats, live: list[int] | None = None
     ) -> tuple[list[list[int]], list[int], list[int]]:
-        """The step's one device -> host transfer (the pack, see `_pack`): emitted tokens [B][E],
-        accepted counts [B], drafted counts [B]; the per-depth counts go to the stats."""
+        """The step's one device -> host transfer (the pack, see `_pack`, or its pinned copy):
+        emitted tokens [B][E], accepted counts [B], drafted counts [B]; the per-depth counts of the
+        live rows (default: all) go to the stats."""
         K = (pack.shape[1] - 3) // 3
-        flat = pack.tolist()
-        emitted = [row[: K + 1] for row in flat]
-        num_acc = [row[K + 1] for row in flat]
-        row_drafted = [row[K + 2] for row in flat]
+        every = pack.tolist()
+        emitted = [row[: K + 1] for row in every]
+        num_acc = [row[K + 1] for row in every]
+        row_drafted = [row[K + 2] for row in every]
+        flat = every if live is None or len(live) == len(every) else [every[b] for b in live]
+        num_live = [row[K + 1] for row in flat]
         B = len(flat)
         if tree.width > 1:
             drafted = [sum(row[K + 3 + d] for row in flat) for d in range(K)]
             accepted = [sum(row[2 * K + 3 + d] for row in flat) for d in range(K)]
-            stats.record_step(drafted, accepted, B, sum(n + 1 for n in num_acc), num_acc)
+            stats.record_step(drafted, accepted, B, sum(n + 1 for n in num_live), num_live)
         else:
-            stats.record_step([], [], B, B, num_acc)
+            stats.record_step([], [], B, B, num_live)
         return emitted, num_acc, row_drafted
 
     def _emit(self, r: _Row, tokens: list[int], gp: GenerationParams) -> list[int]:

@@ -36,6 +36,30 @@ def node_bucket(num_nodes: int, buckets: Sequence[int] = DEFAULT_NODE_BUCKETS) -
     raise ValueError(f"a tree of {num_nodes} nodes exceeds the largest node bucket {max(buckets)}")
 
 
+TOPK_CHUNK = 1024  # `topk_last` splits a last dim longer than 4 chunks into chunks of this size
+
+
+def topk_last(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`x.topk(k, dim=-1)` (values descending, and their indices) for a long last dim over few
+    rows, in two stages: the top k of every TOPK_CHUNK-wide chunk, then the top k of those winners.
+    The values are torch.topk's; among equal values the indices may differ. On a GPU torch.topk
+    gives each row one thread block, so [10, 16384] (an EAGLE level at vocabulary 16k) took 79 us;
+    the chunks spread it over as many blocks as chunks.
+
+    x [..., V] -> values, indices [..., k]."""
+    V = x.shape[-1]
+    if V <= 4 * TOPK_CHUNK or k > TOPK_CHUNK:
+        return x.topk(k, dim=-1)
+    pad = (-V) % TOPK_CHUNK
+    if pad:  # -inf never outranks a real entry (V >= k of them)
+        x = torch.nn.functional.pad(x, (0, pad), value=float("-inf"))
+    S = x.shape[-1] // TOPK_CHUNK
+    vals, idx = x.unflatten(-1, (S, TOPK_CHUNK)).topk(k, dim=-1)  # [..., S, k]
+    idx = idx + torch.arange(0, S * TOPK_CHUNK, TOPK_CHUNK, device=x.device)[:, None]
+    best, pick = vals.flatten(-2).topk(k, dim=-1)
+    return best, idx.flatten(-2).gather(-1, pick)
+
+
 @functools.lru_cache(maxsize=64)
 def _choice_structure(depths: tuple, ranks: tuple, parents: tuple, k: int, device: torch.device):
     """A static tree's structure on the device, made once (a host list copied at every step would
@@ -153,6 +177,22 @@ class DraftTree:
         return paths[:, :, : D + 1]
 
     # ----------------------------------------------------------------------------- padding
+
+    _FIELDS = ("tokens", "parents", "depth", "num_nodes", "law", "draft_probs")
+
+    def bucket_fields(self) -> dict[str, torch.Tensor]:
+        """The tree's tensors (tokens, parents, depth [B, N], num_nodes [B], law [B, N], draft_probs
+        [B, N, V] when set), padded to its node bucket: what a captured drafting step returns, so
+        the engine pads nothing (`from_fields` rebuilds the tree)."""
+        tree = self.pad_to(node_bucket(self.width))
+        return {f: getattr(tree, f) for f in self._FIELDS if getattr(tree, f) is not None}
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, torch.Tensor], max_depth: int, has_wor: bool) -> DraftTree:
+        """A tree from `bucket_fields`' tensors, cloned (a graph's outputs are static buffers that
+        its next replay overwrites); max_depth (a bound) and has_wor are given, as reading them
+        would sync."""
+        return cls(**{f: x.clone() for f, x in fields.items()}, _max_depth=max_depth, _has_wor=has_wor)
 
     def pad_to(self, width: int) -> DraftTree:
         """The same trees padded to `width` nodes per row (a node bucket)."""
@@ -482,7 +522,7 @@ class DraftTree:
             q = process(logits)
             logp = torch.log_softmax(logits.float(), -1)
             keys = torch.where(greedy[:, None, None], logp, torch.log(q.float()) + noise(level, tuple(q.shape)))
-            tok = keys.topk(k, dim=-1).indices  # draw order
+            tok = topk_last(keys, k)[1]  # draw order
             q_x = q.gather(-1, tok)
             law = torch.where(greedy[:, None, None] | (q_x <= 0), int(Law.POINT), int(Law.WOR))
             return tok, law.to(torch.int8), q, logp.gather(-1, tok)
@@ -566,7 +606,7 @@ class DraftTree:
                 f"total_tokens={total_tokens} must be in [1, {pool_size}] for depth={depth}, top_k={top_k}"
             )
         dev = root_logprobs.device
-        scores, tokens = root_logprobs.topk(top_k, dim=-1)  # [B, k]
+        scores, tokens = topk_last(root_logprobs, top_k)  # [B, k]
         pool_scores, pool_tokens = [scores], [tokens]
         pool_parent = [torch.full((B, top_k), -1, dtype=torch.long, device=dev)]
         frontier_ids = torch.arange(top_k, device=dev).expand(B, top_k)  # ids in the pool
@@ -576,7 +616,7 @@ class DraftTree:
             logp = expand(tokens, frontier_parent)
             if logp.shape != (B, top_k, V):
                 raise ValueError(f"expand returned shape {tuple(logp.shape)}, expected {(B, top_k, V)}")
-            child_lp, child_tok = logp.topk(top_k, dim=-1)  # [B, k, k]
+            child_lp, child_tok = topk_last(logp, top_k)  # [B, k, k]
             cand = (scores[:, :, None] + child_lp).reshape(B, top_k * top_k)
             pool_scores.append(cand)
             pool_tokens.append(child_tok.reshape(B, top_k * top_k))

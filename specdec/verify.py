@@ -62,6 +62,11 @@ class VerifyResult:
     is_bonus         [B]    bool
     lossy            bool         True for typical acceptance
     host_accepted    list[int] | None   num_accepted on the host, once the engine has read it back
+    host_emitted     list[list[int]] | None   the tokens each row emitted (accepted drafts, then
+                                  next_token), on the host, once the engine has read them back
+    consumed         bool         a proposal already launched started from this step's output on
+                                  the device (`Proposer.pipelines`): what it consumed (features,
+                                  the accepted path) must not be queued again
     """
 
     accepted_indices: torch.Tensor
@@ -70,6 +75,8 @@ class VerifyResult:
     is_bonus: torch.Tensor
     lossy: bool = False
     host_accepted: list[int] | None = None
+    host_emitted: list[list[int]] | None = None
+    consumed: bool = False
 
     def accepted_counts(self) -> list[int]:
         """num_accepted as a host list (no device read when the engine has read it back already)."""

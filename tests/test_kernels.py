@@ -11,6 +11,7 @@ from specdec.kernels import (
     store_kv,
     store_kv_reference,
 )
+from specdec.kernels.paged_attention import Tiles
 from specdec.tree import DraftTree, Law
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -49,6 +50,32 @@ def test_paged_tree_attention_matches_reference(B, T, H, Hkv, D, page, prefixes,
     ref = paged_tree_attention_reference(*args)
     assert out.shape == (B, T, H, D)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "tiles",
+    [
+        Tiles(16, 16, 16),  # more query tiles and key steps than the default
+        Tiles(32, 128, 16, num_warps=8, num_stages=2),  # one key step wider than the prefix
+        Tiles(128, 32, 64, num_splits=3),  # one query tile for all rows, the splits fixed
+    ],
+    ids=str,
+)
+def test_every_tile_shape_gives_the_same_attention(tiles):
+    """The tile shapes bench_attention.py sweeps are layouts of one computation, not new results."""
+    B, T, H, Hkv, D, page, prefixes = 2, 20, 4, 2, 16, 4, [45, 3]
+    g = torch.Generator().manual_seed(5)
+    num_pages = B * 32
+    k = torch.randn(num_pages * page, Hkv, D, generator=g).to(DEV)
+    v = torch.randn(num_pages * page, Hkv, D, generator=g).to(DEV)
+    prefix = torch.tensor(prefixes)
+    tables, new_slots = _layout(B, prefix, T, page, num_pages, g)
+    parents = [[-1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, T)] for _ in range(B)]
+    mask = DraftTree.from_parents([[0] * T] * B, parents).ancestor_mask()
+    q = torch.randn(B, T, H, D, generator=g).to(DEV)
+    args = (q, k, v, tables.to(DEV), prefix.int().to(DEV), new_slots.to(DEV), mask.to(DEV), D**-0.5, page)
+    out = paged_tree_attention(*args, max_prefix=max(prefixes), tiles=tiles)
+    torch.testing.assert_close(out, paged_tree_attention_reference(*args), atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize(

@@ -81,3 +81,167 @@ def test_commit_keeps_the_slot_of_a_step_in_flight():
     assert bm.block_table(0) == table and bm.num_tokens(0) == 5
     bm.truncate(0, 4)
     assert bm.block_table(0) == table[:1]
+
+
+# ----------------------------------------------------------------------------- speculative steps
+# On a CUDA device (`make test-gpu`) the target and the proposers' steps run as captured graphs; on
+# the CPU the proposers' captured functions run eagerly on their static buffers.
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _graphs():
+    from specdec.runtime.graphs import GraphedCalls
+
+    return True if DEV == "cuda" else GraphedCalls(capture=False)
+
+
+def _spec_run(model, proposer, prompts, gp, pipeline):
+    """Engine.run with the pipeline on or off; counts the proposals drafted from a step in flight."""
+    from specdec.engine import Engine
+
+    engine = Engine(model, proposer)
+    engine.pipeline = pipeline
+    seen = {"ahead": 0, "proposals": 0, "spec_run": 0, "after_finish": 0}
+    propose, spec_run, land = proposer.propose, engine._spec_run, engine._land
+
+    def land_spy(rows, *a, **k):
+        seen["after_finish"] += any(r.done for r in rows)  # a step in flight lands after a row finished
+        return land(rows, *a, **k)
+
+    engine._land = land_spy
+
+    def spy(ctx):
+        seen["proposals"] += 1
+        seen["ahead"] += ctx.ahead is not None
+        return propose(ctx)
+
+    proposer.propose = spy
+    engine._spec_run = lambda *a: (seen.__setitem__("spec_run", seen["spec_run"] + 1), spec_run(*a))[1]
+    out, stats = engine.run(prompts, gp)
+    assert engine.bm.num_free_blocks == engine.bm.num_blocks  # nothing stays allocated in the target's pool
+    drafter_bm = getattr(proposer, "bm", None)
+    if drafter_bm is not None:  # nor in EAGLE's drafter pool
+        assert drafter_bm.num_free_blocks == drafter_bm.num_blocks
+    return out, stats, seen
+
+
+def _eagle(mode):
+    from test_eagle import make_drafter
+
+    from specdec import Eagle
+
+    shape = dict(chain=True) if mode == "chain" else dict(top_k=2, total_tokens=6)
+    proposer = Eagle(make_drafter(1), depth=3, **shape)
+    proposer.sampled_trees = mode == "sampled"
+    proposer.graphs = _graphs()
+    return proposer
+
+
+def _medusa(mode):
+    from test_medusa import _heads
+
+    from specdec import Medusa
+
+    proposer = Medusa(_heads(), tree=10)
+    proposer.sampled_trees = mode == "sampled"
+    proposer.graphs = _graphs()
+    return proposer
+
+
+@pytest.mark.parametrize("temps", [[0.0, 0.0, 0.0], [0.8, 0.0, 1.3]], ids=["greedy", "mixed"])
+@pytest.mark.parametrize(
+    "name,mode",
+    [("eagle", "topk"), ("eagle", "sampled"), ("eagle", "chain"), ("medusa", "topk"), ("medusa", "sampled")],
+)
+def test_pipelined_speculative_steps_equal_one_step_at_a_time(name, mode, temps):
+    """Engine._spec_run drafts step n + 1 from step n's device outputs (`Ahead`) and scores it after
+    the tokens step n will commit (a device-side advance): the same tokens, the same accepted
+    counts and the same number of target forwards as one step at a time, for greedy and sampled
+    rows in one batch, rows of three lengths; greedy batches equal model.generate."""
+    from test_eagle import V as EAGLE_V
+
+    from specdec.engine import GenerationParams
+    from specdec.sampling import SamplingParams
+
+    if name == "eagle":  # test_eagle's target
+        model = tiny("llama", vocab=EAGLE_V, init=0.5, seed=2, num_hidden_layers=4, eos_token_id=None).to(DEV)
+        make, V = _eagle, EAGLE_V
+    else:
+        model, make, V = tiny("llama", vocab=96, eos_token_id=None).to(DEV), _medusa, 96
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, V, (n,), generator=g) for n in (7, 12, 5)]
+    gp = GenerationParams(
+        max_new_tokens=24,
+        sampling=SamplingParams.make(3, temperature=temps, top_p=[1.0, 1.0, 0.9]),
+        seeds=torch.tensor([1, 2, 3]),
+    )
+    one, s1, seen1 = _spec_run(model, make(mode), prompts, gp, pipeline=False)
+    two, s2, seen2 = _spec_run(model, make(mode), prompts, gp, pipeline=True)
+    assert seen1["ahead"] == seen1["spec_run"] == 0
+    assert seen2["spec_run"] > 0 and seen2["ahead"] >= seen2["proposals"] // 2, seen2  # most steps ran ahead
+    assert one == two
+    assert s1.target_forwards == s2.target_forwards
+    assert s1.accepted_per_depth == s2.accepted_per_depth and s2.tau > 1.0  # drafts were accepted: advance > 1
+    if max(temps) == 0:
+        for p, o in zip(prompts, two, strict=True):
+            ref = model.generate(p[None].to(DEV), attention_mask=torch.ones(1, len(p), dtype=torch.long, device=DEV),
+                                 max_new_tokens=24, do_sample=False).cpu()  # fmt: skip
+            assert o == ref[0, len(p) :].tolist()
+
+
+def test_a_row_that_finishes_while_a_speculative_step_is_in_flight():
+    """EOS ids end rows at different steps: the step in flight still lands for the other rows, the
+    finished row keeps nothing from it, and every row equals one step at a time (and model.generate)."""
+    from test_eagle import V
+
+    from specdec.engine import GenerationParams
+    from specdec.sampling import SamplingParams
+
+    model = tiny("llama", vocab=V, init=0.5, seed=2, num_hidden_layers=4, eos_token_id=None).to(DEV)
+    g = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(3, V, (n,), generator=g) for n in (6, 9, 4, 11)]
+    gp = GenerationParams(
+        max_new_tokens=30, sampling=SamplingParams.make(4, temperature=0.0), seeds=torch.arange(4), eos_token_ids=(4, 7)
+    )
+    one, _, _ = _spec_run(model, _eagle("topk"), prompts, gp, pipeline=False)
+    two, _, seen = _spec_run(model, _eagle("topk"), prompts, gp, pipeline=True)
+    assert one == two and seen["ahead"] > 0
+    assert seen["after_finish"] > 0, "no step was in flight when a row finished: the test is vacuous"
+    lengths = sorted(len(o) for o in two)
+    assert lengths[0] < lengths[-1] and lengths[0] < 30, "no row met an EOS early: the test is vacuous"
+    for p, o in zip(prompts, two, strict=True):
+        ref = model.generate(p[None].to(DEV), attention_mask=torch.ones(1, len(p), dtype=torch.long, device=DEV),
+                             max_new_tokens=30, do_sample=False, eos_token_id=[4, 7], pad_token_id=0)  # fmt: skip
+        ref = ref[0, len(p) :].tolist()
+        assert o == ref[: len(o)] and (len(o) == 30 or o[-1] in (4, 7))
+
+
+@pytest.mark.parametrize("name,mode", [("eagle", "sampled"), ("medusa", "topk")])
+def test_pipelined_steps_ban_eos_before_min_new_tokens(name, mode):
+    """min_new_tokens counts the tokens a row has made, which a step launched ahead knows only on
+    the device (the count of the step in flight): EOS never comes before min_new_tokens, and the
+    tokens equal one step at a time."""
+    from test_eagle import V as EAGLE_V
+
+    from specdec.engine import GenerationParams
+    from specdec.sampling import SamplingParams
+
+    V = EAGLE_V if name == "eagle" else 96
+    model = tiny("llama", vocab=V, init=0.5, seed=2, num_hidden_layers=4, eos_token_id=None).to(DEV)
+    make = _eagle if name == "eagle" else _medusa
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(3, V, (n,), generator=g) for n in (7, 12, 5)]
+    eos = tuple(range(3, 3 + V // 4))  # a quarter of the vocabulary: without the ban rows would stop early
+    gp = GenerationParams(
+        max_new_tokens=30,
+        min_new_tokens=16,
+        eos_token_ids=eos,
+        sampling=SamplingParams.make(3, temperature=[0.9, 0.0, 1.2]),
+        seeds=torch.tensor([4, 5, 6]),
+    )
+    one, _, _ = _spec_run(model, make(mode), prompts, gp, pipeline=False)
+    two, _, seen = _spec_run(model, make(mode), prompts, gp, pipeline=True)
+    assert seen["ahead"] > 0 and one == two
+    assert all(len(o) >= 16 and not set(o[:15]) & set(eos) for o in two)
+    assert any(len(o) < 30 for o in two), "no row stopped at an EOS after min_new_tokens: the test is vacuous"

@@ -245,3 +245,22 @@ def test_ngram_lookup_is_the_most_recent_match_of_the_longest_suffix():
         assert lookup(h, 3, longest, shortest).tolist() == want, (h.tolist(), longest, shortest)
         hits += bool(want)
     assert 500 < hits < 2000  # both outcomes are exercised
+
+
+@pytest.mark.parametrize("V", [4096, 5000, 16384, 20001])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_topk_last_matches_torch_topk(V, dtype):
+    """The two-stage top-k (chunks, then the chunks' winners) gives torch.topk's values in its
+    order, indices that point at them and never at padding, for [B, m, V] rows with ties (bf16
+    rounding) and a last dim that is not a multiple of the chunk; short dims are torch.topk itself."""
+    from specdec.tree import topk_last
+
+    g = torch.Generator().manual_seed(V)
+    x = torch.randn(2, 3, V, generator=g).to(dtype)
+    x[0, 0, V - 7 :] = 50.0  # winners in the last, padded chunk (ties among them)
+    for k in (1, 10, 37):
+        vals, idx = topk_last(x, k)
+        ref = x.topk(k, dim=-1).values
+        assert torch.equal(vals, ref), (k, V)
+        assert torch.equal(x.gather(-1, idx), vals) and int(idx.max()) < V
+        assert all(len(set(r)) == k for r in idx.flatten(0, 1).tolist())  # k distinct entries a row

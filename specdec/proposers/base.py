@@ -35,6 +35,33 @@ class Needs(enum.Flag):
 
 
 @dataclass(slots=True)
+class Ahead:
+    """A step launched but not read back yet, whose output the next proposal starts from (the
+    engine's pipelined speculative loop: the host never waits for it before drafting). Device
+    tensors of B rows; `ProposeContext.histories` end before this step's tokens.
+
+    tokens            [B, E] long   the tokens the step emits (accepted drafts, then the final
+                                    token; -1 pads past count)
+    count             [B] long      tokens it emits (accepted drafts + 1), 1 <= count <= E
+    roots             [B] long      its last emitted token: the next tree's root
+    accepted_indices  [B, K] long   the tree node accepted at depth 1..K (-1 past the path)
+    features          [B, N, F]     the target's features at the step's nodes (Needs.FEATURES),
+                      or None       valid until the next target forward is launched
+    """
+
+    tokens: torch.Tensor
+    count: torch.Tensor
+    roots: torch.Tensor
+    accepted_indices: torch.Tensor
+    features: torch.Tensor | None = None
+
+    @property
+    def max_emit(self) -> int:
+        """E: the most tokens the step can emit (host-known: no sync)."""
+        return self.tokens.shape[1]
+
+
+@dataclass(slots=True)
 class ProposeContext:
     """What a proposer sees at one step, for the B active rows.
 
@@ -47,6 +74,9 @@ class ProposeContext:
     hidden      [B, E] or None      the target's final hidden state (the lm_head's input) at the
                                     position whose logits produced the root; given when the
                                     proposer's `needs` has Needs.LAST_HIDDEN
+    ahead       Ahead or None       the step still in flight (only for proposers whose
+                                    `pipelines` is True): the root and the last tokens are in it,
+                                    on the device, not in histories
     """
 
     seq_ids: list[int]
@@ -55,13 +85,17 @@ class ProposeContext:
     rng: RowSeeds
     max_drafts: torch.Tensor
     hidden: torch.Tensor | None = None
+    ahead: Ahead | None = None
 
     @property
     def batch_size(self) -> int:
         return len(self.seq_ids)
 
     def roots(self) -> torch.Tensor:
-        """[B] the last committed token of each row."""
+        """[B] the root of each row: the last committed token (on the host), or the in-flight
+        step's last token (on the device) when the context is `ahead`."""
+        if self.ahead is not None:
+            return self.ahead.roots
         return torch.stack([h[-1] for h in self.histories])
 
 
@@ -77,6 +111,20 @@ class Proposer:
     def max_nodes(self) -> int:
         """The most nodes (root included) one proposed tree can have; sizes the KV budget."""
         raise NotImplementedError(f"{type(self).__name__} must define max_nodes")
+
+    @property
+    def max_depth(self) -> int:
+        """The deepest draft one proposed tree can hold (a step emits at most max_depth + 1 tokens)."""
+        return self.max_nodes - 1
+
+    @property
+    def pipelines(self) -> bool:
+        """propose() can start from a step not read back yet (`ProposeContext.ahead`, device
+        tensors only), and update() then learns that its step's output was consumed by the
+        proposal in flight (`VerifyResult.consumed`). The engine then launches step n + 1 before
+        it reads step n back, so the host's work of one step overlaps the device's work of the next.
+        Settled by start() (e.g. only with captured drafting)."""
+        return False
 
     def start(self, target: TargetModel, *, block_size: int, num_blocks: int, max_blocks_per_row: int) -> None:
         """Called when generation starts: check compatibility with the target, allocate state.

@@ -205,8 +205,7 @@ class DraftModel(Proposer):
         out = self._graphs(key, fn, B, host, {}, owner=self.runner.cache, device=dev)
         for s, x in zip(seqs, new, strict=True):
             self.runner.commit(s, x.tolist(), keep=K - 1)  # the drafts' K-1 slots stay reserved
-        # cloned: static buffers that the next proposal overwrites
-        return DraftTree(**{f: x.clone() for f, x in out.items()}, _max_depth=K, _has_wor=False)
+        return DraftTree.from_fields(out, K, has_wor=False)
 
     def _chain_step(self, K: int, all_greedy: bool, filters: tuple[bool, bool, bool]):
         """The captured function of `_propose_graphed`: the catch-up (tokens [B, W], right-padded to
@@ -249,10 +248,8 @@ class DraftModel(Proposer):
                 t["temperature"], t["top_k"], t["top_p"], t["min_p"], t["repetition_penalty"], filters=filters
             )
             drafts, q, law = chain_draws(logits, K, params, all_greedy, RowSeeds(t["seeds"], t["step"]), advance)
-            tree = DraftTree.chain(t["roots"], drafts, law, q, num_drafts=t["max_drafts"].clamp(max=K), has_wor=False)
-            tree = tree.pad_to(node_bucket(tree.width))  # the engine then pads nothing
-            names = ("tokens", "parents", "depth", "num_nodes", "law", "draft_probs")
-            return {f: getattr(tree, f) for f in names}
+            num = t["max_drafts"].clamp(max=K)
+            return DraftTree.chain(t["roots"], drafts, law, q, num_drafts=num, has_wor=False).bucket_fields()
 
         return run
 

@@ -31,7 +31,7 @@ from ..runtime.graphs import GraphedCalls
 from ..runtime.hf import paged_attention
 from ..runtime.metadata import prefill_metadata, slots_of
 from ..sampling import RowSeeds, SamplingParams, process_logits, uniform
-from ..tree import DraftTree, node_bucket
+from ..tree import DraftTree
 from ..verify import VerifyResult
 from .base import STREAM_DRAFT, Needs, ProposeContext, Proposer, chain_draws, register_proposer
 
@@ -63,14 +63,6 @@ class _TreeAttend:
 
 
 CATCH_UP_BUCKET = 8  # new drafter entries per row that a captured step takes (accepted path + root)
-
-
-def _fields(tree: DraftTree) -> dict[str, torch.Tensor]:
-    """A drafted tree's tensors, padded to its node bucket (the engine then pads nothing): the
-    outputs of a captured drafting step."""
-    tree = tree.pad_to(node_bucket(tree.width))
-    names = ("tokens", "parents", "depth", "num_nodes", "law", "draft_probs")
-    return {f: getattr(tree, f) for f in names if getattr(tree, f) is not None}
 
 
 def _joined(pieces: list[torch.Tensor]) -> torch.Tensor:
@@ -134,6 +126,9 @@ class Eagle(Proposer):
         # (exact, keeps acceptance at T > 0); False keeps EAGLE-2's top-k trees at every temperature
         self.sampled_trees: bool | None = None
         self._draft_ids: torch.Tensor | None = None  # [Vd] target id of each draft id (EAGLE-3)
+        # rows whose last catch-up was launched from a step in flight (`Ahead`): its entries are
+        # reserved and written, and committed once that step's tokens are read back (`update`)
+        self._inflight: set[int] = set()
         self._graphs: GraphedCalls | None = None  # the tree expansion's CUDA graphs (on a GPU)
 
     @classmethod
@@ -154,6 +149,15 @@ class Eagle(Proposer):
     @property
     def version(self) -> int:
         return self.drafter.version
+
+    @property
+    def max_depth(self) -> int:
+        return self.depth
+
+    @property
+    def pipelines(self) -> bool:
+        # a step in flight emits up to depth + 1 tokens: the captured catch-up takes that many
+        return self._graphs is not None and self.depth + 1 <= CATCH_UP_BUCKET
 
     @property
     def max_nodes(self) -> int:
@@ -217,7 +221,15 @@ class Eagle(Proposer):
 
     def update(self, ctx: ProposeContext, tree: DraftTree, result: VerifyResult, features=None) -> None:
         """Keep the target's features [B, N, F] along the accepted path (root first): the next
-        catch-up's input."""
+        catch-up's input. When the proposal in flight already caught up on them (result.consumed),
+        commit the drafter entries it wrote instead: one per token the step emitted."""
+        if result.consumed:
+            for s, emitted in zip(ctx.seq_ids, result.host_emitted, strict=True):
+                if s not in self._inflight:
+                    raise RuntimeError(f"EAGLE row {s}: a consumed step, but no catch-up in flight")
+                self._inflight.discard(s)
+                self.bm.commit(s, emitted)
+            return
         feats = features
         if feats is None:
             raise RuntimeError("EAGLE needs the target's features of the verified tree (the engine provides them)")
@@ -231,11 +243,13 @@ class Eagle(Proposer):
     def release(self, seq_ids: list[int]) -> None:
         for s in seq_ids:
             self.pending.pop(s, None)
+            self._inflight.discard(s)
             if s in self.bm:
                 self.bm.free(s)
 
     def finish(self) -> None:
         self.pending.clear()
+        self._inflight.clear()
 
     # ----------------------------------------------------------------------------- drafting
 
@@ -295,6 +309,8 @@ class Eagle(Proposer):
         dev = self.embed.weight.device
         B = ctx.batch_size
         roots = to_device(ctx.roots(), dev)
+        if ctx.ahead is not None:  # the engine pipelines only when `pipelines`: captured, within the bucket
+            return self._propose_graphed(ctx, roots, self._sampled(ctx))
         if int(ctx.max_drafts.max()) < 1:  # every row emits its last token: nothing to draft
             return DraftTree.chain(roots, torch.zeros(B, 0, dtype=torch.long, device=dev))
         new = [sum(len(f) for f in self.pending[s]) for s in ctx.seq_ids]
@@ -327,14 +343,7 @@ class Eagle(Proposer):
         else:
             key = ("tree", width, self.depth, self.top_k, self.total_tokens)
             out = self._graphs(key, expand, B, inputs, {}, owner=self.cache.k)
-        return self._from_fields(out, self.depth, wor=False)
-
-    @staticmethod
-    def _from_fields(out: dict[str, torch.Tensor], depth: int, wor: bool) -> DraftTree:
-        """A tree from a drafting function's fields (`_fields`), cloned: graphed, they are static
-        buffers that the next proposal overwrites. depth: its deepest node (a bound); wor: whether
-        it holds WOR nodes (known here: reading it would sync)."""
-        return DraftTree(**{f: x.clone() for f, x in out.items()}, _max_depth=depth, _has_wor=wor)
+        return DraftTree.from_fields(out, self.depth, has_wor=False)
 
     @staticmethod
     def _graphable_sampling(ctx: ProposeContext) -> bool:
@@ -351,32 +360,35 @@ class Eagle(Proposer):
         dev = roots.device
         B, C = ctx.batch_size, CATCH_UP_BUCKET
         seqs = ctx.seq_ids
-        feats = [_joined(self.pending.pop(s)) for s in seqs]
-        Fw = feats[0].shape[-1]
-        tokens = torch.zeros(B, C, dtype=torch.long)
-        x = torch.zeros(B, C, Fw, dtype=feats[0].dtype, device=dev)
-        done, ends = [], []
-        for b, (s, h, f) in enumerate(zip(seqs, ctx.histories, feats, strict=True)):
-            m = len(f)
-            n = len(h) - 1 - m  # entry e reads token e + 1: a row with L tokens has L - 1 entries
-            if self.bm.num_tokens(s) != n:
-                raise RuntimeError(f"EAGLE row {s}: {self.bm.num_tokens(s)} entries cached, expected {n}")
-            _, copies = self.bm.reserve(s, m)
-            self.cache.copy_blocks(copies)
-            tokens[b, :m] = h[n + 1 :]
-            x[b, :m] = f
-            done.append(n)
-            ends.append(n + m)
-        width = _width_bucket(max(ends))
-        # host tensors: GraphedCalls packs them per dtype into one transfer
-        inputs = {
-            "tokens": tokens,
-            "feats": x,
-            "done": torch.tensor(done),
-            "count": torch.tensor([len(f) for f in feats]),
-            "tables": self.bm.block_tables(seqs, width=self.bm.blocks_needed(width)),
-            "roots": ctx.roots(),
-        }
+        if ctx.ahead is not None:
+            inputs, done, width = self._ahead_inputs(ctx)
+        else:
+            feats = [_joined(self.pending.pop(s)) for s in seqs]
+            Fw = feats[0].shape[-1]
+            tokens = torch.zeros(B, C, dtype=torch.long)
+            x = torch.zeros(B, C, Fw, dtype=feats[0].dtype, device=dev)
+            done, ends = [], []
+            for b, (s, h, f) in enumerate(zip(seqs, ctx.histories, feats, strict=True)):
+                m = len(f)
+                n = len(h) - 1 - m  # entry e reads token e + 1: a row with L tokens has L - 1 entries
+                if self.bm.num_tokens(s) != n:
+                    raise RuntimeError(f"EAGLE row {s}: {self.bm.num_tokens(s)} entries cached, expected {n}")
+                _, copies = self.bm.reserve(s, m)
+                self.cache.copy_blocks(copies)
+                tokens[b, :m] = h[n + 1 :]
+                x[b, :m] = f
+                done.append(n)
+                ends.append(n + m)
+            width = _width_bucket(max(ends))
+            # host tensors: GraphedCalls packs them per dtype into one transfer
+            inputs = {
+                "tokens": tokens,
+                "feats": x,
+                "done": torch.tensor(done),
+                "count": torch.tensor([len(f) for f in feats]),
+                "tables": self.bm.block_tables(seqs, width=self.bm.blocks_needed(width)),
+                "roots": ctx.roots(),
+            }
         filters, chain = None, None
         if self.chain:  # (drafts, all greedy): greedy batches draw no coins
             chain = (int(min(self.depth, int(ctx.max_drafts.max()))), bool(ctx.params.greedy.all()))
@@ -391,11 +403,46 @@ class Eagle(Proposer):
         key = ("step", width, C, self.depth, self.top_k, self.total_tokens, filters, chain)
         fn = self._catch_up_and_expand(width, filters, chain)
         out = self._graphs(key, fn, B, inputs, {}, owner=self.cache.k, device=dev)
-        for s, h, n in zip(seqs, ctx.histories, done, strict=True):
-            self.bm.commit(s, h[n + 1 :].tolist())
+        if ctx.ahead is None:
+            for s, h, n in zip(seqs, ctx.histories, done, strict=True):
+                self.bm.commit(s, h[n + 1 :].tolist())
+        # else: the entries are committed when the step in flight is read back (`update`)
         if chain is not None:
-            return self._from_fields(out, chain[0], wor=False)
-        return self._from_fields(out, self.depth, wor=sampled)
+            return DraftTree.from_fields(out, chain[0], has_wor=False)
+        return DraftTree.from_fields(out, self.depth, has_wor=sampled)
+
+    def _ahead_inputs(self, ctx: ProposeContext) -> tuple[dict[str, torch.Tensor], list[int], int]:
+        """The captured step's inputs when the step before is still in flight (`ctx.ahead`): its
+        emitted tokens, their count and the target's features along its accepted path (root first)
+        stay on the device; the host knows where each row's new entries start (the histories end
+        before the step in flight) and reserves room for the most the step can emit. Returns the
+        inputs, each row's committed entries and the gathered prefix width."""
+        a = ctx.ahead
+        C, E = CATCH_UP_BUCKET, a.max_emit
+        if E > C:
+            raise RuntimeError(f"a step in flight emits up to {E} tokens; the captured catch-up takes {C}")
+        done = []
+        for s, h in zip(ctx.seq_ids, ctx.histories, strict=True):
+            n = len(h) - 1  # entry e reads token e + 1: a row with L tokens has L - 1 entries
+            if self.bm.num_tokens(s) != n:
+                raise RuntimeError(f"EAGLE row {s}: {self.bm.num_tokens(s)} entries cached, expected {n}")
+            _, copies = self.bm.reserve(s, E)
+            self.cache.copy_blocks(copies)
+            self._inflight.add(s)
+            done.append(n)
+        B, Fw = a.features.shape[0], a.features.shape[-1]
+        path = torch.cat([a.accepted_indices.new_zeros(B, 1), a.accepted_indices.clamp(min=0)], 1)[:, :E]  # [B, E]
+        feats = a.features.gather(1, path[:, :, None].expand(-1, -1, Fw))  # [B, E, F]
+        width = _width_bucket(max(done) + E)
+        inputs = {
+            "tokens": F.pad(a.tokens.clamp(min=0), (0, C - E)),  # [B, C] on the device
+            "feats": F.pad(feats, (0, 0, 0, C - E)),  # [B, C, F]
+            "done": torch.tensor(done),
+            "count": a.count,
+            "tables": self.bm.block_tables(ctx.seq_ids, width=self.bm.blocks_needed(width)),
+            "roots": a.roots,
+        }
+        return inputs, done, width
 
     def _catch_up_and_expand(
         self, width: int, filters: tuple[bool, bool, bool] | None = None, chain: tuple[int, bool] | None = None
@@ -442,7 +489,7 @@ class Eagle(Proposer):
                 K = chain[0]
                 drafts, q, law = self._chain_drafts(u, width, K, params, chain[1], rng)
                 num = t["max_drafts"].clamp(max=K)
-                return _fields(DraftTree.chain(t["roots"], drafts, law, q, num_drafts=num, has_wor=False))
+                return DraftTree.chain(t["roots"], drafts, law, q, num_drafts=num, has_wor=False).bucket_fields()
             return self._sampled_expansion(u, width, params, rng)
 
         return run
@@ -458,7 +505,7 @@ class Eagle(Proposer):
             tree = DraftTree.from_topk_expansion(t["roots"], root_lp, expand, self.depth, self.top_k, self.total_tokens)
             if self.drafter.version == 3:
                 tree.tokens = torch.cat([tree.tokens[:, :1], self.drafter.target_ids(tree.tokens[:, 1:])], 1)
-            return _fields(tree)
+            return tree.bucket_fields()
 
         return run
 
@@ -494,7 +541,8 @@ class Eagle(Proposer):
         """Children drawn without replacement from the drafter's processed q (the rows' own
         temperature / top-k / top-p) at T > 0, top-k at T = 0: `DraftTree.from_sampled_expansion`."""
         dev = t["roots"].device
-        return self._from_fields(self._sampled_expansion(t, width, ctx.params.to(dev), ctx.rng), self.depth, wor=True)
+        out = self._sampled_expansion(t, width, ctx.params.to(dev), ctx.rng)
+        return DraftTree.from_fields(out, self.depth, has_wor=True)
 
     def _sampled_expansion(self, t: dict[str, torch.Tensor], width: int, params: SamplingParams, rng):
         """`_sampled_tree` as a function of tensors (root hidden [B, H], roots [B], committed [B],
@@ -522,7 +570,7 @@ class Eagle(Proposer):
         tree = DraftTree.from_sampled_expansion(
             t["roots"], root_logits, expand, process, noise, params.greedy, self.depth, self.top_k, wide, children
         )
-        return _fields(tree)
+        return tree.bucket_fields()
 
     def _chain(self, ctx: ProposeContext, t: dict[str, torch.Tensor], width: int) -> DraftTree:
         """The eager chain (no graphs, or a step the graph cannot take)."""

@@ -17,7 +17,7 @@ from ..hub import resolve
 from ..runtime.base import TargetModel
 from ..runtime.graphs import GraphedCalls
 from ..sampling import RowSeeds, SamplingParams, process_logits, uniform
-from ..tree import DraftTree, Law, node_bucket
+from ..tree import DraftTree, Law, topk_last
 from ..validation import is_int, require_int
 from .base import STREAM_DRAFT, Needs, ProposeContext, Proposer, register_proposer
 
@@ -179,6 +179,15 @@ class Medusa(Proposer):
         self.lm_head = lm_head
 
     @property
+    def max_depth(self) -> int:
+        return max(len(c) for c in self.choices) if self.choices else self.max_nodes - 1
+
+    @property
+    def pipelines(self) -> bool:
+        # the captured proposal reads only device tensors of the step before (hidden state, root)
+        return self._graphs is not None
+
+    @property
     def path_stats(self) -> dict[tuple[int, ...], tuple[int, int]]:
         """choice -> (offered, accepted): how often each node of the tree had its parent accepted
         and was accepted itself, the measured per-depth / per-rank acceptance that `specdec tune`
@@ -208,50 +217,45 @@ class Medusa(Proposer):
         if ctx.hidden is None:
             raise RuntimeError("Medusa needs the target's last hidden state (the engine provides it)")
         dev = ctx.hidden.device
-        roots = to_device(ctx.roots(), dev)
         sampled = self.sampled_trees is not False and not bool(ctx.params.greedy.all())  # host parameters: no sync
         if self._graphs is not None and (not sampled or (isinstance(ctx.rng, RowSeeds) and not ctx.params.warpers)):
-            return self._propose_graphed(ctx, roots, sampled)
+            return self._propose_graphed(ctx, sampled)
+        roots = to_device(ctx.roots(), dev)
         logits = self.heads(ctx.hidden, self.lm_head)  # [B, K, V]
-        candidates = logits.topk(self.top_k, dim=-1).indices  # [B, K, top_k]
+        candidates = topk_last(logits, self.top_k)[1]  # [B, K, top_k]
         tree = DraftTree.from_choices(roots, candidates, self.choices)
         if not sampled:
             return tree
         return self._sampled(tree, logits, ctx.params.to(dev), ctx.rng)
 
-    def _propose_graphed(self, ctx: ProposeContext, roots: torch.Tensor, sampled: bool) -> DraftTree:
+    def _propose_graphed(self, ctx: ProposeContext, sampled: bool) -> DraftTree:
         """The heads, their top-k, the tree and (sampled rows) its draws as one CUDA graph per
         (batch bucket, tree, sampling filters): the hidden state, roots and, when sampled, the rows'
         parameters and RowSeeds counters are its inputs; the tree comes out padded to its node
         bucket, so the engine pads nothing."""
-        dev = roots.device
-        rows = {"hidden": ctx.hidden, "roots": roots}
+        # host tensors (roots, parameters, counters): GraphedCalls packs them into one transfer
+        rows = {"hidden": ctx.hidden, "roots": ctx.roots()}
         filters = None
         if sampled:
             p = ctx.params
-            rows.update({f: to_device(getattr(p, f), dev) for f in SamplingParams._TENSORS})
-            rows["seeds"] = to_device(ctx.rng.seeds.to(torch.long), dev)
-            rows["steps"] = to_device(ctx.rng.step.to(torch.long), dev)
+            rows.update({f: getattr(p, f) for f in SamplingParams._TENSORS})
+            rows["seeds"] = ctx.rng.seeds.to(torch.long)
+            rows["steps"] = ctx.rng.step.to(torch.long)
             filters = p.filters
         key = ("medusa", tuple(self.choices), filters)
         held = self._held.setdefault(key, [])
-        width = node_bucket(len(self.choices) + 1)
 
         def run(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             logits = self.heads(t["hidden"], self.lm_head)  # [B, K, V]
-            candidates = logits.topk(self.top_k, dim=-1).indices
+            candidates = topk_last(logits, self.top_k)[1]
             tree = DraftTree.from_choices(t["roots"], candidates, self.choices, keep=held)
             if filters is not None:
                 params = SamplingParams(*(t[f] for f in SamplingParams._TENSORS), filters=filters)
                 tree = self._sampled(tree, logits, params, RowSeeds(t["seeds"], t["steps"]), keep=held)
-            tree = tree.pad_to(width)
-            fields = ["tokens", "parents", "depth", "num_nodes", "law"] + (["draft_probs"] if filters else [])
-            return {f: getattr(tree, f) for f in fields}
+            return tree.bucket_fields()
 
-        out = self._graphs(key, run, ctx.batch_size, rows, {}, owner=self.lm_head)
-        depth = max(len(c) for c in self.choices)
-        # cloned: static buffers that the next proposal overwrites
-        return DraftTree(**{f: x.clone() for f, x in out.items()}, _max_depth=depth, _has_wor=sampled)
+        out = self._graphs(key, run, ctx.batch_size, rows, {}, owner=self.lm_head, device=ctx.hidden.device)
+        return DraftTree.from_fields(out, max(len(c) for c in self.choices), has_wor=sampled)
 
     def _draw_plan(self, width: int, dev: torch.device, keep: list | None = None) -> dict:
         """From the static choices, on the host once per (tree, device): for each node its parent's
@@ -304,7 +308,7 @@ class Medusa(Proposer):
         P = plan["holder_depth"].shape[0]
         u = uniform(rng, B, P * V, STREAM_DRAFT + 32, device=dev).view(B, P, V) + 2.0**-25
         keys = torch.log(q[:, plan["holder_depth"]].float()) - torch.log(-torch.log(u)).float()  # [B, P, V]
-        draws = keys.topk(plan["draws"], dim=-1).indices  # [B, P, s]: each parent's draw order
+        draws = topk_last(keys, plan["draws"])[1]  # [B, P, s]: each parent's draw order
         drawn = draws[:, plan["slot"], plan["sibling"]]  # [B, N]: node i = draw sibling[i] of its parent
         depth = tree.depth[0]
         node_q = q[:, (depth - 1).clamp(min=0)]  # [B, N, V]: the q each node is drawn from

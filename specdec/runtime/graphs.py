@@ -34,6 +34,8 @@ class _Captured:
     parents: torch.Tensor | None = None  # [Bb, T] long (-1: the root; padding rows: 0)
     num_nodes: torch.Tensor | None = None  # [Bb] long (padding rows: 0, no valid node)
     host: torch.Tensor | None = None  # [Bb, 1 + max_blocks] int32: committed length (-1: padding row), table
+    advance: torch.Tensor | None = None  # [Bb] int32: positions a step in flight commits first (device-known)
+    advanced: bool = False  # advance holds nonzero values (a later call without one zeroes it)
     node_slots: torch.Tensor | None = None  # [Bb, T] long, an output
     columns: torch.Tensor | None = None  # [T] arange: read by the graph, so owned here (a freed one is reused)
 
@@ -143,6 +145,7 @@ class GraphedForward:
         c.num_nodes = torch.zeros(B, dtype=torch.long, device=dev)
         c.host = torch.zeros(B, 1 + self.max_blocks, dtype=torch.int32, device=dev)
         c.host[:, 0] = -1  # the warm-up and capture runs are all padding: they write no slot
+        c.advance = torch.zeros(B, dtype=torch.int32, device=dev)
         return c
 
     def _tree_step(self, c: _Captured):
@@ -156,6 +159,7 @@ class GraphedForward:
 
         def run() -> ModelOutput:
             committed = c.host[:, 0].long()
+            committed = torch.where(committed >= 0, committed + c.advance.long(), committed)
             prefix = committed.clamp(min=0)
             tables = c.host[:, 1:]
             pos = prefix[:, None] + col
@@ -181,10 +185,24 @@ class GraphedForward:
         return run
 
     def _load_tree(
-        self, c: _Captured, tokens, depth, parents, num_nodes, committed: list[int], tables: list[list[int]]
+        self,
+        c: _Captured,
+        tokens,
+        depth,
+        parents,
+        num_nodes,
+        committed: list[int],
+        tables: list[list[int]],
+        advance: torch.Tensor | None = None,
     ) -> None:
         """Fill a tree graph's inputs: rows beyond the batch are padding (committed -1)."""
         B = tokens.shape[0]
+        if advance is not None:
+            c.advance[:B].copy_(advance, non_blocking=True)
+            c.advanced = True
+        elif c.advanced:
+            c.advance.zero_()
+            c.advanced = False
         host = np.zeros(tuple(c.host.shape), dtype=np.int32)
         host[:, 0] = -1  # padding rows: no slot written, no prefix read
         for b, (n, table) in enumerate(zip(committed, tables, strict=True)):
@@ -234,19 +252,21 @@ class GraphedForward:
         num_nodes: torch.Tensor,
         committed: list[int],
         tables: list[list[int]],
+        advance: torch.Tensor | None = None,
     ) -> tuple[ModelOutput, torch.Tensor] | None:
         """One tree step with its metadata built inside the graph (a few copies and one host ->
         device transfer before the replay): tokens, depth, parents [B, T], num_nodes [B] (the
         ancestor mask is derived in the graph), committed [B] lengths and block tables [B][<= max_blocks] on the
-        host. Returns (output, node_slots [B, T]) as static views, or None when the model cannot
-        be captured (the caller runs it eagerly)."""
+        host; advance [B] on the device is added to committed inside the graph (a step in flight
+        commits that many first). Returns (output, node_slots [B, T]) as static views, or None when
+        the model cannot be captured (the caller runs it eagerly)."""
         B, T = tokens.shape
         if not self.capturable(B):
             return None
         c = self._get(self.tree_graphs, self._capture_tree, B, T)
         if c is None:
             return None
-        self._load_tree(c, tokens, depth, parents, num_nodes, committed, tables)
+        self._load_tree(c, tokens, depth, parents, num_nodes, committed, tables, advance)
         c.graph.replay()
         self.last = c
         out = ModelOutput(

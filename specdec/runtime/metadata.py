@@ -87,6 +87,8 @@ def tree_metadata(
     kernels: bool = False,
     gathered: bool = True,
     offset: int = 0,
+    advance: torch.Tensor | None = None,
+    max_advance: int = 0,
 ) -> tuple[torch.Tensor, AttentionMetadata, torch.Tensor]:
     """Metadata of one tree step; the rows' lookahead slots must already be reserved.
 
@@ -95,11 +97,15 @@ def tree_metadata(
     gathered=False skips the gathered form (the CUDA-graph path reads only the paged form).
     offset > 0 places the tree that many reserved (already written) positions later: the draft
     model's chain steps write into one lookahead reservation without committing in between.
+    advance [B] (device, <= max_advance): more positions before the tree that only the device
+    knows (a step in flight commits them: the pipelined speculative loop).
     """
     B, N = tree.tokens.shape
     host_committed = [bm.num_tokens(s) + offset for s in seq_ids]
-    P = max(host_committed)
+    P = max(host_committed) + (max_advance if advance is not None else 0)
     committed = to_device(torch.tensor(host_committed), device)  # [B]
+    if advance is not None:
+        committed = committed + advance.to(device)
     tables = to_device(bm.block_tables(seq_ids, width=bm.blocks_needed(P + N)), device)
     node_slots = slots_of(tables, committed[:, None] + torch.arange(N, device=device), bm.block_size)
     positions = tree.positions(committed)  # [B, N]

@@ -164,15 +164,23 @@ class PagedRunner:
         self.cache.copy_blocks(copies)
 
     def forward_tree(
-        self, seq_ids: list[int], tree: DraftTree, offset: int = 0, reserve: bool = True
+        self,
+        seq_ids: list[int],
+        tree: DraftTree,
+        offset: int = 0,
+        reserve: bool = True,
+        advance: torch.Tensor | None = None,
+        max_advance: int = 0,
     ) -> tuple[ModelOutput, torch.Tensor]:
         """Score tree [B, N] after each row's committed tokens (and `offset` lookahead positions
-        already written: a chain drafted one step at a time); reserve=True reserves its N slots
-        first. Returns the output (logits [B, N, V]; last_hidden / features when set; graphed
+        already written: a chain drafted one step at a time); reserve=True reserves its slots
+        first. advance [B] (device, 1 <= advance <= max_advance): positions a step still in flight
+        will commit before the tree, known only on the device (no sync: the pipelined speculative
+        loop). Returns the output (logits [B, N, V]; last_hidden / features when set; graphed
         outputs are static buffers: use them before the next call) and node_slots [B, N]."""
         if reserve:
             for s in seq_ids:
-                self.reserve(s, tree.width)
+                self.reserve(s, tree.width + (max_advance if advance is not None else 0))
         self.captured = None
         if self.graphs is not None and self.graphs.capturable(len(seq_ids)):
             done = self.graphs.forward_tree(
@@ -182,12 +190,22 @@ class PagedRunner:
                 tree.num_nodes,
                 [self.bm.num_tokens(s) + offset for s in seq_ids],
                 [self.bm.block_table(s) for s in seq_ids],
+                advance,
             )
             if done is not None:
                 self.captured = self.graphs.last
                 return done
         positions, meta, node_slots = tree_metadata(
-            self.cache, self.bm, seq_ids, tree, self.device, self.kernels, gathered=self.graphs is None, offset=offset
+            self.cache,
+            self.bm,
+            seq_ids,
+            tree,
+            self.device,
+            self.kernels,
+            gathered=self.graphs is None,
+            offset=offset,
+            advance=advance,
+            max_advance=max_advance,
         )
         return self._forward(tree.tokens, positions, meta), node_slots
 

@@ -18,7 +18,8 @@ here=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$out"
 # shellcheck disable=SC2086  # the overrides are separate words
 python3 -P -m specdec.training.lm size="$size" out="$out/$size" work="$out/work" \
-  'stages=[corpus,tokenizer,target,draft,distill,medusa,eagle]' $overrides
+  "stages=${STAGES:-[corpus,tokenizer,target,draft,distill,medusa,eagle]}" $overrides
+#    STAGES="[...]" trains fewer heads (the rows of missing heads are skipped).
 #    WAIT_FOR=FILE waits until FILE exists before timing anything (a GPU test run in the same call
 #    must not share the card with the measurements).
 while [ -n "${WAIT_FOR:-}" ] && [ ! -e "$WAIT_FOR" ]; do sleep 2; done

@@ -96,6 +96,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--tiny", action="store_true", help="a small sweep (a CPU check of the script)")
+    ap.add_argument("--nodes", default="1,16,32,64", help="new tokens a step (comma-separated)")
+    ap.add_argument("--prefixes", default="1024,4096", help="committed keys (comma-separated)")
+    ap.add_argument("--block-m", default="16,32,64,128", help="query-row tiles to sweep")
+    ap.add_argument("--block-n", default="32,64,128", help="prefix-key tiles to sweep")
     args = ap.parse_args()
     H, Hkv, D, page = 32, 8, 128, 16
     dtype = torch.bfloat16 if DEV.type == "cuda" else torch.float32
@@ -105,10 +109,11 @@ def main() -> None:
         sweep = [Tiles(16, 16, 16), Tiles(32, 32, 16, num_stages=2)]
         splits = [None, 2]
     else:
-        cases = [(T, P) for P in (1024, 4096) for T in (1, 16, 32, 64)]
+        ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
+        cases = [(T, P) for P in ints(args.prefixes) for T in ints(args.nodes)]
         sweep = [
             Tiles(m, n, 0, num_warps=w, num_stages=st)
-            for m, n, w, st in itertools.product((16, 32, 64, 128), (32, 64, 128), (4, 8), (2, 3))
+            for m, n, w, st in itertools.product(ints(args.block_m), ints(args.block_n), (4, 8), (2, 3))
             if not (m == 128 and n == 128)  # over the shared memory of one SM at D = 128
         ]
         splits = [None, 8, 16, 32, 64]

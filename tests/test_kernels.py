@@ -26,6 +26,20 @@ def _layout(B, prefix, T, page, num_pages, g):
     return tables, new_slots
 
 
+def _tree_problem(B, T, H, Hkv, D, page, prefixes, seed, pages_per_row=64):
+    """paged_tree_attention's positional arguments for random pools, pages and trees (on DEV)."""
+    g = torch.Generator().manual_seed(seed)
+    num_pages = B * pages_per_row
+    k = torch.randn(num_pages * page, Hkv, D, generator=g).to(DEV)
+    v = torch.randn(num_pages * page, Hkv, D, generator=g).to(DEV)
+    prefix = torch.tensor(prefixes)
+    tables, new_slots = _layout(B, prefix, T, page, num_pages, g)
+    parents = [[-1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, T)] for _ in range(B)]
+    mask = DraftTree.from_parents([[0] * T] * B, parents).ancestor_mask()
+    q = torch.randn(B, T, H, D, generator=g).to(DEV)
+    return q, k, v, tables.to(DEV), prefix.int().to(DEV), new_slots.to(DEV), mask.to(DEV), D**-0.5, page
+
+
 @pytest.mark.parametrize(
     "B, T, H, Hkv, D, page, prefixes, splits",
     [
@@ -36,16 +50,7 @@ def _layout(B, prefix, T, page, num_pages, g):
     ],
 )
 def test_paged_tree_attention_matches_reference(B, T, H, Hkv, D, page, prefixes, splits):
-    g = torch.Generator().manual_seed(T * 31 + D)
-    num_pages = B * 64
-    k = torch.randn(num_pages * page, Hkv, D, generator=g).to(DEV)
-    v = torch.randn(num_pages * page, Hkv, D, generator=g).to(DEV)
-    prefix = torch.tensor(prefixes)
-    tables, new_slots = _layout(B, prefix, T, page, num_pages, g)
-    parents = [[-1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, T)] for _ in range(B)]
-    mask = DraftTree.from_parents([[0] * T] * B, parents).ancestor_mask()
-    q = torch.randn(B, T, H, D, generator=g).to(DEV)
-    args = (q, k, v, tables.to(DEV), prefix.int().to(DEV), new_slots.to(DEV), mask.to(DEV), D**-0.5, page)
+    args = _tree_problem(B, T, H, Hkv, D, page, prefixes, seed=T * 31 + D)
     out = paged_tree_attention(*args, max_prefix=max(prefixes), num_splits=splits)
     ref = paged_tree_attention_reference(*args)
     assert out.shape == (B, T, H, D)
@@ -63,18 +68,8 @@ def test_paged_tree_attention_matches_reference(B, T, H, Hkv, D, page, prefixes,
 )
 def test_every_tile_shape_gives_the_same_attention(tiles):
     """The tile shapes bench_attention.py sweeps are layouts of one computation, not new results."""
-    B, T, H, Hkv, D, page, prefixes = 2, 20, 4, 2, 16, 4, [45, 3]
-    g = torch.Generator().manual_seed(5)
-    num_pages = B * 32
-    k = torch.randn(num_pages * page, Hkv, D, generator=g).to(DEV)
-    v = torch.randn(num_pages * page, Hkv, D, generator=g).to(DEV)
-    prefix = torch.tensor(prefixes)
-    tables, new_slots = _layout(B, prefix, T, page, num_pages, g)
-    parents = [[-1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, T)] for _ in range(B)]
-    mask = DraftTree.from_parents([[0] * T] * B, parents).ancestor_mask()
-    q = torch.randn(B, T, H, D, generator=g).to(DEV)
-    args = (q, k, v, tables.to(DEV), prefix.int().to(DEV), new_slots.to(DEV), mask.to(DEV), D**-0.5, page)
-    out = paged_tree_attention(*args, max_prefix=max(prefixes), tiles=tiles)
+    args = _tree_problem(2, 20, 4, 2, 16, 4, [45, 3], seed=5, pages_per_row=32)
+    out = paged_tree_attention(*args, max_prefix=45, tiles=tiles)
     torch.testing.assert_close(out, paged_tree_attention_reference(*args), atol=2e-5, rtol=1e-4)
 
 

@@ -214,6 +214,8 @@ def main() -> None:
         "specdec Eagle(6, 10, 60), top-k trees": lambda: specdec.Eagle.from_pretrained(root / "eagle"),
         # the pipelined speculative loop's ablation: each step read back before the next is drafted
         "specdec Eagle(6, 10, 60), one step at a time": lambda: specdec.Eagle.from_pretrained(root / "eagle"),
+        # the drafter's norms / MLP unfused and its cos / sin from the rotary module (before 2026-12-07)
+        "specdec Eagle(6, 10, 60), unfused drafter": lambda: specdec.Eagle.from_pretrained(root / "eagle"),
         "specdec Eagle chain(5)": lambda: specdec.Eagle.from_pretrained(root / "eagle", depth=5, chain=True),
         "specdec EAGLE-3 Eagle(6, 10, 60)": lambda: specdec.Eagle.from_pretrained(root / "eagle3"),
         # ablations in the same run: the step tail (verify, K/V moves, read-back), EAGLE's tree
@@ -236,6 +238,8 @@ def main() -> None:
         proposer = make()
         if "top-k trees" in name:
             proposer.sampled_trees = False
+        if "unfused drafter" in name:
+            proposer.fuse, proposer.rope_table = False, False
         eager = "eager" in name
         if eager and isinstance(proposer, (specdec.Eagle, specdec.DraftModel)):
             proposer.graphs = False

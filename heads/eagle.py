@@ -165,7 +165,8 @@ class EagleDrafter(nn.Module):
         self.config = config
         self.rotary = LlamaRotaryEmbedding(config)
         self.embed_tokens: nn.Embedding | None = None  # set from a checkpoint that carries one
-        self._rope_table: torch.Tensor | None = None  # [P, 2 x head_dim]: cos | sin of positions [0, P)
+        # [P, 2 x head_dim]: cos | sin of positions [0, P), made by `use_rope_table` (read-only)
+        self.cos_sin: torch.Tensor | None = None
 
     @property
     def hidden_size(self) -> int:
@@ -174,7 +175,7 @@ class EagleDrafter(nn.Module):
     # a table of cos / sin: one gather a call instead of the rotary module's ~8 small kernels
     MAX_ROPE_TABLE = 1 << 25  # elements (64 MB in bf16)
 
-    def use_rope_table(self, positions: int | None, dtype: torch.dtype | None = None) -> bool:
+    def usecos_sin(self, positions: int | None, dtype: torch.dtype | None = None) -> bool:
         """Take cos / sin of positions [0, positions) from a table made now, in `dtype` on the
         rotary module's device (None: drop the table). The values are the rotary module's own, bit
         for bit: each is one product of a position and a frequency. A table that already covers
@@ -183,20 +184,20 @@ class EagleDrafter(nn.Module):
         and only up to MAX_ROPE_TABLE elements. Returns whether a table is in use; positions
         beyond the table are the caller's error (no check: a captured graph cannot make one)."""
         if positions is None:
-            self._rope_table = None
+            self.cos_sin = None
             return False
         rope_type = str(getattr(self.rotary, "rope_type", "default"))
         dev = self.rotary.inv_freq.device
         dtype = dtype or self.rotary.inv_freq.dtype
-        t = self._rope_table
+        t = self.cos_sin
         if t is not None and t.shape[0] >= positions and t.dtype == dtype and t.device == dev:
             return True
-        self._rope_table = None
+        self.cos_sin = None
         if "dynamic" in rope_type or rope_type == "longrope" or 2 * positions * self._head_dim() > self.MAX_ROPE_TABLE:
             return False
         with torch.no_grad():
             cos, sin = self.rotary(torch.empty(0, dtype=dtype, device=dev), torch.arange(positions, device=dev)[None])
-        self._rope_table = torch.cat([cos[0], sin[0]], -1).contiguous()
+        self.cos_sin = torch.cat([cos[0], sin[0]], -1).contiguous()
         return True
 
     def _head_dim(self) -> int:
@@ -205,8 +206,8 @@ class EagleDrafter(nn.Module):
 
     def rope(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [B, T, head_dim] of positions [B, T] in x's dtype: from the table when one
-        matches x (`use_rope_table`), else from the rotary module."""
-        t = self._rope_table
+        matches x (`usecos_sin`), else from the rotary module."""
+        t = self.cos_sin
         if t is None or t.dtype != x.dtype or t.device != x.device:
             return self.rotary(x, positions)
         cs = t[positions]

@@ -66,31 +66,31 @@ def test_eagle3_vocab_map_round_trips():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("version", [1, 3])
-def test_the_rope_table_gives_the_rotary_modules_values_bit_for_bit(version, dtype):
+def test_thecos_sin_gives_the_rotary_modules_values_bit_for_bit(version, dtype):
     d = make_drafter(version).to(dtype)
     g = torch.Generator().manual_seed(4)
     pos = torch.randint(0, 200, (2, 7), generator=g)
     x = torch.randn(2, 7, 64, generator=g).to(dtype)
     feats = torch.randn(2, 7, d.fc.in_features - (64 if version == 1 else 0), generator=g).to(dtype)
     want_cs, want_h = d.rotary(x, pos), d(x, feats, pos)
-    assert d.use_rope_table(200, dtype)
-    table = d._rope_table
+    assert d.usecos_sin(200, dtype)
+    table = d.cos_sin
     got = d.rope(x, pos)
     assert all(torch.equal(a, b) for a, b in zip(got, want_cs, strict=True))
     assert torch.equal(d(x, feats, pos), want_h)
     assert not torch.equal(d.rope(x, pos + 1)[0], want_cs[0])  # the table is indexed, not constant
-    assert d.use_rope_table(150, dtype) and d._rope_table is table  # covered: kept (graphs read it)
+    assert d.usecos_sin(150, dtype) and d.cos_sin is table  # covered: kept (graphs read it)
     other = torch.float64
     assert all(torch.equal(a, b) for a, b in zip(d.rope(x.to(other), pos), d.rotary(x.to(other), pos), strict=True))
-    assert not d.use_rope_table(None) and d._rope_table is None
+    assert not d.usecos_sin(None) and d.cos_sin is None
 
 
-def test_no_rope_table_for_a_dynamic_rope_or_past_the_size_limit(monkeypatch):
+def test_nocos_sin_for_a_dynamic_rope_or_past_the_size_limit(monkeypatch):
     d = make_drafter(1, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
-    assert not d.use_rope_table(64) and d._rope_table is None  # its frequencies depend on the positions
+    assert not d.usecos_sin(64) and d.cos_sin is None  # its frequencies depend on the positions
     d = make_drafter(1)
     monkeypatch.setattr(EagleDrafter, "MAX_ROPE_TABLE", 2 * 16 * 63)  # head_dim 16: 63 positions
-    assert d.use_rope_table(63) and not d.use_rope_table(64) and d._rope_table is None
+    assert d.usecos_sin(63) and not d.usecos_sin(64) and d.cos_sin is None
 
 
 @pytest.mark.parametrize(

@@ -475,8 +475,9 @@ def test_fused_drafting_drafts_the_same_trees_and_stays_greedy_identical(target,
         out = specdec.generate(model, ids, proposer=proposer, max_new_tokens=12)
         assert torch.equal(out, plain)
         assert not any("forward" in m.__dict__ for m in proposer.drafter.modules())  # swapped for the call only
-        if fuse:  # one norm (EAGLE-3: four) and one MLP per drafter call, several calls a step
-            assert calls["mlp"] >= len(trees) and calls["norm"] >= calls["mlp"] * (1 if version == 1 else 4), calls
+        if fuse:  # the layer's norms (EAGLE-3: three) with each MLP call, several calls a step; the final
+            # norm runs only where logits are read, and graph replays call no Python (on the GPU)
+            assert calls["mlp"] >= len(trees) and calls["norm"] >= calls["mlp"] * (1 if version == 1 else 3), calls
         elif not torch.cuda.is_available():
             assert calls == {"norm": 0, "mlp": 0}, calls  # (on a GPU the target's forwards fuse too)
         runs.append(trees)

@@ -230,8 +230,12 @@ def main() -> None:
         for c in contexts:
             ids = prompts[c].to(DEV)
             floor = (weight_bytes + kv_bytes(cfg, c + args.new_tokens // 2)) / bw
-            variants = [(True, True, True), (True, False, True), (True, True, False), (True, False, False)]
-            for graphs, fuse, pipeline in [*variants, (False, True, True)] if DEV.type == "cuda" else [(False,) * 3]:
+            # (graphs, fused norm / MLP / RoPE, pipelined, fused RoPE)
+            variants = [(True, True, True, True), (True, True, True, False), (True, False, True, False)]
+            variants += [(True, True, False, True), (True, False, False, False)]
+            variants = [*variants, (False, True, True, True)] if DEV.type == "cuda" else [(False,) * 4]
+            for graphs, fuse, pipeline, rope in variants:
+                specdec.runtime.fusion.FUSE_ROPE = rope
                 eng = Engine(model, None, cuda_graphs=graphs)
                 eng.target.fuse, eng.pipeline = fuse, pipeline
                 specdec.generate(model, ids, max_new_tokens=8, engine=eng)  # warm: compile, capture
@@ -245,6 +249,7 @@ def main() -> None:
                         "context": c,
                         "cuda_graphs": graphs,
                         "fused_norm_mlp": fuse,
+                        "fused_rope": fuse and rope,
                         "pipelined": pipeline,
                         "tpot_ms": tpot * 1e3,
                         "floor_ms": floor * 1e3,

@@ -152,7 +152,14 @@ def main() -> None:
         "device busy vs wall time per step, kernel table, Chrome trace)",
     )
     ap.add_argument("--no-ablations", action="store_true", help="skip the rows that run steps eagerly")
+    ap.add_argument(
+        "--no-rope-fusion", action="store_true", help="every row without the fused RoPE kernel (fusion.FUSE_ROPE)"
+    )
     args = ap.parse_args()
+    if args.no_rope_fusion:
+        from specdec.runtime import fusion
+
+        fusion.FUSE_ROPE = False
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
     root = demo_dir()
@@ -171,6 +178,7 @@ def main() -> None:
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "dtype": args.dtype,
+        "rope_fusion": not args.no_rope_fusion,
         "prompts": len(prompts),
         "prompt_tokens": [p.shape[1] for p in prompts],
         "new_tokens": N,

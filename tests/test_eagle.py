@@ -73,24 +73,24 @@ def test_thecos_sin_gives_the_rotary_modules_values_bit_for_bit(version, dtype):
     x = torch.randn(2, 7, 64, generator=g).to(dtype)
     feats = torch.randn(2, 7, d.fc.in_features - (64 if version == 1 else 0), generator=g).to(dtype)
     want_cs, want_h = d.rotary(x, pos), d(x, feats, pos)
-    assert d.usecos_sin(200, dtype)
+    assert d.use_rope_table(200, dtype)
     table = d.cos_sin
     got = d.rope(x, pos)
     assert all(torch.equal(a, b) for a, b in zip(got, want_cs, strict=True))
     assert torch.equal(d(x, feats, pos), want_h)
     assert not torch.equal(d.rope(x, pos + 1)[0], want_cs[0])  # the table is indexed, not constant
-    assert d.usecos_sin(150, dtype) and d.cos_sin is table  # covered: kept (graphs read it)
+    assert d.use_rope_table(150, dtype) and d.cos_sin is table  # covered: kept (graphs read it)
     other = torch.float64
     assert all(torch.equal(a, b) for a, b in zip(d.rope(x.to(other), pos), d.rotary(x.to(other), pos), strict=True))
-    assert not d.usecos_sin(None) and d.cos_sin is None
+    assert not d.use_rope_table(None) and d.cos_sin is None
 
 
 def test_nocos_sin_for_a_dynamic_rope_or_past_the_size_limit(monkeypatch):
     d = make_drafter(1, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
-    assert not d.usecos_sin(64) and d.cos_sin is None  # its frequencies depend on the positions
+    assert not d.use_rope_table(64) and d.cos_sin is None  # its frequencies depend on the positions
     d = make_drafter(1)
     monkeypatch.setattr(EagleDrafter, "MAX_ROPE_TABLE", 2 * 16 * 63)  # head_dim 16: 63 positions
-    assert d.usecos_sin(63) and not d.usecos_sin(64) and d.cos_sin is None
+    assert d.use_rope_table(63) and not d.use_rope_table(64) and d.cos_sin is None
 
 
 @pytest.mark.parametrize(
@@ -113,6 +113,8 @@ def test_the_drafters_norms_and_mlp_are_fusable(version, names):
     d = make_drafter(version)
     found = {n for n, m in d.named_modules() if any(m is f for f, _ in fusable(d))}
     assert found == names
+    # and its attention's RoPE: the file heads/eagle.py calls transformers' Llama formula
+    assert [m.name for m, f in fusable(d) if f is None] == ["specdec.heads.eagle"]
 
 
 def test_eagle1_predicts_with_the_targets_lm_head(target):
@@ -437,16 +439,19 @@ def test_a_reused_eagle3_proposer_keeps_the_draft_vocabulary_map_its_graphs_read
 @pytest.mark.gpu
 @pytest.mark.parametrize("version", [1, 3])
 def test_fused_drafting_drafts_the_same_trees_and_stays_greedy_identical(target, version, monkeypatch):
-    """The drafter's norms and MLP as the fused kernels (counted; on the CPU under Triton's
+    """The drafter's norms, MLP and RoPE as the fused kernels (counted; on the CPU under Triton's
     interpreter, where the proposer is told to fuse): the same trees as the unfused drafter, and
     plain decoding's output. fuse=False runs none of them."""
+    import specdec.heads.eagle as he
     import specdec.kernels as K
     from specdec.runtime.fusion import fusable
 
-    calls = {"norm": 0, "mlp": 0}
-    norm, mlp = K.rms_norm, K.silu_mul
+    calls = {"norm": 0, "mlp": 0, "rope": 0}
+    norm, mlp, rope = K.rms_norm, K.silu_mul, K.rope
     monkeypatch.setattr(K, "rms_norm", lambda *a: (calls.__setitem__("norm", calls["norm"] + 1), norm(*a))[1])
     monkeypatch.setattr(K, "silu_mul", lambda *a: (calls.__setitem__("mlp", calls["mlp"] + 1), mlp(*a))[1])
+    monkeypatch.setattr(K, "rope", lambda *a: (calls.__setitem__("rope", calls["rope"] + 1), rope(*a))[1])
+    original_rope = he.apply_rotary_pos_emb
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     model = copy.deepcopy(target).to(dev)  # the module's target stays on the CPU
     torch.manual_seed(5)
@@ -471,14 +476,17 @@ def test_fused_drafting_drafts_the_same_trees_and_stays_greedy_identical(target,
 
         proposer = Spy(make_drafter(version), depth=3, top_k=2, total_tokens=5)
         proposer.fuse = fuse
-        calls.update(norm=0, mlp=0)
+        calls.update(norm=0, mlp=0, rope=0)
         out = specdec.generate(model, ids, proposer=proposer, max_new_tokens=12)
         assert torch.equal(out, plain)
         assert not any("forward" in m.__dict__ for m in proposer.drafter.modules())  # swapped for the call only
+        assert he.apply_rotary_pos_emb is original_rope
         if fuse:  # the layer's norms (EAGLE-3: three) with each MLP call, several calls a step; the final
-            # norm runs only where logits are read, and graph replays call no Python (on the GPU)
+            # norm runs only where logits are read, and graph replays call no Python (on the GPU);
+            # one RoPE with each MLP (a RoPE the kernel did not take would break the equality)
             assert calls["mlp"] >= len(trees) and calls["norm"] >= calls["mlp"] * (1 if version == 1 else 3), calls
+            assert calls["rope"] == calls["mlp"], calls
         elif not torch.cuda.is_available():
-            assert calls == {"norm": 0, "mlp": 0}, calls  # (on a GPU the target's forwards fuse too)
+            assert calls == {"norm": 0, "mlp": 0, "rope": 0}, calls  # (on a GPU the target's forwards fuse too)
         runs.append(trees)
     assert runs[0] == runs[1]

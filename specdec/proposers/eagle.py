@@ -132,7 +132,7 @@ class Eagle(Proposer):
         self._inflight: set[int] = set()
         self._graphs: GraphedCalls | None = None  # the tree expansion's CUDA graphs (on a GPU)
         # the drafter's RMSNorms and SiLU MLP as the fused Triton kernels on a GPU (runtime.fusion),
-        # and its cos / sin from a table (`EagleDrafter.usecos_sin`); settable, to measure them
+        # and its cos / sin from a table (`EagleDrafter.use_rope_table`); settable, to measure them
         self.fuse = True
         self.rope_table = True
         self._fused: list = []
@@ -221,7 +221,7 @@ class Eagle(Proposer):
         # the deepest position a step reads: a full row, the catch-up's padding and the tree's levels
         positions = max_blocks_per_row * block_size + CATCH_UP_BUCKET + self.depth + 2
         old = d.cos_sin
-        d.usecos_sin(positions if self.rope_table else None, param.dtype)
+        d.use_rope_table(positions if self.rope_table else None, param.dtype)
         own_graphs = self._graphs is not None and self._graphs is not self.graphs
         if old is not None and d.cos_sin is not old and own_graphs:
             self._graphs = GraphedCalls()  # graphs captured on the old table would read freed memory

@@ -175,7 +175,7 @@ class EagleDrafter(nn.Module):
     # a table of cos / sin: one gather a call instead of the rotary module's ~8 small kernels
     MAX_ROPE_TABLE = 1 << 25  # elements (64 MB in bf16)
 
-    def usecos_sin(self, positions: int | None, dtype: torch.dtype | None = None) -> bool:
+    def use_rope_table(self, positions: int | None, dtype: torch.dtype | None = None) -> bool:
         """Take cos / sin of positions [0, positions) from a table made now, in `dtype` on the
         rotary module's device (None: drop the table). The values are the rotary module's own, bit
         for bit: each is one product of a position and a frequency. A table that already covers
@@ -206,7 +206,7 @@ class EagleDrafter(nn.Module):
 
     def rope(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [B, T, head_dim] of positions [B, T] in x's dtype: from the table when one
-        matches x (`usecos_sin`), else from the rotary module."""
+        matches x (`use_rope_table`), else from the rotary module."""
         t = self.cos_sin
         if t is None or t.dtype != x.dtype or t.device != x.device:
             return self.rotary(x, positions)

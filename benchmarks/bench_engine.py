@@ -655,7 +655,7 @@ def summary(res: dict) -> str:
     for r in res.get("plain_decode", []):
         out.append(
             f"plain decode ctx {r['context']:>5} graphs={r['cuda_graphs']!s:<5} fused={r.get('fused_norm_mlp')!s:<5} "
-            f"pipelined={r.get('pipelined')!s:<5} TPOT {r['tpot_ms']:7.2f} ms"
+            f"rope={r.get('fused_rope')!s:<5} pipelined={r.get('pipelined')!s:<5} TPOT {r['tpot_ms']:7.2f} ms"
             f" | floor {r['floor_ms']:6.2f} ms | {100 * r['fraction_of_floor']:5.1f}% of floor"
         )
     if "host_syncs_per_step" in res:

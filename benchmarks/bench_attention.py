@@ -14,6 +14,7 @@ is not in them. Prints, per (T, prefix), the default's microseconds, the best sh
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import platform
@@ -106,13 +107,13 @@ def main() -> None:
     if args.tiny:
         H, Hkv, D = 4, 2, 16
         cases = [(1, 40), (16, 40)]
-        sweep = [Tiles(16, 16, 16), Tiles(32, 32, 16, num_stages=2)]
+        sweep = [(16, 16, 4, 3), (32, 32, 4, 2)]  # (block_m, block_n, num_warps, num_stages)
         splits = [None, 2]
     else:
         ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
         cases = [(T, P) for P in ints(args.prefixes) for T in ints(args.nodes)]
         sweep = [
-            Tiles(m, n, 0, num_warps=w, num_stages=st)
+            (m, n, w, st)
             for m, n, w, st in itertools.product(ints(args.block_m), ints(args.block_n), (4, 8), (2, 3))
             if not (m == 128 and n == 128)  # over the shared memory of one SM at D = 128
         ]
@@ -130,20 +131,16 @@ def main() -> None:
     for T, P in cases:
         prob = problem(T, P, H, Hkv, D, page, dtype)
         ref = paged_tree_attention_reference(**prob).float()
-        default = tile_config(T, G, max(16, _next_pow2(D)), 1, Hkv, P)
+        default = tile_config(T, G, max(16, _next_pow2(D)))
+        shapes = [default] + [
+            Tiles(m, n, default.block_t, num_warps=w, num_stages=st) for m, n, w, st in sweep
+        ]  # the sweep keeps the default's new-key step
         rows = []
-        for base, ns in itertools.product([default, *sweep], splits):
-            tiles = Tiles(
-                base.block_m,
-                base.block_n,
-                base.block_t or (16 if T <= 16 else 64),
-                base.num_warps,
-                base.num_stages,
-                ns,
-            )
+        for base, ns in itertools.product(shapes, splits):
+            tiles = dataclasses.replace(base, num_splits=ns)
             if T * G <= 16 and tiles.block_m > 32 and base is not default:
                 continue  # decode: one query tile of 4 rows; wider tiles only add padding
-            row = {"tiles": tiles.__dict__, "default": base is default}
+            row = {"tiles": dataclasses.asdict(tiles), "default": base is default}
 
             def call(tiles=tiles, prob=prob, P=P):
                 return paged_tree_attention(**prob, max_prefix=P, tiles=tiles)

@@ -230,8 +230,12 @@ def main() -> None:
         for c in contexts:
             ids = prompts[c].to(DEV)
             floor = (weight_bytes + kv_bytes(cfg, c + args.new_tokens // 2)) / bw
-            variants = [(True, True, True), (True, False, True), (True, True, False), (True, False, False)]
-            for graphs, fuse, pipeline in [*variants, (False, True, True)] if DEV.type == "cuda" else [(False,) * 3]:
+            # (graphs, fused norm / MLP / RoPE, pipelined, fused RoPE)
+            variants = [(True, True, True, True), (True, True, True, False), (True, False, True, False)]
+            variants += [(True, True, False, True), (True, False, False, False)]
+            variants = [*variants, (False, True, True, True)] if DEV.type == "cuda" else [(False,) * 4]
+            for graphs, fuse, pipeline, rope in variants:
+                specdec.runtime.fusion.FUSE_ROPE = rope
                 eng = Engine(model, None, cuda_graphs=graphs)
                 eng.target.fuse, eng.pipeline = fuse, pipeline
                 specdec.generate(model, ids, max_new_tokens=8, engine=eng)  # warm: compile, capture
@@ -245,6 +249,7 @@ def main() -> None:
                         "context": c,
                         "cuda_graphs": graphs,
                         "fused_norm_mlp": fuse,
+                        "fused_rope": fuse and rope,
                         "pipelined": pipeline,
                         "tpot_ms": tpot * 1e3,
                         "floor_ms": floor * 1e3,
@@ -650,7 +655,7 @@ def summary(res: dict) -> str:
     for r in res.get("plain_decode", []):
         out.append(
             f"plain decode ctx {r['context']:>5} graphs={r['cuda_graphs']!s:<5} fused={r.get('fused_norm_mlp')!s:<5} "
-            f"pipelined={r.get('pipelined')!s:<5} TPOT {r['tpot_ms']:7.2f} ms"
+            f"rope={r.get('fused_rope')!s:<5} pipelined={r.get('pipelined')!s:<5} TPOT {r['tpot_ms']:7.2f} ms"
             f" | floor {r['floor_ms']:6.2f} ms | {100 * r['fraction_of_floor']:5.1f}% of floor"
         )
     if "host_syncs_per_step" in res:

@@ -25,9 +25,10 @@ python3 -P -m specdec.training.lm size="$size" out="$out/$size" work="$out/work"
 while [ -n "${WAIT_FOR:-}" ] && [ ! -e "$WAIT_FOR" ]; do sleep 2; done
 #    ONLY="part,part" keeps the rows whose names hold a part (specdec plain always runs); TRACE=DIR
 #    adds one torch.profiler call per specdec row (kernels and device busy time per step).
+#    PROFILE=FILE appends a host cProfile of one call per specdec row (where the host's time goes).
 SPECDEC_DEMO_DIR="$out/$size" python3 -P "$here/bench_pairs.py" --dtype "${DTYPE:-bfloat16}" --no-ablations \
   --prompts "${PROMPTS:-10}" --new-tokens "${NEW_TOKENS:-128}" --out "$out/pairs_$size.json" \
-  ${ONLY:+--only "$ONLY"} ${TRACE:+--trace "$TRACE"}
+  ${ONLY:+--only "$ONLY"} ${TRACE:+--trace "$TRACE"} ${PROFILE:+--profile "$PROFILE"}
 # 3. at T = 1 (T1=0 skips it): EAGLE's sampled trees against its top-k trees and specdec plain, the
 #    measurement behind the default tree at T > 0 on a pair whose target forward dominates
 if [ "${T1:-1}" != 0 ]; then

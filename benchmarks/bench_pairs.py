@@ -152,7 +152,14 @@ def main() -> None:
         "device busy vs wall time per step, kernel table, Chrome trace)",
     )
     ap.add_argument("--no-ablations", action="store_true", help="skip the rows that run steps eagerly")
+    ap.add_argument(
+        "--no-rope-fusion", action="store_true", help="every row without the fused RoPE kernel (fusion.FUSE_ROPE)"
+    )
     args = ap.parse_args()
+    if args.no_rope_fusion:
+        from specdec.runtime import fusion
+
+        fusion.FUSE_ROPE = False
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
     root = demo_dir()
@@ -171,6 +178,7 @@ def main() -> None:
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "dtype": args.dtype,
+        "rope_fusion": not args.no_rope_fusion,
         "prompts": len(prompts),
         "prompt_tokens": [p.shape[1] for p in prompts],
         "new_tokens": N,
@@ -214,6 +222,8 @@ def main() -> None:
         "specdec Eagle(6, 10, 60), top-k trees": lambda: specdec.Eagle.from_pretrained(root / "eagle"),
         # the pipelined speculative loop's ablation: each step read back before the next is drafted
         "specdec Eagle(6, 10, 60), one step at a time": lambda: specdec.Eagle.from_pretrained(root / "eagle"),
+        # the drafter's norms / MLP unfused and its cos / sin from the rotary module (before 2026-12-07)
+        "specdec Eagle(6, 10, 60), unfused drafter": lambda: specdec.Eagle.from_pretrained(root / "eagle"),
         "specdec Eagle chain(5)": lambda: specdec.Eagle.from_pretrained(root / "eagle", depth=5, chain=True),
         "specdec EAGLE-3 Eagle(6, 10, 60)": lambda: specdec.Eagle.from_pretrained(root / "eagle3"),
         # ablations in the same run: the step tail (verify, K/V moves, read-back), EAGLE's tree
@@ -236,6 +246,8 @@ def main() -> None:
         proposer = make()
         if "top-k trees" in name:
             proposer.sampled_trees = False
+        if "unfused drafter" in name:
+            proposer.fuse, proposer.rope_table = False, False
         eager = "eager" in name
         if eager and isinstance(proposer, (specdec.Eagle, specdec.DraftModel)):
             proposer.graphs = False

@@ -83,10 +83,13 @@ class _MLP(nn.Module):
         self.gate_proj = nn.Linear(H, I, bias=False)
         self.up_proj = nn.Linear(H, I, bias=False)
         self.down_proj = nn.Linear(I, H, bias=False)
-        self.act = ACT2FN[config.hidden_act]
+        self.act_fn = ACT2FN[config.hidden_act]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+    # transformers' LlamaMLP.forward, statement for statement: runtime.fusion recognises the formula
+    # by its bytecode and runs it as the fused SiLU-mul kernel on the GPU
+    def forward(self, x):
+        down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        return down_proj
 
 
 class _Layer(nn.Module):
@@ -162,10 +165,54 @@ class EagleDrafter(nn.Module):
         self.config = config
         self.rotary = LlamaRotaryEmbedding(config)
         self.embed_tokens: nn.Embedding | None = None  # set from a checkpoint that carries one
+        # [P, 2 x head_dim]: cos | sin of positions [0, P), made by `use_rope_table` (read-only)
+        self.cos_sin: torch.Tensor | None = None
 
     @property
     def hidden_size(self) -> int:
         return int(self.config.hidden_size)
+
+    # a table of cos / sin: one gather a call instead of the rotary module's ~8 small kernels
+    MAX_ROPE_TABLE = 1 << 25  # elements (64 MB in bf16)
+
+    def use_rope_table(self, positions: int | None, dtype: torch.dtype | None = None) -> bool:
+        """Take cos / sin of positions [0, positions) from a table made now, in `dtype` on the
+        rotary module's device (None: drop the table). The values are the rotary module's own, bit
+        for bit: each is one product of a position and a frequency. A table that already covers
+        `positions` in that dtype and device is kept (captured graphs read its address). Only
+        static RoPE types get one (a dynamic type recomputes its frequencies from the positions),
+        and only up to MAX_ROPE_TABLE elements. Returns whether a table is in use; positions
+        beyond the table are the caller's error (no check: a captured graph cannot make one)."""
+        if positions is None:
+            self.cos_sin = None
+            return False
+        rope_type = str(getattr(self.rotary, "rope_type", "default"))
+        dev = self.rotary.inv_freq.device
+        dtype = dtype or self.rotary.inv_freq.dtype
+        t = self.cos_sin
+        if t is not None and t.shape[0] >= positions and t.dtype == dtype and t.device == dev:
+            return True
+        self.cos_sin = None
+        if "dynamic" in rope_type or rope_type == "longrope" or 2 * positions * self._head_dim() > self.MAX_ROPE_TABLE:
+            return False
+        with torch.no_grad():
+            cos, sin = self.rotary(torch.empty(0, dtype=dtype, device=dev), torch.arange(positions, device=dev)[None])
+        self.cos_sin = torch.cat([cos[0], sin[0]], -1).contiguous()
+        return True
+
+    def _head_dim(self) -> int:
+        c = self.config
+        return int(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+
+    def rope(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [B, T, head_dim] of positions [B, T] in x's dtype: from the table when one
+        matches x (`use_rope_table`), else from the rotary module."""
+        t = self.cos_sin
+        if t is None or t.dtype != x.dtype or t.device != x.device:
+            return self.rotary(x, positions)
+        cs = t[positions]
+        D = t.shape[-1] // 2
+        return cs[..., :D], cs[..., D:]
 
     @property
     def draft_vocab_size(self) -> int:
@@ -235,7 +282,7 @@ class Eagle1Drafter(EagleDrafter):
         return draft_ids
 
     def forward(self, embeds, features, positions, attend: Attend = causal_attend, from_target: bool = True):
-        cos, sin = self.rotary(embeds, positions)
+        cos, sin = self.rope(embeds, positions)
         return self.layers[0](self.fc(torch.cat([embeds, features], -1)), cos, sin, attend)
 
     def logits(self, hidden: torch.Tensor, lm_head: nn.Module | None = None) -> torch.Tensor:
@@ -301,7 +348,7 @@ class Eagle3Drafter(EagleDrafter):
         return draft_ids + self.d2t[draft_ids]
 
     def forward(self, embeds, features, positions, attend: Attend = causal_attend, from_target: bool = True):
-        cos, sin = self.rotary(embeds, positions)
+        cos, sin = self.rope(embeds, positions)
         x = self.fc(features) if from_target else features
         return self.midlayer(x, cos, sin, attend, embeds=embeds)
 

@@ -12,6 +12,7 @@ Dims: B rows, T new tokens, H query heads, Hkv KV heads, G = H / Hkv, D head siz
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -229,8 +230,17 @@ class Tiles:
     num_stages: int = 3
     num_splits: int | None = None  # None: enough programs to fill the card
 
+    def __post_init__(self):
+        for name in ("block_m", "block_n", "block_t"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 16 or v & (v - 1):
+                raise ValueError(f"Tiles.{name}={v!r}: tl.dot takes a power of two >= 16 (16, 32, 64, ...)")
+        if self.num_splits is not None and self.num_splits < 1:
+            raise ValueError(f"Tiles.num_splits={self.num_splits!r}: need >= 1, or None to fill the card")
 
-def tile_config(T: int, G: int, D_PAD: int, B: int, Hkv: int, max_prefix: int) -> Tiles:
+
+@functools.lru_cache(maxsize=256)
+def tile_config(T: int, G: int, D_PAD: int) -> Tiles:
     """The tiles for T new tokens of G query heads per KV head (few shapes: each one is a compile).
 
     16 query rows for decode, 64 or 128 for trees and prefill chunks (more rows are more tiles);
@@ -298,7 +308,7 @@ def paged_tree_attention(
     assert sinks is None or sinks.shape == (H,), f"sinks must be [H={H}]"
     G = H // Hkv
     D_PAD = max(16, _next_pow2(D))
-    tiles = tiles or tile_config(T, G, D_PAD, B, Hkv, max_prefix)
+    tiles = tiles or tile_config(T, G, D_PAD)
     BLOCK_M, BLOCK_N, BLOCK_T, num_warps, num_stages = (
         tiles.block_m,
         tiles.block_n,
@@ -306,7 +316,6 @@ def paged_tree_attention(
         tiles.num_warps,
         tiles.num_stages,
     )
-    assert BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_T >= 16, f"tiles below 16 cannot feed tl.dot: {tiles}"
     num_q_tiles = triton.cdiv(T * G, BLOCK_M)
     num_splits = num_splits or tiles.num_splits
     if num_splits is None:

@@ -730,7 +730,7 @@ class Engine:
                 event = torch.cuda.Event()
                 event.record()
         stats.verify_time_s += clock(dev) - t1
-        E = (pack.shape[1] - 3) // 3 + 1
+        E = res.accepted_indices.shape[1] + 1  # the most tokens a row emits: the accepted path and one more
         advance = prev.max_emit if prev is not None else 0
         return _Flight(ctx, tree, out, res, pack, host, event, final, outputs, E, advance)
 
@@ -767,7 +767,7 @@ class Engine:
         for b in live:
             r = rows[b]
             root, n = r.tokens[-1], num_acc[b]
-            new = emitted[b][: n + 1]
+            new = res.host_emitted[b]
             kept = self._emit(r, new, gp)
             if f.outputs is not None:
                 self._keep_outputs(r, gp, f.outputs[b], len(kept))

@@ -1,5 +1,6 @@
 """EAGLE: drafter modules, checkpoint layouts, feature hooks, and greedy equality with plain decoding."""
 
+import copy
 import json
 
 import pytest
@@ -61,6 +62,59 @@ def test_eagle3_vocab_map_round_trips():
     assert d.t2d.nonzero().flatten().tolist() == ids.tolist()
     with pytest.raises(ValueError, match="strictly increasing"):
         d.set_vocab_map(torch.tensor([3, 1, 2, 4, 5, 6, 7, 8, 9, 10]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("version", [1, 3])
+def test_thecos_sin_gives_the_rotary_modules_values_bit_for_bit(version, dtype):
+    d = make_drafter(version).to(dtype)
+    g = torch.Generator().manual_seed(4)
+    pos = torch.randint(0, 200, (2, 7), generator=g)
+    x = torch.randn(2, 7, 64, generator=g).to(dtype)
+    feats = torch.randn(2, 7, d.fc.in_features - (64 if version == 1 else 0), generator=g).to(dtype)
+    want_cs, want_h = d.rotary(x, pos), d(x, feats, pos)
+    assert d.use_rope_table(200, dtype)
+    table = d.cos_sin
+    got = d.rope(x, pos)
+    assert all(torch.equal(a, b) for a, b in zip(got, want_cs, strict=True))
+    assert torch.equal(d(x, feats, pos), want_h)
+    assert not torch.equal(d.rope(x, pos + 1)[0], want_cs[0])  # the table is indexed, not constant
+    assert d.use_rope_table(150, dtype) and d.cos_sin is table  # covered: kept (graphs read it)
+    other = torch.float64
+    assert all(torch.equal(a, b) for a, b in zip(d.rope(x.to(other), pos), d.rotary(x.to(other), pos), strict=True))
+    assert not d.use_rope_table(None) and d.cos_sin is None
+
+
+def test_nocos_sin_for_a_dynamic_rope_or_past_the_size_limit(monkeypatch):
+    d = make_drafter(1, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    assert not d.use_rope_table(64) and d.cos_sin is None  # its frequencies depend on the positions
+    d = make_drafter(1)
+    monkeypatch.setattr(EagleDrafter, "MAX_ROPE_TABLE", 2 * 16 * 63)  # head_dim 16: 63 positions
+    assert d.use_rope_table(63) and not d.use_rope_table(64) and d.cos_sin is None
+
+
+@pytest.mark.parametrize(
+    "version, names",
+    [
+        (1, {"layers.0.post_attention_layernorm", "layers.0.mlp"}),
+        (
+            3,
+            {
+                "norm",
+                "midlayer.mlp",
+                *(f"midlayer.{n}" for n in ("input_layernorm", "hidden_norm", "post_attention_layernorm")),
+            },
+        ),
+    ],
+)
+def test_the_drafters_norms_and_mlp_are_fusable(version, names):
+    from specdec.runtime.fusion import fusable
+
+    d = make_drafter(version)
+    found = {n for n, m in d.named_modules() if any(m is f for f, _ in fusable(d))}
+    assert found == names
+    # and its attention's RoPE: the file heads/eagle.py calls transformers' Llama formula
+    assert [m.name for m, f in fusable(d) if f is None] == ["specdec.heads.eagle"]
 
 
 def test_eagle1_predicts_with_the_targets_lm_head(target):
@@ -380,3 +434,59 @@ def test_a_reused_eagle3_proposer_keeps_the_draft_vocabulary_map_its_graphs_read
         first = first if first is not None else proposer._draft_ids
         assert proposer._draft_ids is first
     assert first.tolist() == [0, 1, 2, 3, 5, 8, 9, 11, 12, 15]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("version", [1, 3])
+def test_fused_drafting_drafts_the_same_trees_and_stays_greedy_identical(target, version, monkeypatch):
+    """The drafter's norms, MLP and RoPE as the fused kernels (counted; on the CPU under Triton's
+    interpreter, where the proposer is told to fuse): the same trees as the unfused drafter, and
+    plain decoding's output. fuse=False runs none of them."""
+    import specdec.heads.eagle as he
+    import specdec.kernels as K
+    from specdec.runtime.fusion import fusable
+
+    calls = {"norm": 0, "mlp": 0, "rope": 0}
+    norm, mlp, rope = K.rms_norm, K.silu_mul, K.rope
+    monkeypatch.setattr(K, "rms_norm", lambda *a: (calls.__setitem__("norm", calls["norm"] + 1), norm(*a))[1])
+    monkeypatch.setattr(K, "silu_mul", lambda *a: (calls.__setitem__("mlp", calls["mlp"] + 1), mlp(*a))[1])
+    monkeypatch.setattr(K, "rope", lambda *a: (calls.__setitem__("rope", calls["rope"] + 1), rope(*a))[1])
+    original_rope = he.apply_rotary_pos_emb
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = copy.deepcopy(target).to(dev)  # the module's target stays on the CPU
+    torch.manual_seed(5)
+    ids = torch.randint(0, V, (2, 9), device=dev)
+    plain = specdec.generate(model, ids, max_new_tokens=12)
+    runs = []
+    for fuse in (True, False):
+        trees = []
+
+        class Spy(Eagle):
+            seen = trees
+
+            def start(self, *a, **k):
+                super().start(*a, **k)
+                if self.fuse and not self._fused:  # the CPU: fuse under the interpreter
+                    self._fused = fusable(self.drafter)
+
+            def propose(self, ctx):
+                tree = super().propose(ctx)
+                self.seen.append((tree.tokens.tolist(), tree.parents.tolist()))
+                return tree
+
+        proposer = Spy(make_drafter(version), depth=3, top_k=2, total_tokens=5)
+        proposer.fuse = fuse
+        calls.update(norm=0, mlp=0, rope=0)
+        out = specdec.generate(model, ids, proposer=proposer, max_new_tokens=12)
+        assert torch.equal(out, plain)
+        assert not any("forward" in m.__dict__ for m in proposer.drafter.modules())  # swapped for the call only
+        assert he.apply_rotary_pos_emb is original_rope
+        if fuse:  # the layer's norms (EAGLE-3: three) with each MLP call, several calls a step; the final
+            # norm runs only where logits are read, and graph replays call no Python (on the GPU);
+            # one RoPE with each MLP (a RoPE the kernel did not take would break the equality)
+            assert calls["mlp"] >= len(trees) and calls["norm"] >= calls["mlp"] * (1 if version == 1 else 3), calls
+            assert calls["rope"] == calls["mlp"], calls
+        elif not torch.cuda.is_available():
+            assert calls == {"norm": 0, "mlp": 0, "rope": 0}, calls  # (on a GPU the target's forwards fuse too)
+        runs.append(trees)
+    assert runs[0] == runs[1]

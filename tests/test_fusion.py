@@ -1,11 +1,11 @@
-"""Fused RMSNorm / SiLU-MLP kernels: against transformers' formulas, and which modules get them."""
+"""Fused RMSNorm / SiLU-MLP / RoPE kernels: against transformers' formulas, and which modules get them."""
 
 import pytest
 import torch
 from models import tiny
 
-from specdec.kernels import rms_norm, rms_norm_reference, silu_mul, silu_mul_reference
-from specdec.runtime.fusion import fusable, fused_forwards
+from specdec.kernels import rms_norm, rms_norm_reference, rope, rope_fits, rope_reference, silu_mul, silu_mul_reference
+from specdec.runtime.fusion import RopeSite, fusable, fused_forwards, rope_sites
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -63,6 +63,9 @@ def test_fusable_finds_the_llama_formula_only(arch, norms, mlps):
     kinds = [type(m).__name__ for m, _ in found]
     assert sum(k.endswith("RMSNorm") for k in kinds) == norms
     assert sum(k.endswith("MLP") for k in kinds) == mlps
+    # one rotary site per modeling file with the Llama formula (Gemma 2's is; GPT-2 has no RoPE)
+    sites = [m.name for m, _ in found if isinstance(m, RopeSite)]
+    assert sites == ([] if arch == "gpt2" else [f"transformers.models.{arch}.modeling_{arch}"]), sites
 
 
 def test_a_changed_forward_is_not_fused():
@@ -102,20 +105,146 @@ def test_engine_runs_the_fused_kernels_and_stays_greedy_identical(monkeypatch):
     import specdec
     import specdec.kernels as K
 
-    calls = {"norm": 0, "mlp": 0}
-    norm, mlp = K.rms_norm, K.silu_mul
+    calls = {"norm": 0, "mlp": 0, "rope": 0}
+    norm, mlp, rope_ = K.rms_norm, K.silu_mul, K.rope
     monkeypatch.setattr(K, "rms_norm", lambda *a: (calls.__setitem__("norm", calls["norm"] + 1), norm(*a))[1])
     monkeypatch.setattr(K, "silu_mul", lambda *a: (calls.__setitem__("mlp", calls["mlp"] + 1), mlp(*a))[1])
+    monkeypatch.setattr(K, "rope", lambda *a: (calls.__setitem__("rope", calls["rope"] + 1), rope_(*a))[1])
     model = tiny("qwen3", vocab=64, num_hidden_layers=1).to(DEV)
     ids = torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(3)).to(DEV)
     ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False)
     for fuse in (True, False):
-        calls.update(norm=0, mlp=0)
+        calls.update(norm=0, mlp=0, rope=0)
         engine = specdec.Engine(model, specdec.Ngram(num_tokens=2), block_size=4, cuda_graphs=False)
         engine.kernels = True
         engine.target.fuse = fuse
         out = specdec.generate(model, ids, max_new_tokens=5, do_sample=False, engine=engine)
         assert torch.equal(out, ref)
-        # 1 layer: three norms and one MLP per forward; the prefill and at least one step ran
-        assert (calls["norm"] >= 2 * 3 and calls["mlp"] >= 2) if fuse else calls == {"norm": 0, "mlp": 0}, calls
+        # 1 layer: three norms, one MLP and one RoPE per forward; the prefill and at least one step ran
+        if fuse:
+            assert calls["norm"] >= 2 * 3 and calls["mlp"] >= 2 and calls["rope"] == calls["mlp"], calls
+        else:
+            assert calls == {"norm": 0, "mlp": 0, "rope": 0}, calls
     assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def _rope_problem(dtype, B, HQ, HK, T, D, cos_rows, seed=0):
+    """q / k as attention makes them ([B, T, H, D] projections viewed as [B, H, T, D]) and the
+    rotary module's cos / sin [cos_rows, T, D] (duplicated halves, as transformers builds them)."""
+    g = torch.Generator().manual_seed(seed)
+    q = (torch.randn(B, T, HQ, D, generator=g) * 3).to(dtype).to(DEV).transpose(1, 2)
+    k = (torch.randn(B, T, HK, D, generator=g) * 3).to(dtype).to(DEV).transpose(1, 2)
+    ang = torch.randn(cos_rows, T, D // 2, generator=g) * 5
+    emb = torch.cat([ang, ang], -1)
+    return q, k, emb.cos().to(dtype).to(DEV), emb.sin().to(dtype).to(DEV)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 4, 2, 1, 64, 1), (2, 8, 2, 5, 32, 2), (3, 2, 2, 7, 128, 1), (2, 3, 1, 4, 8, 2)])
+def test_rope_is_transformers_formula_bit_for_bit(dtype, shape):
+    """The kernel rounds where torch does (each product, then the sum), so it equals transformers'
+    apply_rotary_pos_emb exactly; on the CPU Triton's interpreter truncates bf16 where the GPU
+    rounds (at most a few ulps there). Also the layout: the output is laid out as its input."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    q, k, cos, sin = _rope_problem(dtype, *shape)
+    want = apply_rotary_pos_emb(q, k, cos, sin)
+    assert all(torch.equal(a, b) for a, b in zip(rope_reference(q, k, cos, sin), want, strict=True))
+    got = rope(q, k, cos, sin)
+
+    def layout(x):  # the strides of the dims that have more than one element
+        return [st for st, n in zip(x.stride(), x.shape, strict=True) if n > 1]
+
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        assert layout(g) == layout(w)
+        if dtype == torch.bfloat16 and DEV == "cpu":  # a few ulps of the inputs' scale (the sum may cancel)
+            scale = float(max(q.abs().max(), k.abs().max()))
+            assert float((g.float() - w.float()).abs().max()) <= 4 * torch.finfo(dtype).eps * scale
+        else:
+            assert torch.equal(g, w)
+    swapped = rope(q, k, sin, cos)  # the comparison can fail: cos and sin are not interchangeable
+    assert not torch.equal(swapped[0], want[0])
+
+
+def test_rope_fits_names_what_it_takes():
+    q, k, cos, sin = _rope_problem(torch.float32, 2, 4, 2, 3, 16, 1)
+    assert rope_fits(q, k, cos, sin)
+    assert not rope_fits(q, k, cos.double(), sin.double())  # one dtype
+    assert not rope_fits(q[..., :15], k[..., :15], cos[..., :15], sin[..., :15])  # D even
+    assert not rope_fits(q, k, cos[:, :2], sin[:, :2])  # positions of q
+    assert not rope_fits(q.transpose(-1, -2), k, cos, sin)  # unit stride in D
+    with pytest.raises(ValueError, match=r"rope: q \(2, 4, 3, 16\).*need q \[B, Hq, T, D\]"):
+        rope(q, k, cos.double(), sin.double())
+
+
+def rotate_half(x):  # a modeling file's helper, the Llama formula (this module's own globals)
+    """Rotates half the hidden dims of the input."""
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+    """A copy of the Llama formula in another file (docstrings differ: they do not count)."""
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    q_embed = (q * cos) + (rotate_half(q) * sin)
+    k_embed = (k * cos) + (rotate_half(k) * sin)
+    return q_embed, k_embed
+
+
+def partial_rotary(q, k, cos, sin, unsqueeze_dim=1):  # another formula under the same name elsewhere
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    q_embed = (q * cos) - (rotate_half(q) * sin)
+    k_embed = (k * cos) - (rotate_half(k) * sin)
+    return q_embed, k_embed
+
+
+class _Attn(torch.nn.Module):
+    def forward(self, q, k, cos, sin):
+        return apply_rotary_pos_emb(q, k, cos, sin)
+
+
+def test_rope_sites_take_the_llama_formula_only(monkeypatch):
+    here = _Attn.forward.__globals__
+    assert [s.name for s in rope_sites(_Attn())] == [__name__]
+    monkeypatch.setitem(here, "apply_rotary_pos_emb", partial_rotary)
+    assert rope_sites(_Attn()) == []
+    monkeypatch.setitem(here, "apply_rotary_pos_emb", apply_rotary_pos_emb)
+    hooked = _Attn()
+    hooked.register_forward_pre_hook(lambda m, a: None)  # someone else's hooks decide its inputs
+    assert rope_sites(hooked) == []
+
+
+@pytest.mark.gpu
+def test_rope_swap_lasts_for_the_call_and_nests(monkeypatch):
+    """The file's global is the fused function inside the context (nested and repeated contexts
+    share one swap) and the original object after it; the model's output is unchanged (fp32) and
+    the kernel ran (counted)."""
+    import transformers.models.llama.modeling_llama as ml
+
+    import specdec.kernels as K
+
+    calls = []
+    kernel = K.rope
+    monkeypatch.setattr(K, "rope", lambda *a: (calls.append(1), kernel(*a))[1])
+    model = tiny("llama", num_hidden_layers=2).to(DEV).eval()
+    sites = [e for e in fusable(model) if isinstance(e[0], RopeSite)]
+    original = ml.apply_rotary_pos_emb
+    x = torch.randint(0, 50, (2, 7), device=DEV)
+    with torch.no_grad():
+        want = model(x).logits
+        assert not calls
+        with fused_forwards(sites):
+            swapped = ml.apply_rotary_pos_emb
+            assert swapped is not original
+            with fused_forwards(sites):
+                assert ml.apply_rotary_pos_emb is swapped
+            assert ml.apply_rotary_pos_emb is swapped  # the outer context still holds it
+            got = model(x).logits
+        assert ml.apply_rotary_pos_emb is original
+    assert len(calls) == 2  # one per layer
+    assert torch.equal(got, want)

@@ -73,6 +73,14 @@ def test_every_tile_shape_gives_the_same_attention(tiles):
     torch.testing.assert_close(out, paged_tree_attention_reference(*args), atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("field, value", [("block_m", 8), ("block_n", 48), ("block_t", 0), ("num_splits", 0)])
+def test_tiles_refuse_shapes_the_kernel_cannot_take(field, value):
+    good = dict(block_m=16, block_n=32, block_t=16)
+    with pytest.raises(ValueError, match=f"Tiles.{field}={value}"):
+        Tiles(**{**good, field: value})
+    Tiles(**good)  # the same shape with a valid value is taken
+
+
 @pytest.mark.parametrize(
     "B, T, H, Hkv, D, page, prefixes, window, softcap, sinks",
     [

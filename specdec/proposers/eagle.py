@@ -27,6 +27,7 @@ from ..cache.paged_kv import PagedKVCache
 from ..devices import to_device
 from ..heads.eagle import EagleDrafter, load_eagle
 from ..runtime.base import AttentionMetadata, TargetModel
+from ..runtime.fusion import fusable, fused_forwards
 from ..runtime.graphs import GraphedCalls
 from ..runtime.hf import paged_attention
 from ..runtime.metadata import prefill_metadata, slots_of
@@ -130,6 +131,11 @@ class Eagle(Proposer):
         # reserved and written, and committed once that step's tokens are read back (`update`)
         self._inflight: set[int] = set()
         self._graphs: GraphedCalls | None = None  # the tree expansion's CUDA graphs (on a GPU)
+        # the drafter's RMSNorms and SiLU MLP as the fused Triton kernels on a GPU (runtime.fusion),
+        # and its cos / sin from a table (`EagleDrafter.use_rope_table`); settable, to measure them
+        self.fuse = True
+        self.rope_table = True
+        self._fused: list = []
 
     @classmethod
     def from_pretrained(
@@ -212,6 +218,14 @@ class Eagle(Proposer):
         if self.bm is None or self.bm.num_blocks < num_blocks or self.bm.block_size != block_size:
             self.bm = BlockManager(num_blocks, block_size)
             self.cache = PagedKVCache(1, num_blocks, block_size)
+        # the deepest position a step reads: a full row, the catch-up's padding and the tree's levels
+        positions = max_blocks_per_row * block_size + CATCH_UP_BUCKET + self.depth + 2
+        old = d.cos_sin
+        d.use_rope_table(positions if self.rope_table else None, param.dtype)
+        own_graphs = self._graphs is not None and self._graphs is not self.graphs
+        if old is not None and d.cos_sin is not old and own_graphs:
+            self._graphs = GraphedCalls()  # graphs captured on the old table would read freed memory
+        self._fused = fusable(d) if self.kernels and self.fuse else []
 
     def prefill(self, seq_ids: list[int], prompts: list[torch.Tensor], features=None) -> None:
         if features is None:
@@ -306,6 +320,10 @@ class Eagle(Proposer):
 
     @torch.inference_mode()
     def propose(self, ctx: ProposeContext) -> DraftTree:
+        with fused_forwards(self._fused):  # captured graphs record the fused kernels
+            return self._propose(ctx)
+
+    def _propose(self, ctx: ProposeContext) -> DraftTree:
         dev = self.embed.weight.device
         B = ctx.batch_size
         roots = to_device(ctx.roots(), dev)
@@ -371,10 +389,7 @@ class Eagle(Proposer):
             for b, (s, h, f) in enumerate(zip(seqs, ctx.histories, feats, strict=True)):
                 m = len(f)
                 n = len(h) - 1 - m  # entry e reads token e + 1: a row with L tokens has L - 1 entries
-                if self.bm.num_tokens(s) != n:
-                    raise RuntimeError(f"EAGLE row {s}: {self.bm.num_tokens(s)} entries cached, expected {n}")
-                _, copies = self.bm.reserve(s, m)
-                self.cache.copy_blocks(copies)
+                self._reserve_entries(s, n, m)
                 tokens[b, :m] = h[n + 1 :]
                 x[b, :m] = f
                 done.append(n)
@@ -411,6 +426,14 @@ class Eagle(Proposer):
             return DraftTree.from_fields(out, chain[0], has_wor=False)
         return DraftTree.from_fields(out, self.depth, has_wor=sampled)
 
+    def _reserve_entries(self, s: int, n: int, m: int) -> None:
+        """Room for m new drafter entries of row s after its n committed ones (a captured catch-up
+        writes them; they are committed after it)."""
+        if self.bm.num_tokens(s) != n:
+            raise RuntimeError(f"EAGLE row {s}: {self.bm.num_tokens(s)} entries cached, expected {n}")
+        _, copies = self.bm.reserve(s, m)
+        self.cache.copy_blocks(copies)
+
     def _ahead_inputs(self, ctx: ProposeContext) -> tuple[dict[str, torch.Tensor], list[int], int]:
         """The captured step's inputs when the step before is still in flight (`ctx.ahead`): its
         emitted tokens, their count and the target's features along its accepted path (root first)
@@ -424,10 +447,7 @@ class Eagle(Proposer):
         done = []
         for s, h in zip(ctx.seq_ids, ctx.histories, strict=True):
             n = len(h) - 1  # entry e reads token e + 1: a row with L tokens has L - 1 entries
-            if self.bm.num_tokens(s) != n:
-                raise RuntimeError(f"EAGLE row {s}: {self.bm.num_tokens(s)} entries cached, expected {n}")
-            _, copies = self.bm.reserve(s, E)
-            self.cache.copy_blocks(copies)
+            self._reserve_entries(s, n, E)
             self._inflight.add(s)
             done.append(n)
         B, Fw = a.features.shape[0], a.features.shape[-1]

@@ -247,7 +247,7 @@ class HFModel:
         self.max_positions = int(max_pos) if max_pos else None
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        # fused RMSNorm / SiLU-MLP kernels in forwards on the paged kernels (runtime.fusion);
+        # fused RMSNorm / SiLU-MLP / rotary kernels in forwards on the paged kernels (runtime.fusion);
         # settable, e.g. to measure what they save
         self.fuse = True
         self._fusable = None
@@ -305,7 +305,7 @@ class HFModel:
             hook = self.model.get_output_embeddings().register_forward_pre_hook(lambda m, a: seen.append(a[0]))
         capture = capture_features(self.model, features) if features else contextlib.nullcontext()
         fused = contextlib.nullcontext()
-        if self.fuse and meta.block_tables is not None:  # the Triton path: fuse the norms and MLPs too
+        if self.fuse and meta.block_tables is not None:  # the Triton path: fuse the norms, MLPs and RoPE too
             if self._fusable is None:
                 self._fusable = fusable(self.model)
             fused = fused_forwards(self._fusable)

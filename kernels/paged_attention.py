@@ -243,11 +243,13 @@ class Tiles:
 def tile_config(T: int, G: int, D_PAD: int) -> Tiles:
     """The tiles for T new tokens of G query heads per KV head (few shapes: each one is a compile).
 
-    16 query rows for decode, 64 or 128 for trees and prefill chunks (more rows are more tiles);
-    16 or 64 new keys a step.
+    16 query rows for decode, 64 for trees (T <= 64) and 128 for longer prefill chunks (more rows
+    are more tiles); 16 or 64 new keys a step. Trees: on an H100 at the 8B shape (G = 4, D = 128,
+    prefix 1024) 64-row tiles took 32- and 64-node trees from 41 to 18 and 22 us a layer against
+    128-row ones (benchmarks/bench_attention.py, docs/benchmarks.md 2026-12-07 (c)).
     """
     rows = T * G
-    block_m = min(16 if rows <= 16 else 64 if rows <= 64 else 128, max(16, 16384 // D_PAD))
+    block_m = min(16 if rows <= 16 else 64 if rows <= 64 or T <= 64 else 128, max(16, 16384 // D_PAD))
     return Tiles(
         block_m=block_m,
         block_n=64 if block_m <= 64 else 32,

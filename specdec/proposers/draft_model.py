@@ -4,10 +4,15 @@ Greedy rows draft the argmax (POINT law); sampled rows draw from the draft's pro
 target's sampling parameters (IID law, verified with that true q). Rejected drafts are rolled back
 by truncating the draft's cache. On a CUDA device a step's catch-up and its K drafts replay as one
 CUDA graph (`_propose_graphed`): the host reserves slots and commits, the device does the rest.
+With captured steps and a fixed num_tokens the proposer `pipelines`: the engine launches step
+n + 1 before it reads step n back, and the captured catch-up takes step n's emitted tokens from the
+device (`Ahead`); their K/V are committed when step n lands (`update`, `VerifyResult.consumed`).
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import warnings
 
 import torch
@@ -60,6 +65,8 @@ class DraftModel(Proposer):
         # one with capture=False)
         self.graphs: bool | GraphedCalls = True
         self._graphs: GraphedCalls | None = None
+        self._ks: collections.deque[int] = collections.deque()  # K of each proposal not updated yet, oldest first
+        self._inflight: set[int] = set()  # rows whose captured catch-up of a step in flight awaits its commit
 
     @property
     def runtime(self) -> HFModel:
@@ -81,6 +88,12 @@ class DraftModel(Proposer):
     def max_nodes(self) -> int:
         return (self.max_tokens if self.adaptive else self.num_tokens) + 1
 
+    @property
+    def pipelines(self) -> bool:
+        # the captured step catches up on the step in flight's tokens from the device; "auto"
+        # changes K when a step lands, so a step drafted ahead would use another K: not pipelined
+        return self._graphs is not None and not self.adaptive
+
     def start(self, target: TargetModel, *, block_size: int, num_blocks: int, max_blocks_per_row: int) -> None:
         Vd, V = self.runtime.vocab_size, target.vocab_size
         if abs(Vd - V) > VOCAB_PADDING * max(Vd, V):
@@ -95,6 +108,8 @@ class DraftModel(Proposer):
             d = getattr(self.model.config, key, None)
             if t is not None and d is not None and t != d:
                 raise ValueError(f"draft {key}={d} but target {key}={t}: the models use different tokenizers")
+        self._ks.clear()
+        self._inflight.clear()
         self.runner.ensure_pool(num_blocks, block_size)  # the target's pool size: every row fits
         self.runner.set_outputs(max_blocks_per_row)
         if isinstance(self.graphs, GraphedCalls):
@@ -125,9 +140,9 @@ class DraftModel(Proposer):
         B = ctx.batch_size
         dev = self.runtime.device
         K = int(min(self.num_tokens, int(ctx.max_drafts.max())))
-        self._drafted = max(K, 0)
+        self._ks.append(max(K, 0))
         roots = to_device(ctx.roots(), dev)
-        if K < 1:
+        if K < 1:  # (a step in flight: its tokens are caught up with the next proposal's history)
             return DraftTree.chain(roots, torch.zeros(B, 0, dtype=torch.long, device=dev))
         if self._capturable(ctx):
             try:
@@ -136,12 +151,18 @@ class DraftModel(Proposer):
                 if "captur" not in str(e).lower():
                     raise
                 self._graphs = None  # this call and later ones draft eagerly (each forward still tries its graph)
+                self._inflight.difference_update(ctx.seq_ids)  # the eager path below commits its own catch-up
                 warnings.warn(
                     f"the draft model's step cannot be captured in a CUDA graph ({str(e).splitlines()[0]}); "
                     "it runs eagerly",
                     RuntimeWarning,
                     stacklevel=2,
                 )
+        if ctx.ahead is not None:  # no graph for this step: read the step in flight's tokens (one sync)
+            a = ctx.ahead
+            tokens, count = a.tokens.cpu(), a.count.cpu()
+            histories = [torch.cat([h, tokens[b, : int(count[b])]]) for b, h in enumerate(ctx.histories)]
+            ctx = dataclasses.replace(ctx, histories=histories, ahead=None)
         # 1. catch up: every committed token the draft has not seen, up to and including the root
         logits = self._logits(self.runner.extend(ctx.seq_ids, [self._ids(h) for h in ctx.histories]))  # [B, V]
         for s in ctx.seq_ids:
@@ -166,22 +187,41 @@ class DraftModel(Proposer):
             return False
         if not (bool(ctx.params.greedy.all()) or isinstance(ctx.rng, RowSeeds)):  # host parameters: no sync
             return False
-        done = (self.bm.num_tokens(s) for s in ctx.seq_ids)
+        done = [self.bm.num_tokens(s) for s in ctx.seq_ids]
+        if ctx.ahead is not None:  # the step in flight's tokens, after every committed one the draft has seen
+            seen = all(n == len(h) for h, n in zip(ctx.histories, done, strict=True))
+            return seen and ctx.ahead.max_emit <= CATCH_UP_BUCKET
         return max(len(h) - n for h, n in zip(ctx.histories, done, strict=True)) <= CATCH_UP_BUCKET
 
     def _propose_graphed(self, ctx: ProposeContext, roots: torch.Tensor, K: int) -> DraftTree:
         """The catch-up and the K drafts as one CUDA graph per (batch bucket, K, catch-up bucket):
         the host reserves each row's slots (new tokens + K - 1 drafts), pads the new tokens into a
-        [B, W] array and commits them after the launch; nothing waits for the device."""
+        [B, W] array and commits them after the launch; nothing waits for the device.
+
+        With a step in flight (`ctx.ahead`) the new tokens are that step's emitted ones, on the
+        device (the draft has seen every committed token: `update` committed the last catch-up);
+        the host reserves room for the most it can emit, and `update` commits them when it lands."""
         dev = self.runtime.device
         seqs, B = ctx.seq_ids, ctx.batch_size
         done = [self.bm.num_tokens(s) for s in seqs]
-        new = [h[n:] for h, n in zip(ctx.histories, done, strict=True)]
-        W = node_bucket(max(len(x) for x in new))
-        tokens = torch.zeros(B, W, dtype=torch.long)
-        for b, (s, x) in enumerate(zip(seqs, new, strict=True)):
-            self.runner.reserve(s, len(x) + K - 1)
-            tokens[b, : len(x)] = x
+        a = ctx.ahead
+        if a is not None:
+            for s, h, n in zip(seqs, ctx.histories, done, strict=True):
+                if n != len(h):
+                    raise RuntimeError(f"draft row {s}: {n} tokens cached, expected {len(h)} with a step in flight")
+                self.runner.reserve(s, a.max_emit + K - 1)
+                self._inflight.add(s)
+            W = node_bucket(a.max_emit)
+            tokens = torch.nn.functional.pad(a.tokens.clamp(min=0), (0, W - a.max_emit))  # [B, W] on the device
+            count = a.count
+        else:
+            new = [h[n:] for h, n in zip(ctx.histories, done, strict=True)]
+            W = node_bucket(max(len(x) for x in new))
+            tokens = torch.zeros(B, W, dtype=torch.long)
+            for b, (s, x) in enumerate(zip(seqs, new, strict=True)):
+                self.runner.reserve(s, len(x) + K - 1)
+                tokens[b, : len(x)] = x
+            count = torch.tensor([len(x) for x in new])
         g = self.runner.graphs
         longest = max(len(self.bm.block_table(s)) for s in seqs)
         width = g.max_blocks if g is not None else self.runner.graph_width(longest)
@@ -191,7 +231,7 @@ class DraftModel(Proposer):
         host = {
             "tokens": tokens,
             "done": torch.tensor(done),
-            "count": torch.tensor([len(x) for x in new]),
+            "count": count,
             "tables": self.bm.block_tables(seqs, width=width),
             "temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p, "min_p": p.min_p,
             "repetition_penalty": p.repetition_penalty,
@@ -203,8 +243,9 @@ class DraftModel(Proposer):
         key = ("chain", K, W, all_greedy, tuple(p.filters))
         fn = self._chain_step(K, all_greedy, tuple(p.filters))
         out = self._graphs(key, fn, B, host, {}, owner=self.runner.cache, device=dev)
-        for s, x in zip(seqs, new, strict=True):
-            self.runner.commit(s, x.tolist(), keep=K - 1)  # the drafts' K-1 slots stay reserved
+        if a is None:
+            for s, x in zip(seqs, new, strict=True):
+                self.runner.commit(s, x.tolist(), keep=K - 1)  # the drafts' K-1 slots stay reserved
         return DraftTree.from_fields(out, K, has_wor=False)
 
     def _chain_step(self, K: int, all_greedy: bool, filters: tuple[bool, bool, bool]):
@@ -254,7 +295,17 @@ class DraftModel(Proposer):
         return run
 
     def update(self, ctx: ProposeContext, tree: DraftTree, result: VerifyResult, features=None) -> None:
-        K = self._drafted  # the engine pads the tree to a node bucket: its width is not K + 1
+        """Commit the K/V the draft wrote for this step's accepted tokens. When the proposal in
+        flight already caught up on them (result.consumed), commit its catch-up instead: the
+        tokens this step emitted, with that proposal's K - 1 draft slots kept after them."""
+        K = self._ks.popleft() if self._ks else 0  # the engine pads the tree to a node bucket: its width is not K + 1
+        if result.consumed:
+            keep = max(self._ks[0] - 1, 0) if self._ks else 0  # the proposal in flight's drafts
+            for s, emitted in zip(ctx.seq_ids, result.host_emitted, strict=True):
+                if s in self._inflight:  # (a proposal that drafted nothing or read the tokens eagerly: none)
+                    self._inflight.discard(s)
+                    self.runner.commit(s, emitted, keep=keep)
+            return
         accepted = result.accepted_counts()  # read back by the engine already: no device read
         fed = tree.tokens[:, 1:K].tolist() if K > 1 else [[] for _ in ctx.seq_ids]
         for s, n, drafts in zip(ctx.seq_ids, accepted, fed, strict=True):
@@ -265,4 +316,9 @@ class DraftModel(Proposer):
             self.num_tokens = min(self.max_tokens, self.num_tokens + 2) if full else max(1, self.num_tokens - 1)
 
     def release(self, seq_ids: list[int]) -> None:
+        self._inflight.difference_update(seq_ids)
         self.runner.free(seq_ids)  # a row whose prefill failed before its allocation has nothing to free
+
+    def finish(self) -> None:
+        self._ks.clear()
+        self._inflight.clear()

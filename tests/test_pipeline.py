@@ -275,3 +275,23 @@ def test_pipelined_steps_ban_eos_before_min_new_tokens(name, mode):
     assert seen["ahead"] > 0 and one == two
     assert all(len(o) >= 16 and not set(o[:15]) & set(eos) for o in two)
     assert any(len(o) < 30 for o in two), "no row stopped at an EOS after min_new_tokens: the test is vacuous"
+
+
+def test_a_draft_step_in_flight_that_cannot_be_captured_reads_its_tokens():
+    """When the captured step cannot take a proposal drafted ahead (here: forced), the draft model
+    reads the step in flight's tokens back (one sync) and drafts eagerly: the same tokens as one
+    step at a time, and the catch-up is committed once (nothing stays allocated)."""
+    from specdec.engine import GenerationParams
+    from specdec.sampling import SamplingParams
+
+    model = tiny("llama", vocab=96, eos_token_id=None).to(DEV)
+    g = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(3, 96, (n,), generator=g) for n in (6, 10)]
+    gp = GenerationParams(max_new_tokens=20, sampling=SamplingParams.make(2, temperature=0.0), seeds=torch.arange(2))
+    one, _, _ = _spec_run(model, _draft("chain", model), prompts, gp, pipeline=False)
+    proposer = _draft("chain", model)
+    capturable = proposer._capturable
+    proposer._capturable = lambda ctx: ctx.ahead is None and capturable(ctx)
+    two, _, seen = _spec_run(model, proposer, prompts, gp, pipeline=True)
+    assert seen["ahead"] > 0 and one == two
+    assert not proposer._inflight

@@ -26,6 +26,7 @@ from ..cache.block_manager import BlockManager
 from ..cache.paged_kv import PagedKVCache
 from ..devices import to_device
 from ..heads.eagle import EagleDrafter, load_eagle
+from ..runtime import fusion
 from ..runtime.base import AttentionMetadata, TargetModel
 from ..runtime.fusion import fusable, fused_forwards
 from ..runtime.graphs import GraphedCalls
@@ -136,6 +137,7 @@ class Eagle(Proposer):
         self.fuse = True
         self.rope_table = True
         self._fused: list = []
+        self._fused_key: tuple | None = None  # what _fused was computed for (start recomputes it on a change)
 
     @classmethod
     def from_pretrained(
@@ -225,7 +227,9 @@ class Eagle(Proposer):
         own_graphs = self._graphs is not None and self._graphs is not self.graphs
         if old is not None and d.cos_sin is not old and own_graphs:
             self._graphs = GraphedCalls()  # graphs captured on the old table would read freed memory
-        self._fused = fusable(d) if self.kernels and self.fuse else []
+        key = (id(d), self.kernels, self.fuse, fusion.FUSE_ROPE)
+        if self._fused_key != key:  # a module walk and two disassemblies: once, not at every call
+            self._fused, self._fused_key = (fusable(d) if self.kernels and self.fuse else []), key
 
     def prefill(self, seq_ids: list[int], prompts: list[torch.Tensor], features=None) -> None:
         if features is None:

@@ -70,16 +70,6 @@ def _same_fn(f, ref) -> bool:
     return ops(f) == ops(ref)
 
 
-def _same_code(cls: type, shape: type) -> bool:
-    f = getattr(cls, "forward", None)
-    code, ref = getattr(f, "__code__", None), shape.forward.__code__
-    return code is not None and (code.co_code, code.co_names, code.co_consts) == (
-        ref.co_code,
-        ref.co_names,
-        ref.co_consts,
-    )
-
-
 FUSE_ROPE = True  # settable: fusable() then leaves the rotary embeddings alone (to measure what they save)
 _ROPE = "apply_rotary_pos_emb"
 _rope_lock = threading.Lock()
@@ -195,14 +185,14 @@ def fusable(model: nn.Module) -> list[tuple[nn.Module, types.MethodType]]:
         cls = type(m)
         weight = getattr(m, "weight", None)
         if (
-            _same_code(cls, _LlamaRMSNormShape)
+            _same_fn(getattr(cls, "forward", None), _LlamaRMSNormShape.forward)
             and isinstance(weight, torch.Tensor)
             and weight.dim() == 1
             and isinstance(getattr(m, "variance_epsilon", None), float)
         ):
             out.append((m, types.MethodType(_fused_norm, m)))
         elif (
-            _same_code(cls, _LlamaMLPShape)
+            _same_fn(getattr(cls, "forward", None), _LlamaMLPShape.forward)
             and isinstance(getattr(m, "act_fn", None), (SiLUActivation, nn.SiLU))
             and all(_plain(getattr(m, name)) for name in ("gate_proj", "up_proj"))
         ):

@@ -198,6 +198,59 @@ class Engine:
     def _graph_width(self, needs: list[int]) -> int:
         return self.runner.graph_width(max(needs), max_tree_nodes(self.proposer))
 
+    def warmup(
+        self,
+        max_prompt_tokens: int,
+        max_new_tokens: int = 128,
+        *,
+        batch_sizes: tuple[int, ...] | list[int] = (1,),
+        **generate_kwargs,
+    ) -> int:
+        """Pay a first call's one-time costs before serving: size the KV pool for the largest batch
+        of rows with max_prompt_tokens + max_new_tokens, compile the kernels and capture the step
+        graphs, with short calls on dummy prompts (random ids, fixed seed). A proposer whose graphs
+        depend on the context length (EAGLE's drafting step, one graph per power-of-two prefix
+        width) gets one call across each width up to the longest row, so later calls within these
+        shapes capture nothing (`SpecStats.graph_captures`) and every call runs at steady-state TPOT.
+
+        generate_kwargs are `specdec.generate`'s (do_sample, temperature, top_p, ...): pass those of
+        the calls to serve, since sampled and greedy steps are different graphs. On the CPU there are
+        no graphs: the calls only allocate the pool. Returns the number of graphs captured.
+        Rows of a batch that finish early run in smaller batch buckets: list those in batch_sizes.
+        """
+        from .api import generate
+
+        require_int("max_prompt_tokens", max_prompt_tokens, 1, "the longest prompt to serve, in tokens")
+        require_int("max_new_tokens", max_new_tokens, 1, "the most tokens a call generates")
+        for b in batch_sizes:
+            require_int("batch_sizes entry", b, 1, "rows per call")
+        sizes = sorted(set(batch_sizes), reverse=True)
+        if not sizes:
+            raise ValueError("batch_sizes is empty; give the batch sizes to serve, e.g. (1,)")
+        total = max_prompt_tokens + max_new_tokens
+        limit = self.target.max_positions
+        if limit is not None and total > limit:
+            raise ValueError(
+                f"max_prompt_tokens {max_prompt_tokens} + max_new_tokens {max_new_tokens} = {total} exceeds the "
+                f"model's {limit} positions (max_position_embeddings)"
+            )
+        self._ensure_pool([self._row_need(max_prompt_tokens, max_new_tokens)] * sizes[0])
+        short = min(16, total - 1)  # tokens per warm-up call: each call crosses one width boundary
+        lengths, w = {min(max_prompt_tokens, total - short)}, 64
+        while w // 2 < total:
+            lengths.add(max(1, min(w - short // 2, total - short)))
+            w *= 2
+        g = torch.Generator().manual_seed(0)
+        V, dev = self.target.input_vocab_size, self.target.device
+        kw = {"min_new_tokens": short, **generate_kwargs, "max_new_tokens": short, "engine": self}
+        kw["return_dict_in_generate"] = True
+        captures = 0
+        for B in sizes:
+            for n in sorted(lengths):
+                ids = torch.randint(0, V, (B, n), generator=g).to(dev)
+                captures += generate(self.target.model, ids, **kw).stats.graph_captures
+        return captures
+
     @torch.inference_mode()
     def step_costs(self, sizes: list[int], context: int = 128, reps: int = 5) -> dict[int, float]:
         """Median seconds of one target step over a chain of n nodes after `context` committed tokens,

@@ -235,3 +235,34 @@ def test_a_draft_padded_to_another_vocabulary_size_drafts_for_the_target(extra):
     assert torch.equal(out.sequences, ref) and out.stats.accepted > 0
     sampled = specdec.generate(target, ids, proposer=DraftModel(draft, 3), max_new_tokens=8, do_sample=True, seed=1)
     assert sampled.shape == (2, 20) and int(sampled.max()) < 400
+
+
+def test_warmup_sizes_the_pool_and_changes_no_output(model):
+    """Engine.warmup's dummy calls leave nothing allocated, size the pool for the shape it was
+    given (no later call of that shape grows it) and do not change what a call generates."""
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, V, (1, n), generator=g) for n in (5, 40, 90)]
+    kw = dict(max_new_tokens=12, do_sample=False)
+    fresh = [specdec.generate(model, p, proposer=Ngram(num_tokens=3), **kw) for p in prompts]
+    engine = specdec.Engine(model, Ngram(num_tokens=3))
+    assert engine.warmup(90, 12, batch_sizes=(2, 1), do_sample=False) == 0  # no graphs on the CPU
+    pool = engine.bm
+    assert pool.num_blocks >= 2 * engine._row_need(90, 12) and pool.num_free_blocks == pool.num_blocks
+    for p, ref in zip(prompts, fresh, strict=True):
+        assert torch.equal(specdec.generate(model, p, engine=engine, **kw), ref)
+    assert engine.bm is pool  # the pool was not re-made
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, fragment",
+    [
+        ((0,), {}, "max_prompt_tokens"),
+        ((8, 0), {}, "max_new_tokens"),
+        ((8,), {"batch_sizes": (1, 0)}, "batch_sizes entry"),
+        ((8,), {"batch_sizes": ()}, "batch_sizes is empty"),
+        ((500, 100), {}, "exceeds the model's"),
+    ],
+)
+def test_warmup_names_bad_settings(model, args, kwargs, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        specdec.Engine(model).warmup(*args, **kwargs)

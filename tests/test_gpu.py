@@ -144,3 +144,22 @@ def test_the_step_tail_graphs_draw_what_the_eager_tail_draws(name):
         results[graphs] = (out, stats.accepted, stats.drafted, stats.target_forwards)
         assert engine.bm.num_free_blocks == engine.bm.num_blocks
     assert results[True] == results[False]
+
+
+@pytest.mark.parametrize("name", ["none", "draft", "medusa", "eagle", "eagle-chain"])
+def test_after_warmup_calls_of_other_lengths_capture_nothing(name):
+    """Engine.warmup captures every graph that calls within its shape need (EAGLE's per prefix
+    width too): prompts of very different lengths then run without a capture, and their output is
+    a fresh engine's."""
+    model = tiny("llama", vocab=V, eos_token_id=None).cuda()
+    engine = specdec.Engine(model, _proposer(name, model))
+    assert engine.warmup(300, 24, do_sample=False) > 0
+    g = torch.Generator().manual_seed(3)
+    for n in (3, 70, 140, 300):
+        ids = torch.randint(3, V, (1, n), generator=g).cuda()
+        out = specdec.generate(
+            model, ids, engine=engine, max_new_tokens=24, do_sample=False, return_dict_in_generate=True
+        )
+        assert out.stats.graph_captures == 0, (name, n)
+        ref = specdec.generate(model, ids, proposer=_proposer(name, model), max_new_tokens=24, do_sample=False)
+        assert torch.equal(out.sequences, ref), (name, n)

@@ -76,30 +76,62 @@ class Replay(Proposer):
 
     Every step then accepts exactly tau - 1 drafts, so tau is exact and the draft costs nothing:
     the measured speedup over plain decoding isolates the engine's own efficiency.
+
+    pipelined: draft from the step in flight on the device (`Proposer.pipelines`: the next tree is
+    gathered from each row's reference at the position the step in flight ends at, its token count
+    read on the device), as EAGLE, Medusa and the draft model do under graphs, so the engine
+    launches step n + 1 before it reads step n back. Off: the host reads each step's tokens first.
     """
 
     name = "replay"
 
-    def __init__(self, references: dict[tuple[int, ...], list[int]], tau: int, vocab: int):
-        self.references, self.tau, self.vocab = references, tau, vocab
+    def __init__(self, references: dict[tuple[int, ...], list[int]], tau: int, vocab: int, pipelined: bool = False):
+        self.references, self.tau, self.vocab, self.pipelined = references, tau, vocab, pipelined
+        self._rows: dict[int, tuple[int, torch.Tensor]] = {}  # seq id -> (prompt length, reference [G] on the device)
 
     @property
     def max_nodes(self) -> int:
         return self.tau + 1
 
+    @property
+    def pipelines(self) -> bool:
+        return self.pipelined
+
+    def _reference(self, h: list[int]) -> tuple[int, list[int]]:
+        for prompt, ref in self.references.items():
+            if tuple(h[: len(prompt)]) == prompt:
+                return len(prompt), ref
+        raise KeyError("replay proposer: unknown prompt")
+
+    def prefill(self, seq_ids, prompts, features=None) -> None:
+        for s, p in zip(seq_ids, prompts, strict=True):
+            n, ref = self._reference(p.tolist())
+            self._rows[s] = (n, torch.tensor(ref, device=DEV))
+
+    def release(self, seq_ids) -> None:
+        for s in seq_ids:
+            self._rows.pop(s, None)
+
     def propose(self, ctx: ProposeContext) -> DraftTree:
+        K = self.tau
+        if ctx.ahead is not None:  # device only: the step in flight emits ahead.count tokens first
+            refs = [self._rows[s][1] for s in ctx.seq_ids]
+            L = min(len(r) for r in refs)
+            table = torch.stack([r[:L] for r in refs])  # [B, L]
+            base = torch.tensor([len(h) - self._rows[s][0] for s, h in zip(ctx.seq_ids, ctx.histories, strict=True)])
+            done = base.to(DEV) + ctx.ahead.count  # [B] generated tokens once the step in flight lands
+            idx = (done[:, None] + torch.arange(K, device=DEV)).clamp(max=L - 1)
+            drafts = table.gather(1, idx)
+            drafts[:, -1] = (drafts[:, -1] + 1) % self.vocab  # the last draft is wrong
+            num = ctx.max_drafts.clamp(max=K).to(DEV)
+            return DraftTree.chain(ctx.roots(), drafts, num_drafts=num)
         rows = []
         for h in ctx.histories:
             h = h.tolist()
-            for prompt, ref in self.references.items():
-                if tuple(h[: len(prompt)]) == prompt:
-                    done = len(h) - len(prompt)
-                    right = ref[done : done + self.tau - 1]
-                    rows.append(right + [(ref[min(done + self.tau - 1, len(ref) - 1)] + 1) % self.vocab])
-                    break
-            else:
-                raise KeyError("replay proposer: unknown prompt")
-        K = self.tau
+            n, ref = self._reference(h)
+            done = len(h) - n
+            right = ref[done : done + self.tau - 1]
+            rows.append(right + [(ref[min(done + self.tau - 1, len(ref) - 1)] + 1) % self.vocab])
         drafts = torch.tensor([r + [0] * (K - len(r)) for r in rows])
         num = torch.minimum(torch.tensor([len(r) for r in rows]), ctx.max_drafts)
         return DraftTree.chain(ctx.roots(), drafts, num_drafts=num)
@@ -529,21 +561,28 @@ def main() -> None:
         base_tps = p.stats.generated_tokens / p.stats.total_time_s
         first = {tuple(ids[0].tolist()): p.sequences[0, c:].tolist()}
         verify = {r["nodes"]: r["ms"] for r in res.get("verify_cost", []) if r["context"] == c}
-        for tau in (2, 3, 4, 6):
-            eng = Engine(model, Replay(dict(first), tau, V))
-            _, rounds, converged = anchored(eng, ids, args.new_tokens)
-            out = specdec.generate(
-                model, ids.to(DEV), max_new_tokens=args.new_tokens, engine=eng, return_dict_in_generate=True
-            )
-            tps = out.stats.generated_tokens / out.stats.total_time_s
-            ideal = out.stats.tau / (verify[node_bucket(tau + 1)] / verify[1]) if verify else float("nan")
-            rows.append(
-                {
-                    "context": c, "tau_target": tau, "tau": out.stats.tau, "tokens_per_s": tps,
-                    "plain_tokens_per_s": base_tps, "speedup": tps / base_tps, "ideal_speedup": ideal,
-                    "efficiency": (tps / base_tps) / ideal, "anchor_rounds": rounds, "converged": converged,
-                }
-            )  # fmt: skip
+        # efficiency: tokens/s (prefill included) over the ideal; decode_efficiency: TPOT (after the
+        # first token) over the ideal, which counts decode steps only. pipelined: the replay drafts
+        # from the step in flight on the device, as the library's captured proposers do
+        for pipelined in (False, True):
+            for tau in (2, 3, 4, 6):
+                eng = Engine(model, Replay(dict(first), tau, V, pipelined=pipelined))
+                _, rounds, converged = anchored(eng, ids, args.new_tokens)
+                out = specdec.generate(
+                    model, ids.to(DEV), max_new_tokens=args.new_tokens, engine=eng, return_dict_in_generate=True
+                )
+                tps = out.stats.generated_tokens / out.stats.total_time_s
+                ideal = out.stats.tau / (verify[node_bucket(tau + 1)] / verify[1]) if verify else float("nan")
+                rows.append(
+                    {
+                        "context": c, "tau_target": tau, "pipelined": pipelined, "tau": out.stats.tau,
+                        "tokens_per_s": tps, "plain_tokens_per_s": base_tps, "speedup": tps / base_tps,
+                        "ideal_speedup": ideal, "efficiency": (tps / base_tps) / ideal,
+                        "tpot_ms": out.stats.tpot_ms, "plain_tpot_ms": p.stats.tpot_ms,
+                        "decode_efficiency": (p.stats.tpot_ms / out.stats.tpot_ms) / ideal,
+                        "anchor_rounds": rounds, "converged": converged,
+                    }
+                )  # fmt: skip
         batch = res["batch_bf16"] = []
         for B in (1, 4, 16):
             ids = torch.randint(0, V, (B, 512), generator=torch.Generator().manual_seed(3))
@@ -551,12 +590,12 @@ def main() -> None:
             specdec.generate(model, ids.to(DEV), max_new_tokens=8, engine=plain)
             p = specdec.generate(model, ids.to(DEV), max_new_tokens=64, engine=plain, return_dict_in_generate=True)
             refs = {tuple(ids[b].tolist()): p.sequences[b, 512:].tolist() for b in range(B)}
-            eng = Engine(model, Replay(refs, 4, V))
+            eng = Engine(model, Replay(refs, 4, V, pipelined=True))
             _, rounds, converged = anchored(eng, ids, 64)
             s = specdec.generate(model, ids.to(DEV), max_new_tokens=64, engine=eng, return_dict_in_generate=True)
             batch.append(
                 {
-                    "batch": B, "context": 512, "plain_tokens_per_s": p.stats.tokens_per_s,
+                    "batch": B, "context": 512, "pipelined": True, "plain_tokens_per_s": p.stats.tokens_per_s,
                     "spec_tokens_per_s": s.stats.tokens_per_s, "tau": s.stats.tau,
                     "speedup": s.stats.tokens_per_s / p.stats.tokens_per_s, "anchor_rounds": rounds,
                     "converged": converged,
@@ -727,8 +766,10 @@ def summary(res: dict) -> str:
         )
     for r in res.get("replay_bf16", []):
         out.append(
-            f"replay bf16 (re-anchored in {r['anchor_rounds']} rounds, converged {r['converged']}) tau {r['tau']:.2f}: "
-            f"speedup {r['speedup']:.2f} / ideal {r['ideal_speedup']:.2f} = efficiency {r['efficiency']:.2f}"
+            f"replay bf16 pipelined={r.get('pipelined', False)!s:<5} (re-anchored in {r['anchor_rounds']} rounds, "
+            f"converged {r['converged']}) tau {r['tau']:.2f}: speedup {r['speedup']:.2f} / ideal "
+            f"{r['ideal_speedup']:.2f} = efficiency {r['efficiency']:.2f} (decode only, TPOT: "
+            f"{r.get('decode_efficiency', float('nan')):.2f})"
         )
     for r in res.get("batch_bf16", []):
         out.append(

@@ -236,7 +236,9 @@ class Engine:
             )
         self._ensure_pool([self._row_need(max_prompt_tokens, max_new_tokens)] * sizes[0])
         short = min(16, total - 1)  # tokens per warm-up call: each call crosses one width boundary
-        lengths, w = {min(max_prompt_tokens, total - short)}, 64
+        # a prompt of a few tokens (EAGLE catches up on it inside its captured step), the longest,
+        # then one call across each prefix width
+        lengths, w = {min(4, total - short), min(max_prompt_tokens, total - short)}, 64
         while w // 2 < total:
             lengths.add(max(1, min(w - short // 2, total - short)))
             w *= 2

@@ -146,7 +146,10 @@ class DraftModel(Proposer):
             return DraftTree.chain(roots, torch.zeros(B, 0, dtype=torch.long, device=dev))
         if self._capturable(ctx):
             try:
-                return self._propose_graphed(ctx, roots, K)
+                # the graph always drafts num_tokens (the tree keeps max_drafts of them): one graph,
+                # not one per draft count that a call's last steps leave room for
+                self._ks[-1] = self.num_tokens
+                return self._propose_graphed(ctx, roots, self.num_tokens)
             except RuntimeError as e:  # e.g. MoE experts that copy routing offsets from the host
                 if "captur" not in str(e).lower():
                     raise
@@ -216,7 +219,8 @@ class DraftModel(Proposer):
             count = a.count
         else:
             new = [h[n:] for h, n in zip(ctx.histories, done, strict=True)]
-            W = node_bucket(max(len(x) for x in new))
+            # padded to what one step can emit: the key does not depend on how many were accepted
+            W = node_bucket(max(K + 1, *(len(x) for x in new)))
             tokens = torch.zeros(B, W, dtype=torch.long)
             for b, (s, x) in enumerate(zip(seqs, new, strict=True)):
                 self.runner.reserve(s, len(x) + K - 1)

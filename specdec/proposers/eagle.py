@@ -409,8 +409,9 @@ class Eagle(Proposer):
                 "roots": ctx.roots(),
             }
         filters, chain = None, None
-        if self.chain:  # (drafts, all greedy): greedy batches draw no coins
-            chain = (int(min(self.depth, int(ctx.max_drafts.max()))), bool(ctx.params.greedy.all()))
+        if self.chain:  # (drafts, all greedy): greedy batches draw no coins; always depth drafts (the
+            # tree keeps max_drafts of them), so a call's last steps need no graphs of their own
+            chain = (self.depth, bool(ctx.params.greedy.all()))
             inputs["max_drafts"] = ctx.max_drafts.long()
         if sampled or chain is not None:
             params = ctx.params

@@ -214,6 +214,7 @@ def main() -> None:
         "specdec plain": lambda: None,
         "specdec plain, one step at a time": lambda: None,
         "specdec DraftModel(4)": lambda: specdec.DraftModel(draft, num_tokens=4),
+        "specdec DraftModel(3)": lambda: specdec.DraftModel(draft, num_tokens=3),
         "specdec Ngram(4)": lambda: specdec.Ngram(num_tokens=4),
         "specdec Medusa(32)": lambda: specdec.Medusa.from_pretrained(root / "medusa", tree=32),
         # 31 draft nodes + the root fill the 32-node bucket; 32 + the root are verified as 64
@@ -224,6 +225,10 @@ def main() -> None:
         "specdec Eagle(6, 10, 60), one step at a time": lambda: specdec.Eagle.from_pretrained(root / "eagle"),
         # the drafter's norms / MLP unfused and its cos / sin from the rotary module (before 2026-12-07)
         "specdec Eagle(6, 10, 60), unfused drafter": lambda: specdec.Eagle.from_pretrained(root / "eagle"),
+        # smaller trees: on a pair whose target step is launch-bound (the demo pair), fewer drafter
+        # levels cost less than the longer accepted paths of a deep tree bring
+        "specdec Eagle(4, 8, 31)": lambda: specdec.Eagle.from_pretrained(root / "eagle", depth=4, top_k=8, total_tokens=31),
+        "specdec Eagle(3, 4, 15)": lambda: specdec.Eagle.from_pretrained(root / "eagle", depth=3, top_k=4, total_tokens=15),
         "specdec Eagle chain(5)": lambda: specdec.Eagle.from_pretrained(root / "eagle", depth=5, chain=True),
         "specdec EAGLE-3 Eagle(6, 10, 60)": lambda: specdec.Eagle.from_pretrained(root / "eagle3"),
         # ablations in the same run: the step tail (verify, K/V moves, read-back), EAGLE's tree

@@ -227,8 +227,11 @@ class Eagle(Proposer):
         own_graphs = self._graphs is not None and self._graphs is not self.graphs
         if old is not None and d.cos_sin is not old and own_graphs:
             self._graphs = GraphedCalls()  # graphs captured on the old table would read freed memory
-        key = (id(d), self.kernels, self.fuse, fusion.FUSE_ROPE)
-        if self._fused_key != key:  # a module walk and two disassemblies: once, not at every call
+        # the drafter itself, not its id: a freed drafter's id can be given to a new one
+        key = (d, self.kernels, self.fuse, fusion.FUSE_ROPE)
+        old_key = self._fused_key
+        if old_key is None or old_key[0] is not d or old_key[1:] != key[1:]:  # a module walk and two
+            # disassemblies: once, not at every call
             self._fused, self._fused_key = (fusable(d) if self.kernels and self.fuse else []), key
 
     def prefill(self, seq_ids: list[int], prompts: list[torch.Tensor], features=None) -> None:

@@ -227,8 +227,12 @@ def main() -> None:
         "specdec Eagle(6, 10, 60), unfused drafter": lambda: specdec.Eagle.from_pretrained(root / "eagle"),
         # smaller trees: on a pair whose target step is launch-bound (the demo pair), fewer drafter
         # levels cost less than the longer accepted paths of a deep tree bring
-        "specdec Eagle(4, 8, 31)": lambda: specdec.Eagle.from_pretrained(root / "eagle", depth=4, top_k=8, total_tokens=31),
-        "specdec Eagle(3, 4, 15)": lambda: specdec.Eagle.from_pretrained(root / "eagle", depth=3, top_k=4, total_tokens=15),
+        "specdec Eagle(4, 8, 31)": lambda: specdec.Eagle.from_pretrained(
+            root / "eagle", depth=4, top_k=8, total_tokens=31
+        ),
+        "specdec Eagle(3, 4, 15)": lambda: specdec.Eagle.from_pretrained(
+            root / "eagle", depth=3, top_k=4, total_tokens=15
+        ),
         "specdec Eagle chain(5)": lambda: specdec.Eagle.from_pretrained(root / "eagle", depth=5, chain=True),
         "specdec EAGLE-3 Eagle(6, 10, 60)": lambda: specdec.Eagle.from_pretrained(root / "eagle3"),
         # ablations in the same run: the step tail (verify, K/V moves, read-back), EAGLE's tree

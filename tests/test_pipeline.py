@@ -149,6 +149,14 @@ def _medusa(mode):
     return proposer
 
 
+def _ngram(mode):
+    from specdec import Ngram
+
+    proposer = Ngram(num_tokens=3)
+    proposer.graphs = _graphs()
+    return proposer
+
+
 def _draft(mode, model):
     from models import noisy_copy
 
@@ -170,6 +178,7 @@ def _draft(mode, model):
         ("medusa", "topk"),
         ("medusa", "sampled"),
         ("draft", "chain"),
+        ("ngram", "lookup"),
     ],
 )
 def test_pipelined_speculative_steps_equal_one_step_at_a_time(name, mode, temps):
@@ -190,6 +199,8 @@ def test_pipelined_speculative_steps_equal_one_step_at_a_time(name, mode, temps)
 
         def make(mode):
             return _draft(mode, model)
+    elif name == "ngram":
+        model, make, V = tiny("llama", vocab=96, eos_token_id=None).to(DEV), _ngram, 96
     else:
         model, make, V = tiny("llama", vocab=96, eos_token_id=None).to(DEV), _medusa, 96
     g = torch.Generator().manual_seed(5)
@@ -215,7 +226,7 @@ def test_pipelined_speculative_steps_equal_one_step_at_a_time(name, mode, temps)
             assert o == ref[0, len(p) :].tolist()
 
 
-@pytest.mark.parametrize("name", ["eagle", "draft"])
+@pytest.mark.parametrize("name", ["eagle", "draft", "ngram"])
 def test_a_row_that_finishes_while_a_speculative_step_is_in_flight(name):
     """EOS ids end rows at different steps: the step in flight still lands for the other rows, the
     finished row keeps nothing from it, and every row equals one step at a time (and model.generate)."""
@@ -232,7 +243,8 @@ def test_a_row_that_finishes_while_a_speculative_step_is_in_flight(name):
     )
 
     def make():
-        return _eagle("topk") if name == "eagle" else _draft("chain", model)
+        makers = {"eagle": lambda: _eagle("topk"), "draft": lambda: _draft("chain", model), "ngram": lambda: _ngram("")}
+        return makers[name]()
 
     one, _, _ = _spec_run(model, make(), prompts, gp, pipeline=False)
     two, _, seen = _spec_run(model, make(), prompts, gp, pipeline=True)

@@ -247,6 +247,33 @@ def test_ngram_lookup_is_the_most_recent_match_of_the_longest_suffix():
     assert 500 < hits < 2000  # both outcomes are exercised
 
 
+def test_batched_device_lookup_equals_the_host_lookup():
+    """lookup_rows (the Ngram graph's lookup: B rows, padded buffers, no host read) returns, row by
+    row, what lookup returns on that row's history, with each row's draft limit; 300 batches of 5
+    rows of random lengths, vocabularies and n-gram ranges."""
+    from specdec.proposers.ngram import lookup, lookup_rows
+
+    g = torch.Generator().manual_seed(1)
+    hits = cut = 0
+    for _ in range(300):
+        B, C, K = 5, 48, int(torch.randint(1, 6, (1,), generator=g))
+        V = int(torch.randint(2, 7, (1,), generator=g))
+        longest = int(torch.randint(1, 5, (1,), generator=g))
+        shortest = int(torch.randint(1, longest + 1, (1,), generator=g))
+        history = torch.randint(0, V, (B, C), generator=g)  # past each length: other tokens, to be ignored
+        length = torch.randint(1, C - longest, (B,), generator=g)
+        limit = torch.randint(0, K + 2, (B,), generator=g)
+        drafts, count = lookup_rows(history, length, K, longest, shortest, limit)
+        for b in range(B):
+            want = lookup(history[b, : length[b]], min(K, int(limit[b])), longest, shortest).tolist()
+            n = int(count[b])
+            assert drafts[b, :n].tolist() == want and n == len(want), (b, history[b].tolist(), int(length[b]))
+            assert not drafts[b, n:].any()
+            hits += n > 0
+            cut += n == int(limit[b]) < K
+    assert hits > 500 and cut > 50  # matches, and drafts cut by the limit, are both exercised
+
+
 @pytest.mark.parametrize("V", [4096, 5000, 16384, 20001])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_topk_last_matches_torch_topk(V, dtype):

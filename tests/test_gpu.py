@@ -131,8 +131,8 @@ def test_the_step_tail_graphs_draw_what_the_eager_tail_draws(name):
         proposer = _proposer(name, model)
         if name == "draft":
             proposer = DraftModel(noisy_copy(model, 0.05).cuda(), num_tokens=3)
-        if name in ("medusa", "eagle", "eagle3", "eagle-chain", "draft"):
-            proposer.graphs = graphs  # the captured proposal: Medusa, EAGLE (tree or chain), the draft model
+        if name in ("ngram", "medusa", "eagle", "eagle3", "eagle-chain", "draft"):
+            proposer.graphs = graphs  # the captured proposal: lookup, Medusa, EAGLE (tree or chain), draft model
         engine = specdec.Engine(model, proposer)
         engine.tail_graphs = graphs
         out, stats = engine.run(prompts, gp)
@@ -146,7 +146,7 @@ def test_the_step_tail_graphs_draw_what_the_eager_tail_draws(name):
     assert results[True] == results[False]
 
 
-@pytest.mark.parametrize("name", ["none", "draft", "medusa", "eagle", "eagle-chain"])
+@pytest.mark.parametrize("name", ["none", "ngram", "draft", "medusa", "eagle", "eagle-chain"])
 def test_after_warmup_calls_of_other_lengths_capture_nothing(name):
     """Engine.warmup captures every graph that calls within its shape need (EAGLE's per prefix
     width too): prompts of very different lengths then run without a capture, and their output is

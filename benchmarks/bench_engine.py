@@ -26,6 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import specdec
 from specdec import Engine
+from specdec.devices import to_device
 from specdec.proposers.base import ProposeContext, Proposer
 from specdec.runtime.graphs import GraphedForward
 from specdec.runtime.metadata import prefill_metadata, tree_metadata
@@ -119,11 +120,13 @@ class Replay(Proposer):
             L = min(len(r) for r in refs)
             table = torch.stack([r[:L] for r in refs])  # [B, L]
             base = torch.tensor([len(h) - self._rows[s][0] for s, h in zip(ctx.seq_ids, ctx.histories, strict=True)])
-            done = base.to(DEV) + ctx.ahead.count  # [B] generated tokens once the step in flight lands
+            # pinned, non-blocking copies (to_device): a pageable .to() would make the host wait for
+            # the step in flight, and the next step would not be launched ahead of it
+            done = to_device(base, DEV) + ctx.ahead.count  # [B] generated tokens once the step in flight lands
             idx = (done[:, None] + torch.arange(K, device=DEV)).clamp(max=L - 1)
             drafts = table.gather(1, idx)
             drafts[:, -1] = (drafts[:, -1] + 1) % self.vocab  # the last draft is wrong
-            num = ctx.max_drafts.clamp(max=K).to(DEV)
+            num = to_device(ctx.max_drafts.clamp(max=K), DEV)
             return DraftTree.chain(ctx.roots(), drafts, num_drafts=num)
         rows = []
         for h in ctx.histories:

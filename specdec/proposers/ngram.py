@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..devices import to_device
 from ..runtime.base import TargetModel
 from ..runtime.graphs import BATCH_BUCKETS, GraphedCalls
 from ..tree import DraftTree, Law
@@ -157,8 +158,8 @@ class Ngram(Proposer):
             raise RuntimeError(f"Ngram row {seq_id}: {L} tokens, more than the {self._width} start() sized for")
         if buf is None:
             buf = torch.zeros(self._width, dtype=torch.long, device=self._device)
-        if L > n:
-            buf[n:L].copy_(tokens[n:], non_blocking=True)
+        if L > n:  # pinned and non-blocking (to_device): the host must not wait for the step in flight
+            buf[n:L].copy_(to_device(tokens[n:], self._device))
         self._rows[seq_id] = (buf, L)
         return buf
 

@@ -205,6 +205,7 @@ def main() -> None:
             tokens += out.shape[1] - p.shape[1]
         res["rows"].append({"method": name, "tokens_per_s": tokens / seconds})
         print(f"{name:42s} {tokens / seconds:8.1f} tok/s", flush=True)
+        json.dump(res, open(args.out, "w"), indent=1)  # a run cut before specdec's rows keeps these
 
     hf("transformers generate")
     hf("transformers generate, assistant_model=draft", assistant_model=draft)

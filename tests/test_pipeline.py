@@ -226,6 +226,23 @@ def test_pipelined_speculative_steps_equal_one_step_at_a_time(name, mode, temps)
             assert o == ref[0, len(p) :].tolist()
 
 
+def test_pipelined_ngram_above_the_largest_graph_bucket_looks_up_eagerly():
+    """More rows than a graph takes (BATCH_BUCKETS[-1]): the lookup drafted from the step in flight
+    runs the same function eagerly on the device, and the tokens equal one step at a time."""
+    from specdec.engine import GenerationParams
+    from specdec.runtime.graphs import BATCH_BUCKETS
+    from specdec.sampling import SamplingParams
+
+    model = tiny("llama", vocab=96, eos_token_id=None).to(DEV)
+    B = BATCH_BUCKETS[-1] + 2
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, 12, (3,), generator=g).repeat(3) for _ in range(B)]  # recurring n-grams
+    gp = GenerationParams(max_new_tokens=20, sampling=SamplingParams.make(B, temperature=0.0), seeds=torch.arange(B))
+    one, _, _ = _spec_run(model, _ngram(""), prompts, gp, pipeline=False)
+    two, s2, seen = _spec_run(model, _ngram(""), prompts, gp, pipeline=True)
+    assert seen["ahead"] > 0 and s2.tau > 1.0 and one == two
+
+
 @pytest.mark.parametrize("name", ["eagle", "draft", "ngram"])
 def test_a_row_that_finishes_while_a_speculative_step_is_in_flight(name):
     """EOS ids end rows at different steps: the step in flight still lands for the other rows, the

@@ -136,8 +136,6 @@ class Ngram(Proposer):
 
     def propose(self, ctx: ProposeContext) -> DraftTree:
         if ctx.ahead is not None:
-            if self._graphs is None or ctx.batch_size > BATCH_BUCKETS[-1]:
-                raise RuntimeError("Ngram drafted from a step in flight without its device lookup (graphs off)")
             return self._propose_ahead(ctx)
         B, K = ctx.batch_size, self.num_tokens
         drafts = torch.zeros(B, K, dtype=torch.long)
@@ -165,7 +163,8 @@ class Ngram(Proposer):
 
     def _propose_ahead(self, ctx: ProposeContext) -> DraftTree:
         """The lookup over each row's history and the step in flight's emitted tokens (appended on
-        the device after the committed ones), and the chain, as one CUDA graph per batch bucket."""
+        the device after the committed ones), and the chain, as one CUDA graph per batch bucket
+        (eagerly, with no host read either, for more rows than the largest bucket)."""
         a = ctx.ahead
         K, E = self.num_tokens, a.max_emit
         history = torch.stack([self._history(s, h) for s, h in zip(ctx.seq_ids, ctx.histories, strict=True)])
@@ -188,5 +187,8 @@ class Ngram(Proposer):
             drafts, num = lookup_rows(hist, length + count, K, max_ngram, min_ngram, t["limit"])
             return DraftTree.chain(t["roots"], drafts, Law.POINT, num_drafts=num, has_wor=False).bucket_fields()
 
-        out = self._graphs(("ngram", K, E), run, ctx.batch_size, rows, {}, device=self._device)
+        if self._graphs is None or ctx.batch_size > BATCH_BUCKETS[-1]:  # more rows than a graph takes
+            out = run({n: to_device(t, self._device) for n, t in rows.items()})  # the same function, eagerly
+        else:
+            out = self._graphs(("ngram", K, E), run, ctx.batch_size, rows, {}, device=self._device)
         return DraftTree.from_fields(out, K, has_wor=False)

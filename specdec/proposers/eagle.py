@@ -603,7 +603,7 @@ class Eagle(Proposer):
     def _chain(self, ctx: ProposeContext, t: dict[str, torch.Tensor], width: int) -> DraftTree:
         """The eager chain (no graphs, or a step the graph cannot take)."""
         dev = t["roots"].device
-        K = int(min(self.depth, int(ctx.max_drafts.max())))
+        K = self.depth  # as the captured chain: depth drafts, the tree keeps max_drafts of them
         all_greedy = bool(ctx.params.greedy.all())  # host parameters: no sync
         drafts, q, law = self._chain_drafts(t, width, K, ctx.params.to(dev), all_greedy, ctx.rng)
         num = to_device(ctx.max_drafts, dev).clamp(max=K)

@@ -235,6 +235,9 @@ def main() -> None:
             root / "eagle", depth=3, top_k=4, total_tokens=15
         ),
         "specdec Eagle chain(5)": lambda: specdec.Eagle.from_pretrained(root / "eagle", depth=5, chain=True),
+        # a shorter chain: each drafted token is one sequential drafter step, and the demo pair
+        # accepts ~1.6 of a chain's 5 drafts
+        "specdec Eagle chain(3)": lambda: specdec.Eagle.from_pretrained(root / "eagle", depth=3, chain=True),
         "specdec EAGLE-3 Eagle(6, 10, 60)": lambda: specdec.Eagle.from_pretrained(root / "eagle3"),
         # ablations in the same run: the step tail (verify, K/V moves, read-back), EAGLE's tree
         # expansion and the draft model's chain eagerly, as before they were captured

@@ -23,6 +23,7 @@ import argparse
 import gzip
 import json
 import platform
+import re
 import time
 from pathlib import Path
 
@@ -34,6 +35,15 @@ import specdec
 from specdec.demo import demo_dir
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def only_parts(only: str) -> list[str]:
+    """`--only`'s parts: split on the commas outside parentheses, so a row name such as
+    "Eagle(4, 8, 31)" stays one part ("Eagle(4, 8, 31),plain" -> ["Eagle(4, 8, 31)", "plain"])."""
+    parts = [w.strip() for w in re.split(r",(?![^()]*\))", only)]
+    if not all(parts):
+        raise SystemExit(f"--only {only!r} has an empty part; give comma-separated parts of row names")
+    return parts
 
 
 def sync() -> float:
@@ -145,7 +155,11 @@ def main() -> None:
         "--profile", help="append a host cProfile (by own time and cumulative) of one call of every specdec row here"
     )
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy (outputs compared with plain)")
-    ap.add_argument("--only", help="comma-separated parts of row names: run only the rows that contain one")
+    ap.add_argument(
+        "--only",
+        help="comma-separated parts of row names: run only the rows that contain one (commas inside "
+        "parentheses belong to a part: 'plain,Eagle(4, 8, 31)' is two parts)",
+    )
     ap.add_argument(
         "--trace",
         help="a folder: one call of every specdec row under torch.profiler (kernels per step, "
@@ -188,7 +202,7 @@ def main() -> None:
     res["temperature"] = T
     sampling = dict(do_sample=True, temperature=T, top_k=0) if T > 0 else dict(do_sample=False)
     hf_kw = dict(max_new_tokens=N, min_new_tokens=N, pad_token_id=tok.eos_token_id or 0, **sampling)
-    wanted = [w.strip() for w in args.only.split(",")] if args.only else None
+    wanted = only_parts(args.only) if args.only else None
 
     def selected(name: str) -> bool:
         return wanted is None or any(w in name for w in wanted)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# call 1: make test-gpu on gpu-next (main + big-batch patch + chain(3) row), then the demo pair's specdec rows
+# call 1: make test-gpu on gpu-next (main + docs/patches/big-batch.patch), then the demo pair's specdec rows
 set -u
 end=$((SECONDS + ${BUDGET:-540}))
 nvidia-smi --query-gpu=name,memory.total --format=csv > $OUT/card.txt 2>&1

@@ -24,7 +24,7 @@ from .devices import to_device
 from .metrics import SpecStats, sync_time
 from .proposers.base import Ahead, Needs, ProposeContext, Proposer, resolve_proposer
 from .runtime.base import ModelOutput
-from .runtime.graphs import GraphedCalls, GraphedForward
+from .runtime.graphs import BATCH_BUCKETS, GraphedCalls, GraphedForward
 from .runtime.runner import PagedRunner
 from .sampling import RowSeeds, SamplingParams
 from .tree import DraftTree, node_bucket
@@ -379,7 +379,7 @@ class Engine:
                     pipelined = self.pipeline and not use_presence and not gp.processors and gp.outputs is None
                     if live and self.proposer is None and pipelined:
                         self._plain_run(live, gp, stats, streamer)
-                    elif live and pipelined and self._spec_pipelines(gp):
+                    elif live and pipelined and self._spec_pipelines(gp, len(live)):
                         self._spec_run(live, gp, stats, streamer)
                     elif live:
                         self._step(live, gp, stats, streamer)
@@ -841,11 +841,12 @@ class Engine:
 
     # ----------------------------------------------------------------------------- speculative steps, pipelined
 
-    def _spec_pipelines(self, gp: GenerationParams) -> bool:
+    def _spec_pipelines(self, gp: GenerationParams, batch: int) -> bool:
         """Speculative steps may be launched ahead of the host: the proposer drafts from device
         outputs, and no host code needs the tokens of the step before (transformers' warpers run
-        on the host)."""
-        return self.proposer.pipelines and not self._call[0].warpers
+        on the host). Not for more rows than the largest graph bucket: the captured proposals that
+        start from a step in flight take at most that many."""
+        return self.proposer.pipelines and not self._call[0].warpers and batch <= BATCH_BUCKETS[-1]
 
     def _spec_run(self, rows: list[_Row], gp: GenerationParams, stats: SpecStats, streamer) -> None:
         """Speculative steps until a row finishes, each launched before the previous one is read

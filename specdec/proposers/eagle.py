@@ -29,7 +29,7 @@ from ..heads.eagle import EagleDrafter, load_eagle
 from ..runtime import fusion
 from ..runtime.base import AttentionMetadata, TargetModel
 from ..runtime.fusion import fusable, fused_forwards
-from ..runtime.graphs import GraphedCalls
+from ..runtime.graphs import BATCH_BUCKETS, GraphedCalls
 from ..runtime.hf import paged_attention
 from ..runtime.metadata import prefill_metadata, slots_of
 from ..sampling import RowSeeds, SamplingParams, process_logits, uniform
@@ -343,6 +343,7 @@ class Eagle(Proposer):
         draws = sampled or (self.chain and not bool(ctx.params.greedy.all()))  # host parameters: no sync
         if (
             self._graphs is not None
+            and B <= BATCH_BUCKETS[-1]
             and (not draws or self._graphable_sampling(ctx))
             and max(new) <= CATCH_UP_BUCKET
             and all(s in self.bm for s in ctx.seq_ids)
@@ -350,8 +351,9 @@ class Eagle(Proposer):
             return self._propose_graphed(ctx, roots, sampled)
         h_root = self._catch_up(ctx)  # [B, H]
         lengths = [self.bm.num_tokens(s) for s in ctx.seq_ids]
+        graphs = self._graphs if B <= BATCH_BUCKETS[-1] else None  # no graph takes more rows
         # graphed: the gathered prefix is padded to a power of two, so a few graphs serve every length
-        width = max(lengths) if self._graphs is None else _width_bucket(max(lengths))
+        width = max(lengths) if graphs is None else _width_bucket(max(lengths))
         inputs = {
             "h_root": h_root,
             "roots": roots,
@@ -363,11 +365,11 @@ class Eagle(Proposer):
         if sampled:
             return self._sampled_tree(ctx, inputs, width)
         expand = self._expansion(width)
-        if self._graphs is None:
+        if graphs is None:
             out = expand(inputs)
         else:
             key = ("tree", width, self.depth, self.top_k, self.total_tokens)
-            out = self._graphs(key, expand, B, inputs, {}, owner=self.cache.k)
+            out = graphs(key, expand, B, inputs, {}, owner=self.cache.k)
         return DraftTree.from_fields(out, self.depth, has_wor=False)
 
     @staticmethod

@@ -15,7 +15,7 @@ from ..devices import to_device
 from ..heads.medusa import MedusaHeads, load_medusa
 from ..hub import resolve
 from ..runtime.base import TargetModel
-from ..runtime.graphs import GraphedCalls
+from ..runtime.graphs import BATCH_BUCKETS, GraphedCalls
 from ..sampling import RowSeeds, SamplingParams, process_logits, uniform
 from ..tree import DraftTree, Law, topk_last
 from ..validation import is_int, require_int
@@ -218,7 +218,8 @@ class Medusa(Proposer):
             raise RuntimeError("Medusa needs the target's last hidden state (the engine provides it)")
         dev = ctx.hidden.device
         sampled = self.sampled_trees is not False and not bool(ctx.params.greedy.all())  # host parameters: no sync
-        if self._graphs is not None and (not sampled or (isinstance(ctx.rng, RowSeeds) and not ctx.params.warpers)):
+        graphable = self._graphs is not None and ctx.batch_size <= BATCH_BUCKETS[-1]
+        if graphable and (not sampled or (isinstance(ctx.rng, RowSeeds) and not ctx.params.warpers)):
             return self._propose_graphed(ctx, sampled)
         roots = to_device(ctx.roots(), dev)
         logits = self.heads(ctx.hidden, self.lm_head)  # [B, K, V]

@@ -180,6 +180,7 @@ def test_stop_strings_match_transformers():
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
+@pytest.mark.usefixtures("reference_kernels")  # on the CPU: the kernels' references (test_eagle interprets one)
 def test_the_captured_draft_chain_drafts_what_the_eager_chain_drafts(arch):
     """DraftModel's captured step (catch-up + K drafts with the metadata derived on the device),
     run eagerly on padded static buffers (GraphedCalls(capture=False): 3 rows in a bucket of 4,

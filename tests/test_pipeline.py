@@ -9,7 +9,9 @@ from models import tiny
 import specdec
 from specdec.cache import BlockManager
 
-pytestmark = pytest.mark.gpu  # CI: eager on the CPU; `make test-gpu`: CUDA graphs, pinned copies and events
+# CI: eager on the CPU, with the kernels' torch references (conftest.reference_kernels); `make test-gpu`:
+# CUDA graphs on the real kernels, pinned copies and events
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("reference_kernels")]
 
 
 def _run(model, ids, mask, pipeline, **kw):

@@ -31,9 +31,9 @@ def target_dir(tmp_path_factory):
 @pytest.fixture
 def reference_kernels(monkeypatch):
     """On a machine without a GPU: the paged-attention, K/V-store, RoPE, RMSNorm and SiLU-mul
-    kernels become their plain-torch references for this test. The steps that are CUDA graphs on a GPU run eagerly on
-    the CPU through the kernels' paged metadata, and interpreted (~0.1 s a call) they made
-    test_pipeline alone take ~1100 s of CI. What these tests check (padding, `live`, the pipeline's
+    kernels become their plain-torch references for this test. The steps that are CUDA graphs on
+    a GPU run eagerly on the CPU through the kernels' paged metadata, and interpreted (~0.1 s a
+    call) they made test_pipeline alone take ~1100 s of CI. What these tests check (padding, `live`, the pipeline's
     bookkeeping, captured == eager) does not depend on which implementation does the arithmetic;
     tests/test_kernels.py checks each interpreted kernel against its reference, and `make test-gpu`
     runs these same tests on the real kernels under CUDA graphs. A no-op on a CUDA machine."""

@@ -6,12 +6,17 @@ from pathlib import Path
 import pytest
 
 
-def _bench_pairs():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_pairs.py"
-    spec = importlib.util.spec_from_file_location("bench_pairs", path)
+def _benchmark(name: str):
+    """benchmarks/<name>.py as a module (the folder is not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _bench_pairs():
+    return _benchmark("bench_pairs")
 
 
 def test_only_keeps_row_names_with_commas_whole():
@@ -28,11 +33,7 @@ def test_only_with_an_empty_part_is_an_error():
 
 
 def _count_ops():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "count_ops.py"
-    spec = importlib.util.spec_from_file_location("count_ops", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _benchmark("count_ops")
 
 
 def test_count_ops_rows_split_outside_parentheses_and_unknown_rows_are_named():
